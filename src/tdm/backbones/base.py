@@ -1,0 +1,51 @@
+"""What the trainer needs from a teacher family: one `Backbone` per family, built by the registry."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+from ..core.prediction import PredictionType
+from ..core.sampling import Cond
+from ..core.schedules import Schedule
+
+
+class Backbone(ABC):
+    """A teacher with its schedule, prediction type, sample shape, conditioning source and metrics.
+
+    `teacher` and `initial_weights()` are modules called as `module(x_t, t, cond) -> raw output`, where t is
+    on the schedule's time axis and the output is tagged by `prediction`. The student and the fake score
+    start as copies of `initial_weights()` (the teacher itself, or a fitted network for a closed-form teacher).
+    """
+
+    name: str
+    teacher: nn.Module
+    schedule: Schedule
+    prediction: PredictionType
+    sample_shape: tuple[int, ...]  # one sample, e.g. (1, 8, 8); the batch dim is added by callers
+    is_image: bool = False
+
+    def initial_weights(self) -> nn.Module:
+        return self.teacher
+
+    @abstractmethod
+    def sample_conditions(self, batch: int, generator: torch.Generator) -> Cond:
+        """A training batch of conditions (the 'prompts'), drawn with `generator`."""
+
+    @abstractmethod
+    def null_condition(self, batch: int) -> Cond:
+        """The unconditional (empty-prompt) conditioning for classifier-free guidance."""
+
+    @abstractmethod
+    def evaluation_conditions(self, num_samples: int) -> Cond:
+        """Fixed, balanced conditions for evaluation and sample grids."""
+
+    @abstractmethod
+    def metrics(self, samples: Tensor, cond: Cond) -> dict[str, float]:
+        """Quality metrics of generated samples [N, *sample_shape] for conditions `cond`."""
+
+    def to_images(self, samples: Tensor) -> Tensor:
+        """Samples -> images [N, C, H, W] in [0, 1] for grids (image backbones only)."""
+        raise NotImplementedError(f"{self.name} does not produce images")

@@ -1,0 +1,150 @@
+"""One TDM iteration, backbone-agnostic: vectorised draws, one shared rollout, the two losses (method.md I).
+
+`TDM` owns no optimiser, device or distributed object. The trainer calls, per iteration:
+    draws  = tdm.draw(...)                    once per fake update and once for the generator
+    traj   = tdm.student_trajectory(...)      one no-grad rollout, only as deep as the draws need
+    tdm.fake_score_loss(fake, traj, ...)      -> step the fake score first
+    tdm.generator_loss(student, ...)          -> then the student, against the updated fake score
+Passes per iteration (K = 4, method.md H.2): student <= 4F + 1F/1B, teacher one 2B call, fake 1F/1B + 1F.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .losses import GENERATOR_LOSSES, IMPORTANCE_WEIGHTS, fake_score_loss, generator_loss, importance_weight
+from .prediction import PredictionType, to_x0, to_x0_eps
+from .sampling import (
+    Cond,
+    Model,
+    StudentGrid,
+    Trajectory,
+    explicit_grid,
+    flow_grid,
+    guided,
+    rollout,
+    uniform_grid,
+)
+from .schedules import Schedule, append_dims
+
+INTERVALS = ("separate", "overlap")
+
+
+@dataclass(frozen=True)
+class TDMConfig:
+    num_steps: int = 4                   # K, the student's number of sampling steps
+    total_steps: int = 900               # VP grid: t_k = k * (total_steps // K) - 1 (official: 900)
+    timesteps: tuple[float, ...] | None = None  # explicit descending grid; overrides total_steps
+    interval: str = "separate"           # tau in [t_mid, t_k - margin) ("separate") or up to t_K ("overlap")
+    tau_min: float = 20.0                # lowest tau drawn (time-axis units; 20 of 1000 in the code)
+    tau_margin: float = 10.0             # tau stays this far below the band's top
+    randmid: bool = False                # draw t_mid in [lower, t_k - randmid_margin) instead of lower
+    randmid_margin: float = 20.0
+    snr_clamp: float = 5.0               # Min-SNR weight of the fake-score loss (inf = off)
+    importance_weight: str = "tempered"  # tempered | off | clipped
+    importance_clip: float = 20.0        # cap for importance_weight = clipped
+    guidance_scale: float = 4.5          # teacher CFG inside the generator target (1 = no guidance)
+    generator_loss: str = "pseudo_huber"  # pseudo_huber (per element) | mse | pseudo_huber_vector
+    huber_c: float = 1e-3                # c of the per-element pseudo-Huber
+
+    def __post_init__(self):
+        if self.num_steps < 1:
+            raise ValueError(f"tdm.num_steps must be >= 1, got {self.num_steps}")
+        if self.interval not in INTERVALS:
+            raise ValueError(f"tdm.interval must be one of {INTERVALS}, got {self.interval!r}")
+        if self.importance_weight not in IMPORTANCE_WEIGHTS:
+            raise ValueError(f"tdm.importance_weight must be one of {IMPORTANCE_WEIGHTS}, "
+                             f"got {self.importance_weight!r}")
+        if self.generator_loss not in GENERATOR_LOSSES:
+            raise ValueError(f"tdm.generator_loss must be one of {GENERATOR_LOSSES}, got {self.generator_loss!r}")
+        if self.timesteps is not None and len(self.timesteps) != self.num_steps:
+            raise ValueError(f"tdm.timesteps has {len(self.timesteps)} entries but tdm.num_steps is {self.num_steps}")
+
+
+def make_grid(config: TDMConfig, schedule: Schedule) -> StudentGrid:
+    """The student grid a config asks for: explicit list, official uniform VP grid, or shifted flow grid."""
+    if config.timesteps is not None:
+        return explicit_grid(list(config.timesteps))
+    if schedule.discrete:
+        return uniform_grid(min(config.total_steps, schedule.num_train_timesteps), config.num_steps)
+    return flow_grid(config.num_steps, schedule.num_train_timesteps)
+
+
+@dataclass
+class Draws:
+    """Per-sample random choices of one phase (method.md C.1-C.4); every field is [B] except `noise`."""
+
+    k: Tensor        # step index in 1..K
+    t_k: Tensor      # the student's level at step k
+    t_mid: Tensor    # trajectory point the sample is diffused from
+    tau: Tensor      # level the fake score and teacher are queried at
+    noise: Tensor    # z of the forward kernel q(x_tau | x_mid), [B, ...]
+
+
+class TDM:
+    def __init__(self, schedule: Schedule, prediction: PredictionType, config: TDMConfig):
+        self.schedule, self.prediction, self.config = schedule, prediction, config
+        self.grid = make_grid(config, schedule)
+
+    # ---- randomness: all draws vectorised over the batch ----
+    def draw(self, sample_shape: tuple[int, ...], generator: torch.Generator, device=None) -> Draws:
+        cfg, grid, snap = self.config, self.grid, self.schedule.snap
+        batch = sample_shape[0]
+        u = torch.rand(3, batch, generator=generator, dtype=torch.float64)
+        k = 1 + (u[0] * grid.num_steps).long().clamp(max=grid.num_steps - 1)
+        t_k, t_mid = grid.level(k), grid.level(k, "lower")
+        if cfg.randmid:
+            t_mid = t_mid + (t_k - cfg.randmid_margin - t_mid).clamp_min(0) * u[1]
+            t_mid = snap(t_mid).double()
+        top = t_k if cfg.interval == "separate" else torch.full_like(t_k, grid.timesteps[0])
+        lo = t_mid.clamp_min(cfg.tau_min)
+        hi = torch.maximum(top - cfg.tau_margin, lo + 1)
+        tau = lo + (hi - lo) * u[2]
+        noise = torch.randn(sample_shape, generator=generator)
+        return Draws(*(v.to(device) for v in (k, snap(t_k), snap(t_mid), snap(tau), noise)))
+
+    def rollout_depth(self, fake_draws: list[Draws], generator_draws: Draws) -> int:
+        """Deepest level this iteration needs: x0/eps at every fake k, the state at every generator k."""
+        need = [int(d.k.min()) for d in fake_draws] + [int(generator_draws.k.min()) + 1]
+        return min(min(need), self.grid.num_steps)
+
+    @torch.no_grad()
+    def student_trajectory(self, student: Model, noise: Tensor, cond: Cond, stop_level: int) -> Trajectory:
+        return rollout(student, noise, cond, self.grid, self.schedule, self.prediction,
+                       stop_level=stop_level, return_trajectory=True)
+
+    # ---- shared by both phases: trajectory point -> diffused sample (method.md C.6-C.8) ----
+    def _diffuse(self, x0: Tensor, eps: Tensor, d: Draws) -> tuple[Tensor, Tensor]:
+        """x_mid = DDIM step of the student to t_mid; x_tau ~ q(x_tau | x_mid); n_mix with x_tau = a_tau x0 + s_tau n_mix."""
+        s = self.schedule
+        x_mid = s.ddim_step(x0, eps, d.t_mid)
+        a, b = (append_dims(c, x0.ndim) for c in s.transition_coefficients(d.t_mid, d.tau))
+        x_tau = a * x_mid + b * d.noise
+        sig_mid, sig_tau = append_dims(s.sigma(d.t_mid), x0.ndim), append_dims(s.sigma(d.tau), x0.ndim)
+        mixed_noise = (a * sig_mid * eps + b * d.noise) / sig_tau
+        return x_tau, mixed_noise
+
+    # ---- fake-score phase (method.md C) ----
+    def fake_score_loss(self, fake: Model, traj: Trajectory, d: Draws, cond: Cond):
+        cfg = self.config
+        x0, eps = traj.gather("x0", d.k), traj.gather("eps", d.k)  # cached: no student call here
+        x_tau, mixed_noise = self._diffuse(x0, eps, d)
+        w = importance_weight(mixed_noise, d.noise, cfg.importance_weight, cfg.importance_clip)
+        fake_x0 = to_x0(fake(x_tau, d.tau, cond), x_tau, d.tau, self.schedule, self.prediction)
+        return fake_score_loss(fake_x0, x0, self.schedule.snr(d.tau), w, cfg.snr_clamp)
+
+    # ---- generator phase (method.md D) ----
+    def generator_loss(self, student: Model, teacher: Model, fake: Model, traj: Trajectory, d: Draws,
+                       cond: Cond, uncond: Cond):
+        x_k = traj.gather("states", d.k)
+        # The only backprop path: one student step from the rollout state (paper Sec. 3.2).
+        x0, eps = to_x0_eps(student(x_k, d.t_k, cond), x_k, d.t_k, self.schedule, self.prediction)
+        with torch.no_grad():
+            x_tau, _ = self._diffuse(x0, eps, d)
+            teacher_out = guided(teacher, uncond, self.config.guidance_scale)(x_tau, d.tau, cond)
+            teacher_x0 = to_x0(teacher_out, x_tau, d.tau, self.schedule, self.prediction)
+            fake_x0 = to_x0(fake(x_tau, d.tau, cond), x_tau, d.tau, self.schedule, self.prediction)
+        return generator_loss(x0, teacher_x0, fake_x0, self.config.generator_loss, self.config.huber_c)

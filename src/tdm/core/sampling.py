@@ -1,0 +1,142 @@
+"""The student's K-step grid and its deterministic rollout, shared by training and inference (method.md B).
+
+A model is any callable `model(x_t, t, cond) -> raw output`; `cond` is a tensor, a dict of tensors or None,
+batched along dim 0. The student runs without guidance; `guided` wraps a teacher with classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .prediction import PredictionType, to_x0_eps
+from .schedules import Schedule
+
+Cond = Tensor | dict | None
+Model = Callable[[Tensor, Tensor, Cond], Tensor]
+
+
+@dataclass(frozen=True)
+class StudentGrid:
+    """Student timesteps t_K > ... > t_1 and, per step, the lower end of its noise band.
+
+    `timesteps[i]` is the level visited at step k = K - i. `lower[i]` is where that step's band [lower, t_k]
+    starts: the trajectory point t_mid the fake score diffuses from (method.md C.3).
+    """
+
+    timesteps: tuple[float, ...]
+    lower: tuple[float, ...]
+
+    def __post_init__(self):
+        ts = self.timesteps
+        if len(ts) < 1 or len(ts) != len(self.lower):
+            raise ValueError("a grid needs K >= 1 timesteps and one lower bound per step")
+        if any(b >= a for a, b in zip(ts, ts[1:])) or any(lo >= t or lo < 0 for lo, t in zip(self.lower, ts)):
+            raise ValueError(f"grid timesteps must strictly decrease and lie above their bands' lower ends: {ts}")
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def level(self, k: Tensor, field: str = "timesteps") -> Tensor:
+        """Per-sample lookup of step k (1..K) in `timesteps` or `lower` (vectorised)."""
+        table = torch.tensor(getattr(self, field), device=k.device, dtype=torch.float64)
+        return table[self.num_steps - k]
+
+
+def uniform_grid(total_steps: int, num_steps: int) -> StudentGrid:
+    """The official grid: t_k = k * (total_steps // K) - 1, bands start at (k - 1) * stride (method.md B).
+
+    total_steps = 900, K = 4 gives 899, 674, 449, 224 with bands starting at 675, 450, 225, 0.
+    """
+    if not 1 <= num_steps <= total_steps:
+        raise ValueError(f"num_steps must be in [1, total_steps={total_steps}], got {num_steps}")
+    stride = total_steps // num_steps
+    ks = range(num_steps, 0, -1)
+    return StudentGrid(tuple(float(k * stride - 1) for k in ks), tuple(float((k - 1) * stride) for k in ks))
+
+
+def explicit_grid(timesteps: list[float]) -> StudentGrid:
+    """A user-given descending list (e.g. CogVideoX's 999, 856, 665, 399); each band ends at the next level."""
+    ts = tuple(float(t) for t in timesteps)
+    return StudentGrid(ts, ts[1:] + (0.0,))
+
+
+def flow_grid(num_steps: int, num_train_timesteps: int = 1000) -> StudentGrid:
+    """Uniform grid t_k = T k / K on the flow time axis; `FlowMatch` applies the shift (sigma(t_K) = 1)."""
+    ts = [num_train_timesteps * k / num_steps for k in range(num_steps, -1, -1)]
+    return StudentGrid(tuple(ts[:-1]), tuple(ts[1:]))
+
+
+def concat_batch(a: Cond, b: Cond) -> Cond:
+    """Concatenate two conditioning batches (tensor, dict of tensors or None) along dim 0."""
+    if a is None:
+        return None
+    if isinstance(a, dict):
+        return {key: concat_batch(a[key], b[key]) for key in a}
+    return torch.cat([a, b])
+
+
+def guided(model: Model, uncond: Cond, scale: float) -> Model:
+    """Classifier-free guidance, uncond + scale (cond - uncond), as one batched 2B call (no call if scale = 1).
+
+    Guidance is linear in the raw output, so this equals guidance on x0 or eps for every prediction type.
+    """
+    if scale == 1.0:
+        return model
+
+    def guided_model(x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        out_cond, out_uncond = model(torch.cat([x, x]), torch.cat([t, t]), concat_batch(cond, uncond)).chunk(2)
+        return out_uncond + scale * (out_cond - out_uncond)
+
+    return guided_model
+
+
+@dataclass
+class Trajectory:
+    """Rollout states x_{t_k} and the model's (x0, eps) at each computed level; dicts keyed by step k."""
+
+    states: dict[int, Tensor]
+    x0: dict[int, Tensor]
+    eps: dict[int, Tensor]
+
+    def gather(self, field: str, k: Tensor) -> Tensor:
+        """Per-sample pick: row i of the result is `field` at level k[i] (every k[i] must be computed)."""
+        table = getattr(self, field)
+        levels = sorted(table)
+        stacked = torch.stack([table[j] for j in levels])  # [L, B, ...]
+        index = torch.searchsorted(torch.tensor(levels, device=k.device), k)
+        return stacked[index, torch.arange(k.numel(), device=k.device)]
+
+
+def rollout(model: Model, noise: Tensor, cond: Cond, grid: StudentGrid, schedule: Schedule,
+            prediction: PredictionType, *, stop_level: int = 1, return_trajectory: bool = False,
+            callback: Callable[[int, Tensor, Tensor], None] | None = None) -> Tensor | Trajectory:
+    """Deterministic K-step sampling from pure noise at t_K (method.md B; TDM paper Sec. 3.1).
+
+    Evaluates the model at levels K, ..., stop_level and keeps the state one level below the last
+    evaluation, so a caller that needs only shallow levels pays only for those. Returns x0 predicted at
+    `stop_level` (the final sample when stop_level = 1) or the whole `Trajectory`.
+    `callback(k, x0, eps)` is called after each model evaluation.
+    """
+    K = grid.num_steps
+    if not 1 <= stop_level <= K:
+        raise ValueError(f"stop_level must be in [1, {K}], got {stop_level}")
+    batch = noise.shape[0]
+    traj = Trajectory(states={K: noise}, x0={}, eps={})
+    x = noise
+    for k in range(K, stop_level - 1, -1):
+        t = torch.full((batch,), grid.timesteps[K - k], device=noise.device)
+        t = schedule.snap(t)
+        x0, eps = to_x0_eps(model(x, t, cond), x, t, schedule, prediction)
+        traj.x0[k], traj.eps[k] = x0, eps
+        if callback is not None:
+            callback(k, x0, eps)
+        if k > 1:
+            t_next = schedule.snap(torch.full((batch,), grid.timesteps[K - k + 1], device=noise.device))
+            x = schedule.ddim_step(x0, eps, t_next)
+            traj.states[k - 1] = x
+    return traj if return_trajectory else traj.x0[stop_level]

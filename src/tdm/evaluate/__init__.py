@@ -1,0 +1,1 @@
+"""Metrics and evaluation of students against their teachers."""
