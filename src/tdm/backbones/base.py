@@ -46,6 +46,14 @@ class Backbone(ABC):
     def metrics(self, samples: Tensor, cond: Cond) -> dict[str, float]:
         """Quality metrics of generated samples [N, *sample_shape] for conditions `cond`."""
 
+    def features(self, samples: Tensor) -> Tensor:
+        """Features [N, D] in which Frechet distances between sample sets are measured."""
+        return samples.flatten(1)
+
+    @abstractmethod
+    def floor_metrics(self, num_samples: int) -> dict[str, float]:
+        """`metrics` of real data in place of samples: the noise floor every table should show."""
+
     def to_images(self, samples: Tensor) -> Tensor:
         """Samples -> images [N, C, H, W] in [0, 1] for grids (image backbones only)."""
         raise NotImplementedError(f"{self.name} does not produce images")

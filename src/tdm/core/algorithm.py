@@ -64,13 +64,17 @@ class TDMConfig:
             raise ValueError(f"tdm.timesteps has {len(self.timesteps)} entries but tdm.num_steps is {self.num_steps}")
 
 
-def make_grid(config: TDMConfig, schedule: Schedule) -> StudentGrid:
-    """The student grid a config asks for: explicit list, official uniform VP grid, or shifted flow grid."""
-    if config.timesteps is not None:
+def make_grid(config: TDMConfig, schedule: Schedule, num_steps: int | None = None) -> StudentGrid:
+    """The student grid a config asks for: explicit list, official uniform VP grid, or shifted flow grid.
+
+    `num_steps` other than the config's (sampling a fixed-K student at another K) gives the uniform grid.
+    """
+    K = num_steps or config.num_steps
+    if config.timesteps is not None and K == len(config.timesteps):
         return explicit_grid(list(config.timesteps))
     if schedule.discrete:
-        return uniform_grid(min(config.total_steps, schedule.num_train_timesteps), config.num_steps)
-    return flow_grid(config.num_steps, schedule.num_train_timesteps)
+        return uniform_grid(min(config.total_steps, schedule.num_train_timesteps), K)
+    return flow_grid(K, schedule.num_train_timesteps)
 
 
 @dataclass
@@ -118,7 +122,8 @@ class TDM:
 
     # ---- shared by both phases: trajectory point -> diffused sample (method.md C.6-C.8) ----
     def _diffuse(self, x0: Tensor, eps: Tensor, d: Draws) -> tuple[Tensor, Tensor]:
-        """x_mid = DDIM step of the student to t_mid; x_tau ~ q(x_tau | x_mid); n_mix with x_tau = a_tau x0 + s_tau n_mix."""
+        """x_mid = the student's DDIM step to t_mid; x_tau ~ q(x_tau | x_mid); and the mixed noise n_mix with
+        x_tau = alpha(tau) x0 + sigma(tau) n_mix."""
         s = self.schedule
         x_mid = s.ddim_step(x0, eps, d.t_mid)
         a, b = (append_dims(c, x0.ndim) for c in s.transition_coefficients(d.t_mid, d.tau))

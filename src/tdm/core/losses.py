@@ -59,8 +59,8 @@ def generator_loss(student_x0: Tensor, teacher_x0: Tensor, fake_x0: Tensor, kind
     if kind not in GENERATOR_LOSSES:
         raise ValueError(f"generator loss must be one of {GENERATOR_LOSSES}, got {kind!r}")
     x0 = student_x0.float()
-    target = (x0 + teacher_x0.float() - fake_x0.float()).detach()
-    d = x0 - target
+    # d = x0 - sg(x0 + teacher - fake), written so that its value is exactly fake - teacher
+    d = (x0 - x0.detach()) + (fake_x0.float() - teacher_x0.float()).detach()
     omega = _mean_per_sample((x0.detach().double() - teacher_x0.double()).abs()).clamp_min(1e-12).float()
     if kind == "pseudo_huber":
         loss = _mean_per_sample((d**2 + huber_c**2).sqrt() - huber_c) / omega

@@ -80,6 +80,15 @@ def concat_batch(a: Cond, b: Cond) -> Cond:
     return torch.cat([a, b])
 
 
+def cond_to(cond: Cond, device) -> Cond:
+    """Move a conditioning batch (tensor, dict of tensors or None) to `device`."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {key: cond_to(value, device) for key, value in cond.items()}
+    return cond.to(device)
+
+
 def guided(model: Model, uncond: Cond, scale: float) -> Model:
     """Classifier-free guidance, uncond + scale (cond - uncond), as one batched 2B call (no call if scale = 1).
 

@@ -1,0 +1,1 @@
+"""Teacher families: one adapter per family behind the `Backbone` interface; see `registry`."""

@@ -1,0 +1,106 @@
+"""Checkpoints: both trainable roles, both optimisers, EMA, step, RNG state and the resolved config.
+
+Layout of `checkpoints/step_000500/`: one `<role>.safetensors` per module, `<name>.optim.safetensors`
+(+ `.json` for its non-tensor state) per optimiser, `rng.safetensors`, and `state.json` (step, config, file
+list with sizes), written last. The folder is assembled under a temporary name and renamed into place,
+so a crash never leaves a half-written checkpoint under a real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+STATE_FILE = "state.json"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Split an optimiser state dict into tensors (safetensors) and the rest (JSON)."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, key = flat.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(root: Path, step: int, modules: dict[str, nn.Module],
+                    optimizers: dict[str, torch.optim.Optimizer], rng: dict[str, torch.Tensor],
+                    config: dict) -> Path:
+    """Write a checkpoint atomically under root/step_XXXXXXX and return its path."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, module in modules.items():
+        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        save_file(state, tmp / f"{name}.safetensors")
+    for name, optimizer in optimizers.items():
+        tensors, meta = _optimizer_to_files(optimizer)
+        save_file(tensors, tmp / f"{name}.optim.safetensors")
+        (tmp / f"{name}.optim.json").write_text(json.dumps(meta))
+    save_file({k: v.contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    manifest = {"step": step, "files": files, "config": config}
+    (tmp / STATE_FILE).write_text(json.dumps(manifest, indent=1))
+    for p in tmp.iterdir():  # flush file contents before the rename makes them visible
+        with open(p, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def is_complete(path: Path) -> bool:
+    """A checkpoint counts only if its manifest exists and every listed file has the listed size."""
+    state = path / STATE_FILE
+    if not state.is_file():
+        return False
+    try:
+        files = json.loads(state.read_text())["files"]
+    except (ValueError, KeyError):
+        return False
+    return all((path / n).is_file() and (path / n).stat().st_size == size for n, size in files.items())
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under root, or None."""
+    candidates = sorted(p for p in root.glob("step_*") if p.is_dir() and is_complete(p))
+    return candidates[-1] if candidates else None
+
+
+def load_checkpoint(path: Path, modules: dict[str, nn.Module],
+                    optimizers: dict[str, torch.optim.Optimizer]) -> tuple[int, dict[str, torch.Tensor], dict]:
+    """Load weights and optimiser states in place; return (step, rng tensors, config dict)."""
+    if not is_complete(path):
+        raise FileNotFoundError(f"{path} is not a complete tdm checkpoint (missing or incomplete {STATE_FILE})")
+    for name, module in modules.items():
+        module.load_state_dict(load_file(path / f"{name}.safetensors"))
+    for name, optimizer in optimizers.items():
+        meta = json.loads((path / f"{name}.optim.json").read_text())
+        optimizer.load_state_dict(_optimizer_from_files(load_file(path / f"{name}.optim.safetensors"), meta))
+    manifest = json.loads((path / STATE_FILE).read_text())
+    return manifest["step"], load_file(path / "rng.safetensors"), manifest["config"]

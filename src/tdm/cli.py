@@ -1,0 +1,77 @@
+"""The `tdm` command: distill | demo | train-teacher | train-classifier."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+
+def _distill(preset: str, overrides: list[str], out: str, resume: str | None, report: bool) -> Path:
+    from .evaluate.run_report import evaluate_distillation, write_report
+    from .trainer import Trainer
+
+    config = load_config(preset, overrides)  # validate before any heavy work
+    trainer = Trainer(config, out)
+    if resume:
+        print(f"resuming from {trainer.resume(resume)} at iteration {trainer.step}")
+    trainer.train()
+    if report and trainer.accelerator.is_main_process and config.eval.num_samples > 0:
+        command = "tdm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        write_report(Path(out), evaluate_distillation(trainer), trainer.history, trainer.backbone, command)
+        print(f"report: {Path(out) / 'report.md'}")
+    trainer.close()
+    return Path(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tdm", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    distill = sub.add_parser("distill", help="distil a teacher into a few-step student")
+    distill.add_argument("--config", required=True, help="preset name in configs/ or a YAML file")
+    distill.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE")
+    distill.add_argument("--out", required=True, help="run folder (checkpoints, tensorboard, report)")
+    distill.add_argument("--resume", help="checkpoint folder, or 'auto' for the newest complete one in --out")
+    distill.add_argument("--no-report", action="store_true", help="skip the end-of-run evaluation report")
+
+    demo = sub.add_parser("demo", help="distil the shipped digits teacher into a 4-step student on CPU")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE")
+
+    for name, what in (("train-teacher", "the digits teacher"), ("train-classifier", "the digits metric classifier")):
+        p = sub.add_parser(name, help=f"retrain {what} (the shipped weights were made by this command)")
+        p.add_argument("toy", choices=["digits"])
+        p.add_argument("--out", default=str(Path(__file__).parent / "toys" / "weights"))
+        p.add_argument("--steps", type=int)
+        p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "distill":
+            _distill(args.config, args.overrides, args.out, args.resume, not args.no_report)
+        elif args.command == "demo":
+            _distill("digits-demo", args.overrides, args.out, None, True)
+        else:
+            from .toys import digits
+
+            train = digits.train_teacher if args.command == "train-teacher" else digits.train_classifier
+            kwargs = {"seed": args.seed} | ({"steps": args.steps} if args.steps else {})
+            print(f"wrote {train(args.out, **kwargs)}")
+    except (ConfigError, FileNotFoundError) as err:
+        if args.debug:
+            raise
+        print(f"tdm: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

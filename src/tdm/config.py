@@ -1,0 +1,196 @@
+"""Typed configuration: frozen dataclass groups, YAML presets, `--set group.key=value` overrides, clear errors.
+
+A preset is a YAML file in `configs/` whose top-level keys are the groups below; anything left out keeps
+its default. Every error names the offending key and says what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .core.algorithm import TDMConfig
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, file or key; the message names it."""
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    name: str = "digits"  # teacher family, a key of tdm.backbones.registry (toy-gmm | digits)
+    teacher: str = ""     # where the teacher comes from; "" = the family's default. toy-gmm: exact | mlp;
+                          # digits: path to a teacher .safetensors ("" = the shipped one)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    generator_lr: float = 1e-5
+    fake_lr: float = 5e-5                     # method.md: 5 x the generator's
+    betas: tuple[float, float] = (0.0, 0.95)  # AdamW betas of both roles (official code; paper: (0, 0.999))
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0                # generator gradient clipping (0 = off)
+    warmup_steps: int = 0                     # linear generator-lr warm-up
+    fake_updates: int = 1                     # fake-score updates per generator update
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    iterations: int = 1000
+    batch_size: int = 64          # per process
+    seed: int = 0
+    ema_decay: float = 0.0        # EMA of the student; 0 = off
+    mixed_precision: str = "no"   # no | fp16 | bf16 (accelerate)
+    log_every: int = 10           # scalars to tensorboard and the progress bar
+    eval_every: int = 0           # sample grid and toy metrics; 0 = off
+    eval_samples: int = 100
+    checkpoint_every: int = 0     # 0 = only at the end
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    num_samples: int = 1000                        # per sampler, balanced over classes
+    teacher_steps: int = 50                        # the reference teacher sampler (with the run's CFG)
+    student_steps: tuple[int, ...] = (1, 2, 4, 8)  # step counts the student is evaluated at
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class Config:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    tdm: TDMConfig = field(default_factory=TDMConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _suggest(key: str, valid: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(value, tp, key: str):
+    """Check and convert one YAML value to the dataclass field type `tp`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _build(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r}{_suggest(key, names)}; valid keys: {sorted(names)}")
+        tp = hints[key]
+        kwargs[key] = _build(tp, value, f"{path}.") if dataclasses.is_dataclass(tp) else _coerce(value, tp, path)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # range checks in __post_init__
+        raise ConfigError(str(err)) from None
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    *groups, leaf = dotted.split(".")
+    node = tree
+    for g in groups:
+        node = node.setdefault(g, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {g!r} is not a group")
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """'train.iterations=200' -> ('train.iterations', 200); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects group.key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {err}") from None
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A preset name from configs/ (e.g. 'digits-demo') or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {name_or_path!r}{_suggest(name_or_path, names)}; presets: {names}")
+    return preset
+
+
+def load_config(preset: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the preset's YAML, then each `group.key=value` override, validated together."""
+    tree: dict = {}
+    if preset is not None:
+        path = resolve_preset(preset)
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of config groups at the top level")
+    for text in overrides:
+        _set_dotted(tree, *parse_override(text))
+    return _build(Config, tree, "")
+
+
+def to_dict(config: Config) -> dict:
+    """Plain, YAML-safe nested dict (tuples become lists)."""
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(config))
+
+
+def from_dict(tree: dict) -> Config:
+    return _build(Config, tree, "")

@@ -1,0 +1,79 @@
+"""Pictures and tables for runs and evaluations: image grids, labelled comparisons, training curves, markdown."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write to a temporary name in the same folder, flush, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def image_grid(images: torch.Tensor, nrow: int, pad: int = 1) -> np.ndarray:
+    """[N, C, H, W] in [0, 1] -> one uint8 HWC mosaic, `nrow` images per row."""
+    n, c, h, w = images.shape
+    rows = -(-n // nrow)
+    canvas = torch.ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
+    for i, img in enumerate(images.clamp(0, 1)):
+        r, col = divmod(i, nrow)
+        canvas[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = img
+    hwc = canvas.permute(1, 2, 0).expand(-1, -1, 3) if c == 1 else canvas.permute(1, 2, 0)
+    return (hwc.numpy() * 255).round().astype(np.uint8)
+
+
+def _save_figure(fig, path: Path) -> None:
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def comparison_figure(panels: Sequence[tuple[str, torch.Tensor]], path: Path, nrow: int) -> None:
+    """Side-by-side grids, one per sampler, each titled (same seeds and classes in every panel)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6), squeeze=False)
+    for ax, (title, images) in zip(axes[0], panels):
+        ax.imshow(image_grid(images, nrow), interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    _save_figure(fig, path)
+
+
+def curves_figure(history: list[dict], keys: Sequence[str], path: Path) -> None:
+    """One panel per logged scalar against the training iteration."""
+    keys = [k for k in keys if any(k in h for h in history)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 2.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        ax.plot(*zip(*points), lw=1.2)
+        ax.set_xlabel("iteration")
+        ax.set_title(key, fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """rows of dicts -> markdown; columns are (key, header, format spec)."""
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [format(row[k], f) if isinstance(row.get(k), (int, float)) else str(row.get(k, ""))
+                 for k, _, f in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,193 @@
+"""The training loop: accelerate, two AdamW optimisers, EMA, logging, sample grids, checkpoints, resume.
+
+Runs under plain `python` (one process) and under `accelerate launch` / `torchrun` (DDP). Randomness of
+step n on rank r comes from a generator seeded with (seed, r, n), so a resumed run replays the same draws.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from .backbones.registry import build_backbone
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, to_dict
+from .core.algorithm import TDM
+from .core.sampling import cond_to
+from .evaluate.compare import Sampler, draw_samples
+from .roles import Roles
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """A CPU generator for (seed, rank, step), independent across all three."""
+    state = np.random.SeedSequence([seed, rank, step]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+class Trainer:
+    def __init__(self, config: Config, out_dir: str | Path):
+        self.config, self.out_dir = config, Path(out_dir)
+        self.accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
+        self.backbone = build_backbone(config.backbone.name, config.backbone.teacher)
+        self.tdm = TDM(self.backbone.schedule, self.backbone.prediction, config.tdm)
+        roles = Roles.separate_copies(self.backbone.teacher, self.backbone.initial_weights())
+        self.teacher = roles.teacher.to(self.accelerator.device)
+        self.ema = copy.deepcopy(roles.student).requires_grad_(False) if config.train.ema_decay > 0 else None
+        o = config.optim
+        opt_g = torch.optim.AdamW(roles.student.parameters(), lr=o.generator_lr, betas=o.betas,
+                                  weight_decay=o.weight_decay)
+        opt_f = torch.optim.AdamW(roles.fake_score.parameters(), lr=o.fake_lr, betas=o.betas,
+                                  weight_decay=o.weight_decay)
+        self.student, self.fake_score, self.opt_g, self.opt_f = self.accelerator.prepare(
+            roles.student, roles.fake_score, opt_g, opt_f)
+        self.step = 0
+        self.history: list[dict] = []  # logged scalars, for the end-of-run curves
+
+    # ---- the parts of one iteration ----
+    def fake_score_step(self, traj, draws, cond) -> dict:
+        with self.accelerator.autocast():
+            loss, logs = self.tdm.fake_score_loss(self.fake_score, traj, draws, cond)
+        self.opt_f.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss.mean())
+        self.opt_f.step()
+        return {"fake/loss": loss.detach().mean(), **logs}
+
+    def generator_step(self, traj, draws, cond, uncond) -> dict:
+        with self.accelerator.autocast():
+            loss, logs = self.tdm.generator_loss(self.student, self.teacher, self.fake_score, traj, draws,
+                                                 cond, uncond)
+        self.opt_g.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss.mean())
+        o = self.config.optim
+        grad_norm = (self.accelerator.clip_grad_norm_(self.student.parameters(), o.max_grad_norm)
+                     if o.max_grad_norm > 0 else torch.tensor(float("nan")))
+        for group in self.opt_g.param_groups:  # linear warm-up, a pure function of the step
+            group["lr"] = o.generator_lr * min(1.0, (self.step + 1) / max(o.warmup_steps, 1))
+        self.opt_g.step()
+        return {"generator/loss": loss.detach().mean(), "generator/grad_norm": grad_norm, **logs}
+
+    def train_step(self) -> dict:
+        """One TDM iteration: draws, one shared rollout, fake-score update(s), then the generator update."""
+        cfg, device = self.config, self.accelerator.device
+        g = step_generator(cfg.train.seed, self.accelerator.process_index, self.step)
+        batch = cfg.train.batch_size
+        shape = (batch, *self.backbone.sample_shape)
+        cond = cond_to(self.backbone.sample_conditions(batch, g), device)
+        uncond = cond_to(self.backbone.null_condition(batch), device)
+        noise = torch.randn(shape, generator=g).to(device)
+        fake_draws = [self.tdm.draw(shape, g, device) for _ in range(cfg.optim.fake_updates)]
+        gen_draws = self.tdm.draw(shape, g, device)
+        with self.accelerator.autocast():
+            traj = self.tdm.student_trajectory(self.student, noise, cond,
+                                               self.tdm.rollout_depth(fake_draws, gen_draws))
+        logs = {}
+        for d in fake_draws:
+            logs = self.fake_score_step(traj, d, cond)
+        logs.update(self.generator_step(traj, gen_draws, cond, uncond))
+        if self.ema is not None:
+            self._update_ema()
+        self.step += 1
+        return {k: float(v) for k, v in logs.items()}
+
+    @torch.no_grad()
+    def _update_ema(self):
+        decay = self.config.train.ema_decay
+        for e, p in zip(self.ema.parameters(), self.accelerator.unwrap_model(self.student).parameters()):
+            e.lerp_(p.detach().to(e.device), 1 - decay)
+
+    # ---- sampling, evaluation, logging ----
+    def student_for_sampling(self) -> torch.nn.Module:
+        """The student to sample from: its EMA when one is kept, else the raw (unwrapped) weights."""
+        return self.ema if self.ema is not None else self.accelerator.unwrap_model(self.student)
+
+    def _evaluate(self, writer: SummaryWriter | None) -> dict:
+        student = Sampler("student", self.student_for_sampling(), self.tdm.grid)
+        samples, cond, _ = draw_samples(self.backbone, student, self.config.train.eval_samples,
+                                        self.config.train.seed, device=self.accelerator.device)
+        metrics = {f"eval/{k}": v for k, v in self.backbone.metrics(samples, cond).items()}
+        if writer is not None and self.backbone.is_image:
+            from .report import image_grid
+
+            writer.add_image("eval/samples", image_grid(self.backbone.to_images(samples), nrow=10),
+                             self.step, dataformats="HWC")
+        return metrics
+
+    def _log(self, writer: SummaryWriter | None, scalars: dict):
+        self.history.append({"step": self.step, **scalars})
+        if writer is not None:
+            for k, v in scalars.items():
+                writer.add_scalar(k, v, self.step)
+
+    # ---- checkpoints ----
+    def _modules(self) -> dict:
+        mods = {"student": self.accelerator.unwrap_model(self.student),
+                "fake_score": self.accelerator.unwrap_model(self.fake_score)}
+        if self.ema is not None:
+            mods["student_ema"] = self.ema
+        return mods
+
+    def save(self) -> Path | None:
+        if not self.accelerator.is_main_process:
+            return None
+        path = save_checkpoint(self.out_dir / "checkpoints", self.step, self._modules(),
+                               {"generator": self.opt_g, "fake_score": self.opt_f},
+                               {"torch": torch.get_rng_state()}, to_dict(self.config))
+        (self.out_dir / "history.json").write_text(json.dumps(self.history))
+        return path
+
+    def resume(self, where: str) -> Path:
+        """Resume from a checkpoint folder, or 'auto' for the newest complete one in this run."""
+        path = latest_checkpoint(self.out_dir / "checkpoints") if where == "auto" else Path(where)
+        if path is None:
+            raise FileNotFoundError(f"--resume auto: no complete checkpoint under {self.out_dir / 'checkpoints'}")
+        self.step, rng, _ = load_checkpoint(path, self._modules(), {"generator": self.opt_g,
+                                                                     "fake_score": self.opt_f})
+        torch.set_rng_state(rng["torch"])
+        history = self.out_dir / "history.json"
+        if history.is_file():
+            self.history = [h for h in json.loads(history.read_text()) if h["step"] <= self.step]
+        return path
+
+    # ---- the loop ----
+    def train(self) -> Path | None:
+        cfg, acc = self.config.train, self.accelerator
+        writer = SummaryWriter(str(self.out_dir / "tensorboard")) if acc.is_main_process else None
+        bar = tqdm(total=cfg.iterations, initial=self.step, disable=not acc.is_main_process, desc="distill")
+        tic = time.perf_counter()
+        while self.step < cfg.iterations:
+            logs = self.train_step()
+            bar.update(1)
+            log_now = self.step % cfg.log_every == 0 or self.step == cfg.iterations
+            eval_now = cfg.eval_every > 0 and self.step % cfg.eval_every == 0
+            if log_now:
+                logs["time/iteration_s"] = (time.perf_counter() - tic) / cfg.log_every
+                tic = time.perf_counter()
+                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.endswith("loss")})
+            if eval_now:
+                logs.update(self._evaluate(writer))
+            if log_now or eval_now:
+                self._log(writer, logs)
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.iterations:
+                self.save()
+        bar.close()
+        path = self.save()
+        if writer is not None:
+            writer.close()
+        acc.wait_for_everyone()
+        return path
+
+    def close(self):
+        """Tear down cleanly (avoids an abort at exit of multi-process CPU runs; environment.md 5)."""
+        del self.student, self.fake_score, self.opt_g, self.opt_f
+        gc.collect()
+        self.accelerator.end_training()
+
