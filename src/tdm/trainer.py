@@ -36,7 +36,8 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
 class Trainer:
     def __init__(self, config: Config, out_dir: str | Path):
         self.config, self.out_dir = config, Path(out_dir)
-        self.accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
+        self.accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
+                                       cpu=not torch.cuda.is_available())  # gloo DDP on CPU-only machines
         self.backbone = build_backbone(config.backbone.name, config.backbone.teacher)
         self.tdm = TDM(self.backbone.schedule, self.backbone.prediction, config.tdm)
         roles = Roles.separate_copies(self.backbone.teacher, self.backbone.initial_weights())

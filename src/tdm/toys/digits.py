@@ -31,6 +31,9 @@ from ..evaluate.metrics import frechet_distance
 
 NUM_CLASSES = 10
 NULL_CLASS = 10  # the extra label of the unconditional branch
+LABEL_DROPOUT = 0.1  # fraction of teacher training labels replaced by NULL_CLASS
+TEACHER_KWARGS = {"channels": [32, 64], "emb_dim": 128, "groups": 8}
+CLASSIFIER_KWARGS = {"channels": [32, 64], "feature_dim": 64, "dropout": 0.2}
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TEACHER_FILE = "digits_teacher.safetensors"
 CLASSIFIER_FILE = "digits_classifier.safetensors"
@@ -142,12 +145,15 @@ class DigitsClassifier(nn.Module):
             nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(),
             nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 4x4
             nn.Conv2d(c2, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 2x2
-            nn.Flatten(), nn.Linear(4 * c2, feature_dim), nn.ReLU(),
+            nn.Flatten(), nn.Linear(4 * c2, feature_dim),
         )
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, NUM_CLASSES))
+        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(feature_dim, NUM_CLASSES))
 
     def features(self, x: Tensor) -> Tensor:
-        """Penultimate activations, the space of the classifier Frechet distance."""
+        """Penultimate pre-activations, the space of the classifier Frechet distance.
+
+        Taken before the ReLU: units that never fire would make the feature covariance singular.
+        """
         return self.body(x)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -214,6 +220,23 @@ def _update_ema(ema: nn.Module, model: nn.Module, num_updates: int) -> None:
         e.lerp_(p, 1 - decay)
 
 
+def _optimizer_step(opt: torch.optim.Optimizer, loss: Tensor, lr: float, clip: float | None = None) -> None:
+    """Set the learning rate, backpropagate `loss` (clipping the gradient norm if asked) and step."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
+    opt.step()
+
+
+def _run_info(start_wall: float, start_cpu: float) -> dict:
+    """Thread count and wall / process CPU seconds of a training run."""
+    return {"threads": torch.get_num_threads(), "wall_seconds": round(time.time() - start_wall, 1),
+            "cpu_seconds": round(time.process_time() - start_cpu, 1)}
+
+
 def _command(subcommand: str, out_dir: str | Path, **options) -> str:
     """The CLI line that reproduces a training run."""
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items())
@@ -227,38 +250,32 @@ def train_teacher(out_dir: str | Path, steps: int = 3000, batch_size: int = 128,
     Epsilon prediction, uniform t in 0..999, labels dropped to NULL_CLASS with probability 0.1 (for CFG),
     AdamW with warmup + cosine decay, gradient clipping at 1. Deterministic given `seed` and thread count.
     """
-    kwargs = {"channels": [32, 64], "emb_dim": 128, "groups": 8}
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x, y, _, _ = load_digits_split()
     schedule = make_schedule()
-    model = DigitsUNet(**kwargs)
+    model = DigitsUNet(**TEACHER_KWARGS)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    start = time.time()
+    start, start_cpu = time.time(), time.process_time()
     for step in range(steps):
         idx = torch.randint(len(x), (batch_size,), generator=gen)
-        labels = torch.where(torch.rand(batch_size, generator=gen) < 0.1, NULL_CLASS, y[idx])
+        labels = torch.where(torch.rand(batch_size, generator=gen) < LABEL_DROPOUT, NULL_CLASS, y[idx])
         t = torch.randint(schedule.num_train_timesteps, (batch_size,), generator=gen)
-        noise = torch.randn(x[idx].shape, generator=gen)
+        noise = torch.randn((batch_size, *x.shape[1:]), generator=gen)
         loss = F.mse_loss(model(schedule.add_noise(x[idx], noise, t), t, labels), noise)
-        for group in opt.param_groups:
-            group["lr"] = _cosine_lr(step, steps, lr, warmup=min(200, steps))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        _optimizer_step(opt, loss, _cosine_lr(step, steps, lr, warmup=min(200, steps)), clip=1.0)
         _update_ema(ema, model, step)
         if log_every and (step + 1) % log_every == 0:
-            print(f"teacher step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
+            print(f"teacher step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
     config = {
-        "model": "DigitsUNet", "kwargs": kwargs, "schedule": SCHEDULE, "prediction": "epsilon",
+        "model": "DigitsUNet", "kwargs": TEACHER_KWARGS, "schedule": SCHEDULE, "prediction": "epsilon",
         "null_class": NULL_CLASS, "weights": "EMA, fp32",
         "training": {
             "command": _command("train-teacher", out_dir, steps=steps, batch_size=batch_size, seed=seed, lr=lr),
-            "steps": steps, "batch_size": batch_size, "seed": seed, "lr": lr, "label_dropout": 0.1,
+            "steps": steps, "batch_size": batch_size, "seed": seed, "lr": lr, "label_dropout": LABEL_DROPOUT,
             "ema": "min(0.999, (1 + n) / (10 + n))", "data": "sklearn load_digits, train split",
-            "threads": torch.get_num_threads(), "seconds": round(time.time() - start, 1),
+            **_run_info(start, start_cpu),
         },
     }
     return _save(ema, config, out_dir, TEACHER_FILE)
@@ -282,33 +299,28 @@ def classifier_accuracy(classifier: nn.Module, x: Tensor, y: Tensor) -> float:
 def train_classifier(out_dir: str | Path, steps: int = 3000, batch_size: int = 128, seed: int = 0,
                      lr: float = 2e-3, log_every: int = 500) -> Path:
     """Train the metric classifier on the train split (±1 pixel shifts); save it with its held-out accuracy."""
-    kwargs = {"channels": [32, 64], "feature_dim": 64, "dropout": 0.2}
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x, y, hx, hy = load_digits_split()
-    model = DigitsClassifier(**kwargs)
+    model = DigitsClassifier(**CLASSIFIER_KWARGS)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    start = time.time()
+    start, start_cpu = time.time(), time.process_time()
     for step in range(steps):
         idx = torch.randint(len(x), (batch_size,), generator=gen)
         loss = F.cross_entropy(model(_random_shift(x[idx], gen)), y[idx])
-        for group in opt.param_groups:
-            group["lr"] = _cosine_lr(step, steps, lr, warmup=min(100, steps))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _optimizer_step(opt, loss, _cosine_lr(step, steps, lr, warmup=min(100, steps)))
         if log_every and (step + 1) % log_every == 0:
-            print(f"classifier step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
+            print(f"classifier step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
     model.eval()
     accuracy = classifier_accuracy(model, hx, hy)
     print(f"classifier held-out accuracy {accuracy:.4f}")
     config = {
-        "model": "DigitsClassifier", "kwargs": kwargs, "heldout_accuracy": round(accuracy, 4),
+        "model": "DigitsClassifier", "kwargs": CLASSIFIER_KWARGS, "heldout_accuracy": round(accuracy, 4),
         "training": {
             "command": _command("train-classifier", out_dir, steps=steps, batch_size=batch_size, seed=seed, lr=lr),
             "steps": steps, "batch_size": batch_size, "seed": seed, "lr": lr,
             "augmentation": "random shifts of -1..1 pixels", "data": "sklearn load_digits, train split",
-            "threads": torch.get_num_threads(), "seconds": round(time.time() - start, 1),
+            **_run_info(start, start_cpu),
         },
     }
     return _save(model, config, out_dir, CLASSIFIER_FILE)
@@ -368,6 +380,15 @@ class DigitsBackbone(Backbone):
             "class_accuracy": (predicted == cond.cpu()).float().mean().item(),
         }
 
+    def floor_metrics(self, num_samples: int) -> dict[str, float]:
+        """`metrics` of the real held-out split (its first `num_samples` of 359 images) against its labels.
+
+        Its fd_train is the real-data floor; its fd_heldout is 0 by construction. With fewer real images
+        than samples, the floor's FD carries more small-sample bias than the rows it is compared with.
+        """
+        _, _, heldout_x, heldout_y = load_digits_split()
+        return self.metrics(heldout_x[:num_samples], heldout_y[:num_samples])
+
     def to_images(self, samples: Tensor) -> Tensor:
         return ((samples + 1) / 2).clamp(0, 1)
 
@@ -378,18 +399,19 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m tdm.toys.digits {train-teacher, train-classifier} --out DIR [options]`."""
     parser = argparse.ArgumentParser(prog="python -m tdm.toys.digits", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, steps in (("train-teacher", 3000), ("train-classifier", 3000)):
-        p = sub.add_parser(name)
+    for name in ("train-teacher", "train-classifier"):
+        p = sub.add_parser(name, help="defaults: those of the training function")
         p.add_argument("--out", default=str(WEIGHTS_DIR), help="output directory")
-        p.add_argument("--steps", type=int, default=steps)
-        p.add_argument("--batch-size", type=int, default=128)
+        p.add_argument("--steps", type=int)
+        p.add_argument("--batch-size", type=int)
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--lr", type=float, default=2e-3)
+        p.add_argument("--lr", type=float)
         p.add_argument("--threads", type=int, default=1, help="torch CPU threads (results depend on it)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     train = train_teacher if args.command == "train-teacher" else train_classifier
-    path = train(args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr)
+    options = {k: v for k, v in vars(args).items() if k in ("steps", "batch_size", "seed", "lr") and v is not None}
+    path = train(args.out, **options)
     print(f"wrote {path} and {path.with_suffix('.json')}")
 
 

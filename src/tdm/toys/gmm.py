@@ -11,12 +11,13 @@ exact teacher, `train_dsm` trains it as an ordinary (imperfect) teacher.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from ..backbones.base import Backbone
-from ..core.prediction import PredictionType, from_x0_eps, to_x0_eps
+from ..core.prediction import PredictionType, from_x0_eps
 from ..core.schedules import DiscreteVP, Schedule
 from ..evaluate.metrics import energy_distance
 
@@ -49,10 +50,6 @@ class GaussianMixture:
         membership = owner.unsqueeze(0) == torch.arange(NUM_CLASSES + 1).unsqueeze(1)
         membership[NULL_CLASS] = True
         self.membership = membership  # [NUM_CLASSES + 1, M]: which modes each label owns
-
-    @property
-    def num_modes(self) -> int:
-        return self.means.shape[0]
 
     def modes(self, label: int) -> Tensor:
         """Means [K, 2] (float32) of the modes that `label` owns (all of them for NULL_CLASS)."""
@@ -94,7 +91,6 @@ class ExactGMMDenoiser(nn.Module):
         self.mixture = mixture
         self.schedule = schedule
         self.prediction = PredictionType.parse(prediction)
-        self.register_buffer("means", mixture.means.clone())
 
     def x0_eps(self, x_t: Tensor, t: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
         """Exact (E[x0 | x_t, cond], E[eps | x_t, cond]) in float64."""
@@ -102,8 +98,9 @@ class ExactGMMDenoiser(nn.Module):
         a, s = self.schedule.alpha(t).double(), self.schedule.sigma(t).double()
         var = a**2 * self.mixture.std**2 + s**2
         log_pi = self.mixture.log_weights(cond)
-        r = torch.softmax(log_pi + _log_gaussian(x, a[:, None, None] * self.means, var), -1)
-        m = r @ self.means
+        means = self.mixture.means.to(x.device)  # float64, untouched by module casts (no buffers)
+        r = torch.softmax(log_pi + _log_gaussian(x, a[:, None, None] * means, var), -1)
+        m = r @ means
         residual = x - a[:, None] * m
         x0 = m + (a * self.mixture.std**2 / var)[:, None] * residual
         eps = (s / var)[:, None] * residual
@@ -117,7 +114,7 @@ class ExactGMMDenoiser(nn.Module):
 # ------------------------------------------------------------------------------------------- the network
 
 
-def timestep_embedding(u: Tensor, features: int, max_frequency: float = 100.0) -> Tensor:
+def timestep_embedding(u: Tensor, features: int, max_frequency: float = 300.0) -> Tensor:
     """Sinusoidal features [sin(f_k u), cos(f_k u)] of u in [0, 1], f_k geometric in [1, max_frequency]."""
     freqs = torch.logspace(0, math.log10(max_frequency), features // 2, device=u.device)
     angles = u.float().unsqueeze(-1) * freqs
@@ -160,21 +157,16 @@ def _draw_batch(mixture: GaussianMixture, schedule: Schedule, batch: int, genera
     return x0, eps, schedule.add_noise(x0, eps, t), t, labels
 
 
-def regression_loss(output: Tensor, target: Tensor, x_t: Tensor, t: Tensor, schedule: Schedule,
-                    prediction: PredictionType) -> Tensor:
-    """Mean of min(|dx0|^2, |deps|^2) between the (x0, eps) implied by two raw outputs.
+def regression_loss(output: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error of raw outputs, summed over the 2 coordinates: each prediction type's own loss.
 
-    At fixed x_t, deps = -(alpha / sigma) dx0, so this is |dx0|^2 min(SNR, 1): the x0 error at low noise
-    and the eps error at high noise, the same for every prediction type and schedule.
+    Measured on the eps-prediction VP toy, this uniform weighting fit the exact teacher better (and gave
+    better 50-step samples) than weighting the implied-x0 error by min(SNR, 1) or min(SNR, 5).
     """
-    x0_out, eps_out = to_x0_eps(output, x_t, t, schedule, prediction)
-    x0_tgt, eps_tgt = to_x0_eps(target, x_t, t, schedule, prediction)
-    err_x0 = ((x0_out - x0_tgt) ** 2).sum(-1)
-    err_eps = ((eps_out - eps_tgt) ** 2).sum(-1)
-    return torch.minimum(err_x0, err_eps).mean()
+    return ((output - target) ** 2).sum(-1).mean()
 
 
-def _train(target_fn, mixture: GaussianMixture, schedule: Schedule, prediction: PredictionType,
+def _train(target_fn: Callable[..., Tensor], mixture: GaussianMixture, schedule: Schedule,
            steps: int, batch: int, seed: int, lr: float) -> ToyMLP:
     """Adam with cosine decay on `regression_loss` against target_fn(x0, eps, x_t, t, labels)."""
     generator = torch.Generator().manual_seed(seed)
@@ -187,7 +179,7 @@ def _train(target_fn, mixture: GaussianMixture, schedule: Schedule, prediction: 
         x0, eps, x_t, t, labels = _draw_batch(mixture, schedule, batch, generator)
         with torch.no_grad():
             target = target_fn(x0, eps, x_t, t, labels)
-        loss = regression_loss(model(x_t, t, labels), target, x_t, t, schedule, prediction)
+        loss = regression_loss(model(x_t, t, labels), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -196,18 +188,17 @@ def _train(target_fn, mixture: GaussianMixture, schedule: Schedule, prediction: 
 
 
 def fit_to_teacher(teacher: ExactGMMDenoiser, schedule: Schedule, mixture: GaussianMixture,
-                   steps: int = 2000, batch: int = 512, seed: int = 0, lr: float = 1e-3) -> ToyMLP:
+                   steps: int = 2000, batch: int = 256, seed: int = 0, lr: float = 5e-3) -> ToyMLP:
     """Regress a ToyMLP onto the exact teacher's raw output (the init of student and fake score)."""
-    return _train(lambda x0, eps, x_t, t, c: teacher(x_t, t, c), mixture, schedule, teacher.prediction,
-                  steps, batch, seed, lr)
+    return _train(lambda x0, eps, x_t, t, c: teacher(x_t, t, c), mixture, schedule, steps, batch, seed, lr)
 
 
 def train_dsm(mixture: GaussianMixture, schedule: Schedule, prediction: PredictionType | str,
-              steps: int = 2000, batch: int = 512, seed: int = 0, lr: float = 1e-3) -> ToyMLP:
+              steps: int = 2000, batch: int = 256, seed: int = 0, lr: float = 5e-3) -> ToyMLP:
     """A teacher trained by denoising score matching on mixture samples (10% labels dropped to NULL)."""
     prediction = PredictionType.parse(prediction)
     return _train(lambda x0, eps, x_t, t, c: from_x0_eps(x0, eps, t, schedule, prediction),
-                  mixture, schedule, prediction, steps, batch, seed, lr)
+                  mixture, schedule, steps, batch, seed, lr)
 
 
 @torch.no_grad()
@@ -215,8 +206,7 @@ def teacher_mismatch(model: nn.Module, teacher: ExactGMMDenoiser, schedule: Sche
                      mixture: GaussianMixture, num_samples: int = 4096, seed: int = 1) -> float:
     """`regression_loss` of `model` against the exact teacher on a fixed held-out batch."""
     _, _, x_t, t, labels = _draw_batch(mixture, schedule, num_samples, torch.Generator().manual_seed(seed))
-    return regression_loss(model(x_t, t, labels), teacher(x_t, t, labels), x_t, t, schedule,
-                           teacher.prediction).item()
+    return regression_loss(model(x_t, t, labels), teacher(x_t, t, labels)).item()
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -272,7 +262,7 @@ class GMMBackbone(Backbone):
 
     def __init__(self, teacher: str = "exact", schedule: Schedule | None = None,
                  prediction: PredictionType | str = "epsilon", seed: int = 0, fit_steps: int = 2000,
-                 fit_batch: int = 512):
+                 fit_batch: int = 256):
         if teacher not in ("exact", "mlp"):
             raise ValueError(f"toy-gmm teacher must be 'exact' or 'mlp', got {teacher!r}")
         self.mixture = GaussianMixture()
@@ -315,7 +305,7 @@ class GMMBackbone(Backbone):
             "in_mode_fraction": in_mode_fraction(x, labels, self.mixture),
         }
 
-    def floors(self, num_samples: int, seed: int = 0) -> dict[str, float]:
+    def floor_metrics(self, num_samples: int, seed: int = 0) -> dict[str, float]:
         """`metrics` of true mixture samples on the evaluation conditions: the best a sampler can score."""
         if seed == REFERENCE_SEED:
             raise ValueError("floors need a seed other than REFERENCE_SEED (independent true sets)")

@@ -1,0 +1,172 @@
+"""Forward/backward passes per role and wall time per TDM iteration: tdm's schedule vs the official code's.
+
+The official script's iteration (method.md H.2) is re-enacted with the same core functions and networks:
+a full 4-level rollout, a student forward that recomputes a rollout output, a teacher forward whose result
+is unused, and the teacher's conditional and unconditional calls made separately: 11 forwards + 2 backwards.
+tdm's iteration needs at most 9 + 2 (the teacher's 2B call counts as 2 forwards).
+
+    python benchmarks/passes.py [--backbone digits] [--batch 64] [--repeats 7] [--out runs/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tdm.backbones.registry import build_backbone
+from tdm.core.algorithm import TDM, TDMConfig
+from tdm.core.prediction import to_x0_eps
+from tdm.core.sampling import Trajectory
+from tdm.roles import Roles
+
+
+class Counted(nn.Module):
+    """Counts forward calls, forward-equivalents (samples / batch) and backward passes of a role."""
+
+    def __init__(self, module: nn.Module, batch: int):
+        super().__init__()
+        self.module, self.batch = module, batch
+        self.reset()
+
+    def reset(self):
+        self.forwards, self.forward_equivalents, self.backwards = 0, 0.0, 0
+
+    def _count_backward(self, grad):
+        self.backwards += 1
+        return grad
+
+    def forward(self, x, t, cond):
+        self.forwards += 1
+        self.forward_equivalents += x.shape[0] / self.batch
+        out = self.module(x, t, cond)
+        if out.requires_grad:
+            out.register_hook(self._count_backward)
+        return out
+
+
+class SeparateCFGCalls(nn.Module):
+    """The official code's teacher: conditional and unconditional halves of a CFG batch as two calls."""
+
+    def __init__(self, teacher: nn.Module):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, x, t, cond):
+        return torch.cat([self.teacher(xs, ts, cs) for xs, ts, cs in zip(x.chunk(2), t.chunk(2), cond.chunk(2))])
+
+
+def _step(optimizer, loss, params=None, clip=None):
+    optimizer.zero_grad(set_to_none=True)
+    loss.mean().backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+
+
+def tdm_iteration(tdm, roles, opts, batch_inputs, g):
+    """tdm's iteration: one rollout as deep as the draws need, cached (x0, eps), one 2B teacher call."""
+    cond, uncond, noise = batch_inputs
+    shape = noise.shape
+    fake_d, gen_d = tdm.draw(shape, g), tdm.draw(shape, g)
+    traj = tdm.student_trajectory(roles.student, noise, cond, tdm.rollout_depth([fake_d], gen_d))
+    _step(opts[1], tdm.fake_score_loss(roles.fake_score, traj, fake_d, cond)[0])
+    loss = tdm.generator_loss(roles.student, roles.teacher, roles.fake_score, traj, gen_d, cond, uncond)[0]
+    _step(opts[0], loss, roles.student.parameters(), 1.0)
+
+
+def official_iteration(tdm, roles, opts, batch_inputs, g):
+    """The official schedule, same math: full rollout, recomputed student outputs, an unused teacher call."""
+    cond, uncond, noise = batch_inputs
+    shape = noise.shape
+    fake_d, gen_d = tdm.draw(shape, g), tdm.draw(shape, g)
+    traj = tdm.student_trajectory(roles.student, noise, cond, 1)  # always all K levels
+    with torch.no_grad():
+        x_k = traj.gather("states", fake_d.k)
+        x0, eps = to_x0_eps(roles.student(x_k, fake_d.t_k, cond), x_k, fake_d.t_k, tdm.schedule, tdm.prediction)
+        roles.teacher(x_k, fake_d.tau, cond)  # computed and never used, as in the official script
+    levels = range(1, tdm.grid.num_steps + 1)
+    recomputed = Trajectory(traj.states, {k: x0 for k in levels}, {k: eps for k in levels})
+    _step(opts[1], tdm.fake_score_loss(roles.fake_score, recomputed, fake_d, cond)[0])
+    loss = tdm.generator_loss(roles.student, SeparateCFGCalls(roles.teacher), roles.fake_score, traj, gen_d,
+                              cond, uncond)[0]
+    _step(opts[0], loss, roles.student.parameters(), 1.0)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="digits")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="runs/bench")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    backbone = build_backbone(args.backbone)
+    base = Roles.separate_copies(backbone.teacher, backbone.initial_weights())
+    roles = Roles(*(Counted(m, args.batch) for m in (base.teacher, base.student, base.fake_score)))
+    tdm = TDM(backbone.schedule, backbone.prediction, TDMConfig(total_steps=1000, guidance_scale=2.0))
+    opts = (torch.optim.AdamW(roles.student.parameters(), 1e-6, betas=(0, 0.95)),
+            torch.optim.AdamW(roles.fake_score.parameters(), 5e-6, betas=(0, 0.95)))
+    g = torch.Generator().manual_seed(0)
+    inputs = (backbone.sample_conditions(args.batch, g), backbone.null_condition(args.batch),
+              torch.randn((args.batch, *backbone.sample_shape), generator=g))
+    schedules = {"tdm": tdm_iteration, "official": official_iteration}
+
+    # Passes: exact counts over many iterations (draws vary, so report the mean and the maximum).
+    counts = {}
+    for name, fn in schedules.items():
+        per_iter = []
+        for _ in range(20):
+            for r in (roles.teacher, roles.student, roles.fake_score):
+                r.reset()
+            fn(tdm, roles, opts, inputs, g)
+            per_iter.append({role: (m.forward_equivalents, m.backwards) for role, m in
+                             (("student", roles.student), ("teacher", roles.teacher), ("fake", roles.fake_score))})
+        total_f = [sum(f for f, _ in it.values()) for it in per_iter]
+        counts[name] = {
+            "forwards_mean": statistics.mean(total_f), "forwards_max": max(total_f),
+            "backwards": max(sum(b for _, b in it.values()) for it in per_iter),
+            "per_role_max": {role: [max(it[role][0] for it in per_iter), max(it[role][1] for it in per_iter)]
+                             for role in per_iter[0]},
+        }
+
+    # Time: warm up, then interleave the two schedules; median of `repeats` blocks of 5 iterations.
+    times = {name: [] for name in schedules}
+    for name, fn in schedules.items():
+        fn(tdm, roles, opts, inputs, g)
+    for _ in range(args.repeats):
+        for name, fn in schedules.items():
+            tic = time.perf_counter()
+            for _ in range(5):
+                fn(tdm, roles, opts, inputs, g)
+            times[name].append((time.perf_counter() - tic) / 5)
+    med = {name: statistics.median(v) for name, v in times.items()}
+
+    print(f"backbone={args.backbone} batch={args.batch} K=4 CFG=2 threads={torch.get_num_threads()} "
+          f"repeats={args.repeats}")
+    print(f"{'schedule':10} {'fwd (mean)':>10} {'fwd (max)':>9} {'bwd':>4} {'student F/B':>12} {'teacher F':>9} "
+          f"{'fake F/B':>9} {'s/iter':>8}")
+    for name, c in counts.items():
+        pr = c["per_role_max"]
+        print(f"{name:10} {c['forwards_mean']:10.2f} {c['forwards_max']:9.0f} {c['backwards']:4d} "
+              f"{pr['student'][0]:7.0f}/{pr['student'][1]:<4d} {pr['teacher'][0]:9.0f} "
+              f"{pr['fake'][0]:5.0f}/{pr['fake'][1]:<3d} {med[name]:8.4f}")
+    ratio = med["tdm"] / med["official"]
+    print(f"wall-time ratio tdm / official = {ratio:.3f}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"backbone": args.backbone, "batch": args.batch, "threads": torch.get_num_threads(),
+              "counts": counts, "seconds_per_iteration_median": med, "seconds_all": times, "ratio": ratio}
+    (out / "passes.json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {out / 'passes.json'}")
+
+
+if __name__ == "__main__":
+    main()
