@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from tdm.backbones.registry import build_backbone
+from tdm.config import BackboneConfig
 from tdm.core.algorithm import TDM, TDMConfig
 from tdm.core.prediction import to_x0_eps
 from tdm.core.sampling import Trajectory
@@ -108,7 +109,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    backbone = build_backbone(args.backbone)
+    backbone = build_backbone(BackboneConfig(name=args.backbone))
     base = Roles.separate_copies(backbone.teacher, backbone.initial_weights())
     roles = Roles(*(Counted(m, args.batch) for m in (base.teacher, base.student, base.fake_score)))
     tdm = TDM(backbone.schedule, backbone.prediction, TDMConfig(total_steps=1000, guidance_scale=2.0))

@@ -38,6 +38,15 @@ def test_bad_overrides_name_the_key(override, message):
     assert message in str(err.value)
 
 
+def test_string_fields_keep_yaml_keywords_from_the_command_line(tmp_path):
+    assert load_config("toy-gmm", ["tdm.importance_weight=off"]).tdm.importance_weight == "off"
+    assert load_config("toy-gmm", ["optim.generator_lr=1e-5"]).optim.generator_lr == 1e-5
+    preset = tmp_path / "p.yaml"
+    preset.write_text("tdm:\n  importance_weight: off\n")
+    with pytest.raises(ConfigError, match="tdm.importance_weight: expected a string, got False .*quote the value"):
+        load_config(str(preset))
+
+
 def test_unknown_preset_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="unknown preset 'digit-demo' \\(did you mean 'digits-demo'"):
         load_config("digit-demo")

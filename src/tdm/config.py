@@ -29,6 +29,7 @@ class BackboneConfig:
     name: str = "digits"  # teacher family, a key of tdm.backbones.registry (toy-gmm | digits)
     teacher: str = ""     # where the teacher comes from; "" = the family's default. toy-gmm: exact | mlp;
                           # digits: path to a teacher .safetensors ("" = the shipped one)
+    prediction: str = ""  # toy-gmm only: epsilon | v_prediction | sample | flow ("" = the family's default)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,16 @@ def _suggest(key: str, valid: typing.Iterable[str]) -> str:
 
 
 def _coerce(value, tp, key: str):
-    """Check and convert one YAML value to the dataclass field type `tp`."""
+    """Check and convert one value to the dataclass field type `tp`.
+
+    Values from `--set` arrive as raw strings and are parsed as YAML unless the field is a string, so
+    `--set tdm.importance_weight=off` stays the string 'off'.
+    """
+    if isinstance(value, str) and tp is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key}: cannot parse {value!r}: {err}") from None
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -111,6 +121,9 @@ def _coerce(value, tp, key: str):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r} (YAML reads off/on/yes/no as booleans: "
+                              f"quote the value)")
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
@@ -145,15 +158,12 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
     node[leaf] = value
 
 
-def parse_override(text: str) -> tuple[str, object]:
-    """'train.iterations=200' -> ('train.iterations', 200); the value is parsed as YAML."""
+def parse_override(text: str) -> tuple[str, str]:
+    """'train.iterations=200' -> ('train.iterations', '200'); the field's type decides how the value is read."""
     if "=" not in text:
         raise ConfigError(f"--set expects group.key=value, got {text!r}")
     key, raw = text.split("=", 1)
-    try:
-        return key.strip(), yaml.safe_load(raw)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {err}") from None
+    return key.strip(), raw.strip()
 
 
 def resolve_preset(name_or_path: str) -> Path:

@@ -38,7 +38,7 @@ class Trainer:
         self.config, self.out_dir = config, Path(out_dir)
         self.accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
                                        cpu=not torch.cuda.is_available())  # gloo DDP on CPU-only machines
-        self.backbone = build_backbone(config.backbone.name, config.backbone.teacher)
+        self.backbone = build_backbone(config.backbone)
         self.tdm = TDM(self.backbone.schedule, self.backbone.prediction, config.tdm)
         roles = Roles.separate_copies(self.backbone.teacher, self.backbone.initial_weights())
         self.teacher = roles.teacher.to(self.accelerator.device)
@@ -162,7 +162,8 @@ class Trainer:
     def train(self) -> Path | None:
         cfg, acc = self.config.train, self.accelerator
         writer = SummaryWriter(str(self.out_dir / "tensorboard")) if acc.is_main_process else None
-        bar = tqdm(total=cfg.iterations, initial=self.step, disable=not acc.is_main_process, desc="distill")
+        bar = tqdm(total=cfg.iterations, initial=self.step, disable=not acc.is_main_process, desc="distill",
+                   mininterval=2.0)
         tic = time.perf_counter()
         while self.step < cfg.iterations:
             logs = self.train_step()

@@ -4,28 +4,31 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..config import BackboneConfig
 from .base import Backbone
 
 
-def _toy_gmm(teacher: str) -> Backbone:
+def _toy_gmm(config: BackboneConfig) -> Backbone:
     from ..toys.gmm import GMMBackbone
 
-    return GMMBackbone(teacher=teacher or "exact")
+    return GMMBackbone(teacher=config.teacher or "exact", prediction=config.prediction or "v_prediction")
 
 
-def _digits(teacher: str) -> Backbone:
+def _digits(config: BackboneConfig) -> Backbone:
     from ..toys.digits import DigitsBackbone
 
-    return DigitsBackbone(teacher_path=teacher or None)
+    if config.prediction not in ("", "epsilon"):
+        raise ValueError(f"backbone.prediction: the digits teacher predicts epsilon, got {config.prediction!r}")
+    return DigitsBackbone(teacher_path=config.teacher or None)
 
 
-BACKBONES: dict[str, Callable[[str], Backbone]] = {
+BACKBONES: dict[str, Callable[[BackboneConfig], Backbone]] = {
     "toy-gmm": _toy_gmm,
     "digits": _digits,
 }
 
 
-def build_backbone(name: str, teacher: str = "") -> Backbone:
-    if name not in BACKBONES:
-        raise ValueError(f"backbone.name must be one of {sorted(BACKBONES)}, got {name!r}")
-    return BACKBONES[name](teacher)
+def build_backbone(config: BackboneConfig) -> Backbone:
+    if config.name not in BACKBONES:
+        raise ValueError(f"backbone.name must be one of {sorted(BACKBONES)}, got {config.name!r}")
+    return BACKBONES[config.name](config)
