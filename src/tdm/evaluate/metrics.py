@@ -18,7 +18,7 @@ def gaussian_fit(features: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 def frechet_distance_from_stats(mu1, cov1, mu2, cov2) -> float:
     """||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2)), the Frechet distance of two Gaussians."""
-    covmean, _ = linalg.sqrtm(cov1 @ cov2, disp=False)
+    covmean = linalg.sqrtm(cov1 @ cov2)
     if not np.isfinite(covmean).all():  # near-singular product: regularise, as the reference FID code does
         offset = np.eye(cov1.shape[0]) * 1e-6
         covmean = linalg.sqrtm((cov1 + offset) @ (cov2 + offset))
