@@ -140,7 +140,7 @@ def main():
 
     # Time: warm up, then interleave the two schedules; median of `repeats` blocks of 5 iterations.
     times = {name: [] for name in schedules}
-    for name, fn in schedules.items():
+    for fn in schedules.values():
         fn(tdm, roles, opts, inputs, g)
     for _ in range(args.repeats):
         for name, fn in schedules.items():

@@ -84,7 +84,8 @@ def test_rollout_trajectory_stops_at_the_requested_level():
                    stop_level=3, return_trajectory=True)
     assert model.calls == 2
     assert sorted(traj.x0) == [3, 4] and sorted(traj.states) == [2, 3, 4]
-    full = rollout(model, traj.states[4], cond, uniform_grid(900, 4), VP, PredictionType.EPSILON, return_trajectory=True)
+    full = rollout(model, traj.states[4], cond, uniform_grid(900, 4), VP, PredictionType.EPSILON,
+                   return_trajectory=True)
     assert torch.allclose(full.states[2], traj.states[2]) and torch.allclose(full.x0[3], traj.x0[3])
     k = torch.tensor([4, 3, 3, 2, 4])
     picked = full.gather("states", k)
