@@ -113,8 +113,8 @@ def main():
     base = Roles.separate_copies(backbone.teacher, backbone.initial_weights())
     roles = Roles(*(Counted(m, args.batch) for m in (base.teacher, base.student, base.fake_score)))
     tdm = TDM(backbone.schedule, backbone.prediction, TDMConfig(total_steps=1000, guidance_scale=2.0))
-    opts = (torch.optim.AdamW(roles.student.parameters(), 1e-6, betas=(0, 0.95)),
-            torch.optim.AdamW(roles.fake_score.parameters(), 5e-6, betas=(0, 0.95)))
+    opts = (torch.optim.AdamW(roles.student.parameters(), 1e-6, betas=(0.0, 0.95)),
+            torch.optim.AdamW(roles.fake_score.parameters(), 5e-6, betas=(0.0, 0.95)))
     g = torch.Generator().manual_seed(0)
     inputs = (backbone.sample_conditions(args.batch, g), backbone.null_condition(args.batch),
               torch.randn((args.batch, *backbone.sample_shape), generator=g))

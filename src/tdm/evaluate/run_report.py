@@ -64,9 +64,9 @@ def write_report(out_dir: Path, result: dict, history: list[dict], backbone, com
         markdown_table(result["rows"] + [floor], columns),
         "",
         f"`fd_{result['reference']}`: Frechet distance to {n} samples of the reference teacher sampler drawn "
-        f"with other seeds (its own row is the teacher-vs-teacher floor). `fd_*` columns are measured in the "
-        "backbone's feature space (the digits classifier's penultimate layer: a classifier FD, not FID). "
-        "The floor row scores real data in place of samples. Times are wall-clock on this machine.",
+        f"with other seeds (its own row is the teacher-vs-teacher floor), measured in "
+        f"{backbone.features_description}. The floor row scores real data in place of samples. "
+        "Times are wall-clock on this machine.",
         "",
     ]
     if backbone.is_image:

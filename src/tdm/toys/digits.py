@@ -341,6 +341,7 @@ class DigitsBackbone(Backbone):
     prediction = PredictionType.EPSILON
     sample_shape = (1, 8, 8)
     is_image = True
+    features_description = "the digits classifier's penultimate layer (a classifier FD, not FID)"
 
     def __init__(self, teacher_path: str | None = None):
         self.teacher = load_teacher(teacher_path)
