@@ -8,7 +8,8 @@ from tdm.cli import main
 def test_toy_gmm_student_beats_the_teachers_four_step_ddim(tmp_path):
     """The exact-teacher toy, shortened: the 4-step student must beat 4-step DDIM of the exact teacher."""
     code = main(["distill", "--config", "toy-gmm", "--out", str(tmp_path), "--set", "train.iterations=500",
-                 "--set", "train.eval_every=0", "--set", "eval.student_steps=[4]", "--set", "eval.num_samples=2000"])
+                 "--set", "train.eval_every=0", "--set", "eval.student_steps=[4]", "--set", "eval.num_samples=2000",
+                 "--set", "train.batch_size=256", "--set", "optim.fake_updates=1"])
     assert code == 0
     rows = {r["sampler"]: r for r in json.loads((tmp_path / "metrics.json").read_text())["rows"]}
     student, teacher4 = rows["student4"], rows["teacher4"]
