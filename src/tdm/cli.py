@@ -44,11 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE")
 
     for name, what in (("train-teacher", "the digits teacher"), ("train-classifier", "the digits metric classifier")):
-        p = sub.add_parser(name, help=f"retrain {what} (the shipped weights were made by this command)")
+        p = sub.add_parser(name, help=f"retrain {what}; options as `python -m tdm.toys.digits {name} --help`")
         p.add_argument("toy", choices=["digits"])
-        p.add_argument("--out", default=str(Path(__file__).parent / "toys" / "weights"))
-        p.add_argument("--steps", type=int)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("options", nargs=argparse.REMAINDER, help="--out, --steps, --batch-size, --seed, --lr, --threads")
     return parser
 
 
@@ -62,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .toys import digits
 
-            train = digits.train_teacher if args.command == "train-teacher" else digits.train_classifier
-            kwargs = {"seed": args.seed} | ({"steps": args.steps} if args.steps else {})
-            print(f"wrote {train(args.out, **kwargs)}")
+            digits.main([args.command, *args.options])
     except (ConfigError, FileNotFoundError) as err:
         if args.debug:
             raise

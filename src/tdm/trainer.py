@@ -24,6 +24,7 @@ from .config import Config, to_dict
 from .core.algorithm import TDM
 from .core.sampling import cond_to
 from .evaluate.compare import Sampler, draw_samples
+from .report import write_atomic
 from .roles import Roles
 
 
@@ -142,7 +143,7 @@ class Trainer:
         path = save_checkpoint(self.out_dir / "checkpoints", self.step, self._modules(),
                                {"generator": self.opt_g, "fake_score": self.opt_f},
                                {"torch": torch.get_rng_state()}, to_dict(self.config))
-        (self.out_dir / "history.json").write_text(json.dumps(self.history))
+        write_atomic(self.out_dir / "history.json", json.dumps(self.history))
         return path
 
     def resume(self, where: str) -> Path:
