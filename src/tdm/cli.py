@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("train-teacher", "the digits teacher"), ("train-classifier", "the digits metric classifier")):
         p = sub.add_parser(name, help=f"retrain {what}; options as `python -m tdm.toys.digits {name} --help`")
         p.add_argument("toy", choices=["digits"])
-        p.add_argument("options", nargs=argparse.REMAINDER, help="--out, --steps, --batch-size, --seed, --lr, --threads")
+        p.add_argument("options", nargs=argparse.REMAINDER,
+                       help="--out, --steps, --batch-size, --seed, --lr, --threads")
     return parser
 
 
