@@ -43,7 +43,8 @@ class Trainer:
         self.tdm = TDM(self.backbone.schedule, self.backbone.prediction, config.tdm)
         roles = Roles.separate_copies(self.backbone.teacher, self.backbone.initial_weights())
         self.teacher = roles.teacher.to(self.accelerator.device)
-        self.ema = copy.deepcopy(roles.student).requires_grad_(False) if config.train.ema_decay > 0 else None
+        self.ema = (copy.deepcopy(roles.student).requires_grad_(False).to(self.accelerator.device)
+                    if config.train.ema_decay > 0 else None)
         o = config.optim
         opt_g = torch.optim.AdamW(roles.student.parameters(), lr=o.generator_lr, betas=o.betas,
                                   weight_decay=o.weight_decay)
@@ -104,7 +105,7 @@ class Trainer:
     def _update_ema(self):
         decay = self.config.train.ema_decay
         for e, p in zip(self.ema.parameters(), self.accelerator.unwrap_model(self.student).parameters()):
-            e.lerp_(p.detach().to(e.device), 1 - decay)
+            e.lerp_(p.detach(), 1 - decay)
 
     # ---- sampling, evaluation, logging ----
     def student_for_sampling(self) -> torch.nn.Module:

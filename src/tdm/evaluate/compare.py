@@ -42,14 +42,14 @@ def draw_samples(backbone: Backbone, sampler: Sampler, num_samples: int, seed: i
 
 
 def compare(backbone: Backbone, samplers: list[Sampler], reference: Sampler, num_samples: int,
-            seed: int) -> tuple[list[dict], dict[str, Tensor]]:
+            seed: int, device="cpu") -> tuple[list[dict], dict[str, Tensor]]:
     """Metrics per sampler, plus `fd_<reference>`: Frechet distance in the backbone's features to the
     reference sampler's samples drawn with other seeds (seed + 1). Returns rows and the samples per sampler."""
-    ref_samples, _, _ = draw_samples(backbone, reference, num_samples, seed + 1)
+    ref_samples, _, _ = draw_samples(backbone, reference, num_samples, seed + 1, device=device)
     ref_features = backbone.features(ref_samples)
     rows, samples = [], {}
     for s in samplers:
-        x, cond, seconds = draw_samples(backbone, s, num_samples, seed)
+        x, cond, seconds = draw_samples(backbone, s, num_samples, seed, device=device)
         row = {"sampler": s.name, "steps": s.grid.num_steps, "nfe": s.nfe, **backbone.metrics(x, cond),
                f"fd_{reference.name}": frechet_distance(backbone.features(x), ref_features),
                "seconds_per_100": 100 * seconds / num_samples}

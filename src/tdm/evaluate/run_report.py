@@ -33,7 +33,8 @@ def evaluate_distillation(trainer) -> dict:
     samplers = [reference, Sampler("teacher4", trainer.teacher, teacher_grid(4), scale)]
     samplers += [Sampler(f"student{k}", student, make_grid(cfg.tdm, schedule, k)) for k in cfg.eval.student_steps]
     with torch.no_grad():
-        rows, samples = compare(backbone, samplers, reference, cfg.eval.num_samples, cfg.eval.seed)
+        rows, samples = compare(backbone, samplers, reference, cfg.eval.num_samples, cfg.eval.seed,
+                                device=trainer.accelerator.device)
     return {"rows": rows, "floor": backbone.floor_metrics(cfg.eval.num_samples), "reference": reference.name,
             "iterations": trainer.step, "config": to_dict(cfg), "samples": samples}
 
