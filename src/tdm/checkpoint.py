@@ -92,6 +92,15 @@ def latest_checkpoint(root: Path) -> Path | None:
     return candidates[-1] if candidates else None
 
 
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints (keep = 0: delete nothing)."""
+    if keep <= 0:
+        return
+    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and is_complete(p))
+    for old in complete[:-keep]:
+        shutil.rmtree(old)
+
+
 def load_checkpoint(path: Path, modules: dict[str, nn.Module],
                     optimizers: dict[str, torch.optim.Optimizer]) -> tuple[int, dict[str, torch.Tensor], dict]:
     """Load weights and optimiser states in place; return (step, rng tensors, config dict)."""

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .errors import TrainingAborted
 
 
 def _distill(preset: str, overrides: list[str], out: str, resume: str | None, report: bool) -> Path:
@@ -17,8 +18,16 @@ def _distill(preset: str, overrides: list[str], out: str, resume: str | None, re
     config = load_config(preset, overrides)  # validate before any heavy work
     trainer = Trainer(config, out)
     if resume:
-        print(f"resuming from {trainer.resume(resume)} at iteration {trainer.step}")
-    trainer.train()
+        path = trainer.resume(resume)
+        print(f"resuming from {path} at iteration {trainer.step}" if path else
+              f"--resume {resume}: no complete checkpoint in {out}, starting from scratch")
+    path = trainer.train()
+    if trainer.stopped_by:
+        if trainer.accelerator.is_main_process:
+            print(f"tdm: stopped by {trainer.stopped_by} after iteration {trainer.step}; checkpoint: {path}; "
+                  f"continue with --resume auto")
+        trainer.close()
+        return Path(out)
     if report and trainer.accelerator.is_main_process and config.eval.num_samples > 0:
         command = "tdm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         write_report(Path(out), evaluate_distillation(trainer), trainer.history, trainer.backbone, command)
@@ -67,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"tdm: error: {err}", file=sys.stderr)
         return 2
+    except TrainingAborted as err:
+        if args.debug:
+            raise
+        print(f"tdm: training aborted: {err}", file=sys.stderr)
+        return 3
     return 0
 
 

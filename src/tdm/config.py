@@ -54,6 +54,9 @@ class TrainConfig:
     eval_every: int = 0           # sample grid and toy metrics; 0 = off
     eval_samples: int = 100
     checkpoint_every: int = 0     # 0 = only at the end
+    keep_checkpoints: int = 3     # newest complete checkpoints kept; 0 = keep all
+    stop_signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1")  # checkpoint after this iteration, exit 0
+    max_nonfinite: int = 10       # consecutive skipped updates (non-finite loss or gradient) before aborting
 
 
 @dataclass(frozen=True)

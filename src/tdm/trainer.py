@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -19,11 +20,13 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from .backbones.registry import build_backbone
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import Config, to_dict
 from .core.algorithm import TDM
 from .core.sampling import cond_to
+from .errors import TrainingAborted
 from .evaluate.compare import Sampler, draw_samples
+from .preemption import StopSignals
 from .report import write_atomic
 from .roles import Roles
 
@@ -54,6 +57,10 @@ class Trainer:
             roles.student, roles.fake_score, opt_g, opt_f)
         self.step = 0
         self.history: list[dict] = []  # logged scalars, for the end-of-run curves
+        self.nonfinite_in_a_row = {"fake_score": 0, "student": 0}
+        self.skipped = {"fake_score": 0, "student": 0}
+        self.last_finite_loss: dict[str, float | None] = {"fake_score": None, "student": None}
+        self.stopped_by: str | None = None  # the stop signal that ended train(), if any
 
     # ---- the parts of one iteration ----
     def fake_score_step(self, traj, draws, cond) -> dict:
@@ -61,7 +68,8 @@ class Trainer:
             loss, logs = self.tdm.fake_score_loss(self.fake_score, traj, draws, cond)
         self.opt_f.zero_grad(set_to_none=True)
         self.accelerator.backward(loss.mean())
-        self.opt_f.step()
+        if self._finite_update("fake_score", self.fake_score, loss):
+            self.opt_f.step()
         return {"fake/loss": loss.detach().mean(), **logs}
 
     def generator_step(self, traj, draws, cond, uncond) -> dict:
@@ -75,8 +83,32 @@ class Trainer:
                      if o.max_grad_norm > 0 else torch.tensor(float("nan")))
         for group in self.opt_g.param_groups:  # linear warm-up, a pure function of the step
             group["lr"] = o.generator_lr * min(1.0, (self.step + 1) / max(o.warmup_steps, 1))
-        self.opt_g.step()
+        if self._finite_update("student", self.student, loss):
+            self.opt_g.step()
+            if self.ema is not None:
+                self._update_ema()
         return {"generator/loss": loss.detach().mean(), "generator/grad_norm": grad_norm, **logs}
+
+    def _finite_update(self, role: str, module: torch.nn.Module, loss: torch.Tensor) -> bool:
+        """True if the loss and (all-reduced) gradients are finite; else count a skipped update for `role`
+        and abort after `train.max_nonfinite` in a row. Gradients are synchronised, so all ranks agree."""
+        grads_finite = all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+        if grads_finite and torch.isfinite(loss).all():
+            self.nonfinite_in_a_row[role] = 0
+            self.last_finite_loss[role] = float(loss.detach().mean())
+            return True
+        self.nonfinite_in_a_row[role] += 1
+        self.skipped[role] += 1
+        if self.accelerator.is_main_process:
+            tqdm.write(f"tdm: warning: non-finite {role} loss or gradient at iteration {self.step}; update skipped",
+                       file=sys.stderr)
+        if self.nonfinite_in_a_row[role] >= self.config.train.max_nonfinite:
+            last = latest_checkpoint(self.out_dir / "checkpoints")
+            raise TrainingAborted(
+                f"{role}: {self.nonfinite_in_a_row[role]} non-finite updates in a row (train.max_nonfinite), "
+                f"last at iteration {self.step}; last finite {role} loss: {self.last_finite_loss[role]}; "
+                f"last good checkpoint: {last or 'none'}")
+        return False
 
     def train_step(self) -> dict:
         """One TDM iteration: draws, one shared rollout, fake-score update(s), then the generator update."""
@@ -96,8 +128,7 @@ class Trainer:
         for d in fake_draws:
             logs = self.fake_score_step(traj, d, cond)
         logs.update(self.generator_step(traj, gen_draws, cond, uncond))
-        if self.ema is not None:
-            self._update_ema()
+        logs.update({f"skipped/{role}": n for role, n in self.skipped.items()})
         self.step += 1
         return {k: float(v) for k, v in logs.items()}
 
@@ -144,14 +175,16 @@ class Trainer:
         path = save_checkpoint(self.out_dir / "checkpoints", self.step, self._modules(),
                                {"generator": self.opt_g, "fake_score": self.opt_f},
                                {"torch": torch.get_rng_state()}, to_dict(self.config))
+        prune_checkpoints(self.out_dir / "checkpoints", self.config.train.keep_checkpoints)
         write_atomic(self.out_dir / "history.json", json.dumps(self.history))
         return path
 
-    def resume(self, where: str) -> Path:
-        """Resume from a checkpoint folder, or 'auto' for the newest complete one in this run."""
+    def resume(self, where: str) -> Path | None:
+        """Resume from a checkpoint folder, or 'auto' for the newest complete one in this run (None if there
+        is none yet: a first run under a scheduler that always passes --resume auto starts from scratch)."""
         path = latest_checkpoint(self.out_dir / "checkpoints") if where == "auto" else Path(where)
         if path is None:
-            raise FileNotFoundError(f"--resume auto: no complete checkpoint under {self.out_dir / 'checkpoints'}")
+            return None
         self.step, rng, _ = load_checkpoint(path, self._modules(), {"generator": self.opt_g,
                                                                      "fake_score": self.opt_f})
         torch.set_rng_state(rng["torch"])
@@ -166,28 +199,45 @@ class Trainer:
         writer = SummaryWriter(str(self.out_dir / "tensorboard")) if acc.is_main_process else None
         bar = tqdm(total=cfg.iterations, initial=self.step, disable=not acc.is_main_process, desc="distill",
                    mininterval=2.0)
-        tic = time.perf_counter()
-        while self.step < cfg.iterations:
-            logs = self.train_step()
-            bar.update(1)
-            log_now = self.step % cfg.log_every == 0 or self.step == cfg.iterations
-            eval_now = cfg.eval_every > 0 and self.step % cfg.eval_every == 0
-            if log_now:
-                logs["time/iteration_s"] = (time.perf_counter() - tic) / cfg.log_every
-                tic = time.perf_counter()
-                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.endswith("loss")})
-            if eval_now:
-                logs.update(self._evaluate(writer))
-            if log_now or eval_now:
-                self._log(writer, logs)
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.iterations:
-                self.save()
+        self._tic = time.perf_counter()
+        with StopSignals(cfg.stop_signals) as stop:
+            while self.step < cfg.iterations and not self._stop_requested(stop):
+                self._iteration(writer, bar)
         bar.close()
         path = self.save()
         if writer is not None:
             writer.close()
         acc.wait_for_everyone()
         return path
+
+    def _stop_requested(self, stop: StopSignals) -> bool:
+        """Whether any rank received a stop signal (all ranks stop at the same iteration)."""
+        flag = torch.tensor(float(stop.received is not None), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() > 0:
+            self.stopped_by = stop.received or "a stop signal on another rank"
+        return self.stopped_by is not None
+
+    def _iteration(self, writer: SummaryWriter | None, bar) -> None:
+        """One training iteration plus its logging, evaluation and periodic checkpoint."""
+        cfg = self.config.train
+        logs = self.train_step()
+        bar.update(1)
+        log_now = self.step % cfg.log_every == 0 or self.step == cfg.iterations
+        eval_now = cfg.eval_every > 0 and self.step % cfg.eval_every == 0
+        if log_now:
+            now = time.perf_counter()
+            logs["time/iteration_s"] = (now - self._tic) / cfg.log_every
+            self._tic = now
+            bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.endswith("loss")})
+        if eval_now:
+            logs.update(self._evaluate(writer))
+        if log_now or eval_now:
+            self._log(writer, logs)
+        healthy = not any(self.nonfinite_in_a_row.values())  # never rotate good checkpoints out mid-fault
+        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.iterations and healthy:
+            self.save()
 
     def close(self):
         """Tear down cleanly (avoids an abort at exit of multi-process CPU runs; environment.md 5)."""
