@@ -72,3 +72,18 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
                    for a in ("--set", s)]])
     assert code == 0
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000005", "step_0000006"]
+
+
+def test_resume_auto_skips_a_corrupted_checkpoint(tmp_path, capsys):
+    args = [a for s in (*SMALL, "train.iterations=4", "train.checkpoint_every=2") for a in ("--set", s)]
+    assert main(["distill", "--config", "digits-demo", "--out", str(tmp_path), "--no-report", *args]) == 0
+    newest = latest_checkpoint(tmp_path / "checkpoints")
+    data = bytearray((newest / "fake_score.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (newest / "fake_score.safetensors").write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["distill", "--config", "digits-demo", "--out", str(tmp_path), "--no-report", *args,
+                 "--resume", "auto"]) == 0
+    captured = capsys.readouterr()
+    assert "skipping" in captured.err and "is corrupted" in captured.err
+    assert "resuming from" in captured.out and "step_0000002" in captured.out

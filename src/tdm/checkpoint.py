@@ -8,6 +8,7 @@ so a crash never leaves a half-written checkpoint under a real name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -63,7 +64,9 @@ def save_checkpoint(root: Path, step: int, modules: dict[str, nn.Module],
         (tmp / f"{name}.optim.json").write_text(json.dumps(meta))
     save_file({k: v.contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
     files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-    manifest = {"step": step, "files": files, "config": config}
+    hashes = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    config_digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    manifest = {"step": step, "files": files, "sha256": hashes, "config_digest": config_digest, "config": config}
     (tmp / STATE_FILE).write_text(json.dumps(manifest, indent=1))
     for p in tmp.iterdir():  # flush file contents before the rename makes them visible
         with open(p, "rb") as fh:
@@ -72,6 +75,14 @@ def save_checkpoint(root: Path, step: int, modules: dict[str, nn.Module],
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def is_complete(path: Path) -> bool:
@@ -86,30 +97,50 @@ def is_complete(path: Path) -> bool:
     return all((path / n).is_file() and (path / n).stat().st_size == size for n, size in files.items())
 
 
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under root, oldest first."""
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and is_complete(p))
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint under root, or None."""
-    candidates = sorted(p for p in root.glob("step_*") if p.is_dir() and is_complete(p))
+    candidates = complete_checkpoints(root)
     return candidates[-1] if candidates else None
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: incomplete, corrupted, or made for another model."""
+
+
+class CheckpointCorrupted(CheckpointError):
+    """A file's content differs from the hash its manifest recorded."""
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints (keep = 0: delete nothing)."""
     if keep <= 0:
         return
-    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and is_complete(p))
-    for old in complete[:-keep]:
+    for old in complete_checkpoints(root)[:-keep]:
         shutil.rmtree(old)
 
 
 def load_checkpoint(path: Path, modules: dict[str, nn.Module],
                     optimizers: dict[str, torch.optim.Optimizer]) -> tuple[int, dict[str, torch.Tensor], dict]:
-    """Load weights and optimiser states in place; return (step, rng tensors, config dict)."""
+    """Verify hashes, then load weights and optimiser states in place; return (step, rng tensors, config)."""
     if not is_complete(path):
-        raise FileNotFoundError(f"{path} is not a complete tdm checkpoint (missing or incomplete {STATE_FILE})")
+        raise CheckpointError(f"{path} is not a complete tdm checkpoint (missing or incomplete {STATE_FILE})")
+    manifest = json.loads((path / STATE_FILE).read_text())
+    for name, digest in manifest.get("sha256", {}).items():
+        if _sha256(path / name) != digest:
+            raise CheckpointCorrupted(f"{path / name} is corrupted (its sha256 differs from {STATE_FILE})")
     for name, module in modules.items():
-        module.load_state_dict(load_file(path / f"{name}.safetensors"))
+        try:
+            module.load_state_dict(load_file(path / f"{name}.safetensors"))
+        except (RuntimeError, FileNotFoundError) as err:
+            first = str(err).strip().splitlines()[0]
+            file = path / f"{name}.safetensors"
+            raise CheckpointError(f"{file} does not match this run's {name}: {first}") from None
     for name, optimizer in optimizers.items():
         meta = json.loads((path / f"{name}.optim.json").read_text())
         optimizer.load_state_dict(_optimizer_from_files(load_file(path / f"{name}.optim.safetensors"), meta))
-    manifest = json.loads((path / STATE_FILE).read_text())
     return manifest["step"], load_file(path / "rng.safetensors"), manifest["config"]

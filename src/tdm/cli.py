@@ -7,6 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .errors import TrainingAborted
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             from .toys import digits
 
             digits.main([args.command, *args.options])
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
         if args.debug:
             raise
         print(f"tdm: error: {err}", file=sys.stderr)

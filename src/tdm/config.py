@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import signal
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +33,11 @@ class BackboneConfig:
     prediction: str = ""  # toy-gmm only: epsilon | v_prediction | sample | flow ("" = the family's default)
 
 
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     generator_lr: float = 1e-5
@@ -41,6 +47,13 @@ class OptimConfig:
     max_grad_norm: float = 1.0                # generator gradient clipping (0 = off)
     warmup_steps: int = 0                     # linear generator-lr warm-up
     fake_updates: int = 1                     # fake-score updates per generator update
+
+    def __post_init__(self):
+        _require(self.generator_lr > 0 and self.fake_lr > 0, "optim.generator_lr and optim.fake_lr must be > 0")
+        _require(all(0 <= b < 1 for b in self.betas), f"optim.betas must lie in [0, 1), got {self.betas}")
+        _require(self.weight_decay >= 0 and self.max_grad_norm >= 0 and self.warmup_steps >= 0,
+                 "optim.weight_decay, optim.max_grad_norm and optim.warmup_steps must be >= 0")
+        _require(self.fake_updates >= 1, f"optim.fake_updates must be >= 1, got {self.fake_updates}")
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,17 @@ class TrainConfig:
     stop_signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1")  # checkpoint after this iteration, exit 0
     max_nonfinite: int = 10       # consecutive skipped updates (non-finite loss or gradient) before aborting
 
+    def __post_init__(self):
+        for name in ("iterations", "batch_size", "log_every", "eval_samples", "max_nonfinite"):
+            _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "checkpoint_every", "keep_checkpoints"):
+            _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+        _require(0 <= self.ema_decay < 1, f"train.ema_decay must lie in [0, 1), got {self.ema_decay}")
+        unknown = [n for n in self.stop_signals if not hasattr(signal, n)]
+        _require(not unknown, f"train.stop_signals: unknown signal names {unknown} (e.g. SIGTERM, SIGINT, SIGUSR1)")
+        _require(self.mixed_precision in ("no", "fp16", "bf16"),
+                 f"train.mixed_precision must be one of no, fp16, bf16, got {self.mixed_precision!r}")
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -65,6 +89,11 @@ class EvalConfig:
     teacher_steps: int = 50                        # the reference teacher sampler (with the run's CFG)
     student_steps: tuple[int, ...] = (1, 2, 4, 8)  # step counts the student is evaluated at
     seed: int = 1234
+
+    def __post_init__(self):
+        _require(self.num_samples >= 0, f"eval.num_samples must be >= 0, got {self.num_samples}")
+        _require(self.teacher_steps >= 1 and all(k >= 1 for k in self.student_steps),
+                 "eval.teacher_steps and eval.student_steps must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,6 @@ class StopSignals:
     """Context manager that records the first of `names` received; `received` is its name or None."""
 
     def __init__(self, names: tuple[str, ...]):
-        unknown = [n for n in names if not hasattr(signal, n)]
-        if unknown:
-            raise ValueError(f"train.stop_signals: unknown signal names {unknown} (e.g. SIGTERM, SIGINT, SIGUSR1)")
         self.signals = [getattr(signal, n) for n in names]
         self.received: str | None = None
         self._previous: dict = {}

@@ -20,7 +20,14 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from .backbones.registry import build_backbone
-from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoint import (
+    CheckpointCorrupted,
+    complete_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from .config import Config, to_dict
 from .core.algorithm import TDM
 from .core.sampling import cond_to
@@ -182,11 +189,19 @@ class Trainer:
     def resume(self, where: str) -> Path | None:
         """Resume from a checkpoint folder, or 'auto' for the newest complete one in this run (None if there
         is none yet: a first run under a scheduler that always passes --resume auto starts from scratch)."""
-        path = latest_checkpoint(self.out_dir / "checkpoints") if where == "auto" else Path(where)
-        if path is None:
-            return None
-        self.step, rng, _ = load_checkpoint(path, self._modules(), {"generator": self.opt_g,
-                                                                     "fake_score": self.opt_f})
+        optimizers = {"generator": self.opt_g, "fake_score": self.opt_f}
+        if where != "auto":
+            path = Path(where)
+            self.step, rng, _ = load_checkpoint(path, self._modules(), optimizers)
+        else:  # newest valid checkpoint; a corrupted one is skipped with a warning
+            for path in reversed(complete_checkpoints(self.out_dir / "checkpoints")):
+                try:
+                    self.step, rng, _ = load_checkpoint(path, self._modules(), optimizers)
+                    break
+                except CheckpointCorrupted as err:
+                    print(f"tdm: warning: skipping {path}: {err}", file=sys.stderr)
+            else:
+                return None
         torch.set_rng_state(rng["torch"])
         history = self.out_dir / "history.json"
         if history.is_file():

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
-from ..config import BackboneConfig
+from safetensors import SafetensorError
+
+from ..config import BackboneConfig, ConfigError
+from ..core.prediction import PredictionType
 from .base import Backbone
 
 
 def _toy_gmm(config: BackboneConfig) -> Backbone:
     from ..toys.gmm import GMMBackbone
 
+    if config.teacher not in ("", "exact", "mlp"):
+        raise ConfigError(f"backbone.teacher: toy-gmm takes exact or mlp, got {config.teacher!r}")
+    if config.prediction not in ("", *(p.value for p in PredictionType)):
+        raise ConfigError(f"backbone.prediction must be one of {[p.value for p in PredictionType]}, "
+                          f"got {config.prediction!r}")
     return GMMBackbone(teacher=config.teacher or "exact", prediction=config.prediction or "v_prediction")
 
 
@@ -18,8 +27,15 @@ def _digits(config: BackboneConfig) -> Backbone:
     from ..toys.digits import DigitsBackbone
 
     if config.prediction not in ("", "epsilon"):
-        raise ValueError(f"backbone.prediction: the digits teacher predicts epsilon, got {config.prediction!r}")
-    return DigitsBackbone(teacher_path=config.teacher or None)
+        raise ConfigError(f"backbone.prediction: the digits teacher predicts epsilon, got {config.prediction!r}")
+    if config.teacher and not Path(config.teacher).is_file():
+        raise ConfigError(f"backbone.teacher: {config.teacher} is not a file (expected a digits teacher "
+                          f".safetensors with its .json next to it)")
+    try:
+        return DigitsBackbone(teacher_path=config.teacher or None)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"backbone.teacher: cannot load {config.teacher or 'the shipped teacher'}: {first}") from None
 
 
 BACKBONES: dict[str, Callable[[BackboneConfig], Backbone]] = {
@@ -30,5 +46,5 @@ BACKBONES: dict[str, Callable[[BackboneConfig], Backbone]] = {
 
 def build_backbone(config: BackboneConfig) -> Backbone:
     if config.name not in BACKBONES:
-        raise ValueError(f"backbone.name must be one of {sorted(BACKBONES)}, got {config.name!r}")
+        raise ConfigError(f"backbone.name must be one of {sorted(BACKBONES)}, got {config.name!r}")
     return BACKBONES[config.name](config)

@@ -60,8 +60,14 @@ class TDMConfig:
                              f"got {self.importance_weight!r}")
         if self.generator_loss not in GENERATOR_LOSSES:
             raise ValueError(f"tdm.generator_loss must be one of {GENERATOR_LOSSES}, got {self.generator_loss!r}")
+        if self.timesteps is None and not 1 <= self.num_steps <= self.total_steps:
+            raise ValueError(f"tdm.num_steps must be <= tdm.total_steps ({self.total_steps}), got {self.num_steps}")
+        if self.guidance_scale < 0 or self.snr_clamp <= 0 or self.huber_c <= 0:
+            raise ValueError("tdm.guidance_scale must be >= 0 and tdm.snr_clamp, tdm.huber_c > 0")
         if self.timesteps is not None and len(self.timesteps) != self.num_steps:
             raise ValueError(f"tdm.timesteps has {len(self.timesteps)} entries but tdm.num_steps is {self.num_steps}")
+        if self.timesteps is not None and not all(a > b > 0 for a, b in zip(self.timesteps, self.timesteps[1:])):
+            raise ValueError(f"tdm.timesteps must strictly decrease and stay > 0, got {list(self.timesteps)}")
 
 
 def make_grid(config: TDMConfig, schedule: Schedule, num_steps: int | None = None) -> StudentGrid:
