@@ -66,6 +66,37 @@ def test_non_finite_updates_are_skipped_then_the_run_aborts(tmp_path, capsys):
     assert latest_checkpoint(tmp_path / "checkpoints") is not None
 
 
+def _torchrun(out, *overrides, resume=False):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    return [torchrun, "--nproc_per_node", "2", *_cmd(out, *overrides, resume=resume)[1:]]
+
+
+def test_two_processes_stop_together_and_resume_exactly(tmp_path):
+    """SIGUSR1 to one rank only: both ranks stop at the same iteration, rank 0 checkpoints, and the resumed
+    2-process run ends with the weights of an uninterrupted 2-process run."""
+    run = tmp_path / "ddp"
+    proc = subprocess.Popen(_torchrun(run, "train.iterations=100000"), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: list((run / "tensorboard").glob("events.*")))
+    time.sleep(2.0)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[-1]), signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped by" in out
+    stopped_at = int(latest_checkpoint(run / "checkpoints").name.split("_")[1])
+    total = stopped_at + 2
+    resumed = subprocess.run(_torchrun(run, f"train.iterations={total}", resume=True), env=ENV,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = subprocess.run(_torchrun(tmp_path / "straight", f"train.iterations={total}"), env=ENV,
+                              capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    a, b = _weights(run), _weights(tmp_path / "straight")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
     code = main(["distill", "--config", "digits-demo", "--out", str(tmp_path), "--no-report",
                  *[a for s in (*SMALL, "train.iterations=6", "train.checkpoint_every=1", "train.keep_checkpoints=2")
@@ -87,3 +118,60 @@ def test_resume_auto_skips_a_corrupted_checkpoint(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "skipping" in captured.err and "is corrupted" in captured.err
     assert "resuming from" in captured.out and "step_0000002" in captured.out
+
+
+def _wait_for(predicate, timeout=120):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def _straight(tmp_path, total):
+    run = tmp_path / f"straight{total}"
+    result = subprocess.run(_cmd(run, f"train.iterations={total}", "train.checkpoint_every=2"), env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return _weights(run)
+
+
+def _resume_and_compare(tmp_path, run, total):
+    resumed = subprocess.run(_cmd(run, f"train.iterations={total}", "train.checkpoint_every=2", resume=True),
+                             env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not list((run / "checkpoints").glob(".*tmp*")), "stale temporary folders must be cleaned up"
+    a, b = _weights(run), _straight(tmp_path, total)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigkill_during_training_loses_nothing_but_the_last_iterations(tmp_path):
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(run, "train.iterations=100000", "train.checkpoint_every=2"), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: latest_checkpoint(run / "checkpoints") is not None)
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    stopped_at = int(latest_checkpoint(run / "checkpoints").name.split("_")[1])
+    _resume_and_compare(tmp_path, run, stopped_at + 3)
+
+
+def test_sigkill_inside_a_checkpoint_write_leaves_the_previous_one_intact(tmp_path):
+    run = tmp_path / "killed_in_write"
+    env = {**ENV, "TDM_TEST_PAUSE_IN_CHECKPOINT": "4:60"}
+    proc = subprocess.Popen(_cmd(run, "train.iterations=100000", "train.checkpoint_every=2"), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert _drain_until_pause(proc)
+    proc.kill()
+    proc.wait()
+    root = run / "checkpoints"
+    assert list(root.glob(".step_0000004.tmp-*")), "the kill must land inside the write"
+    assert latest_checkpoint(root).name == "step_0000002"
+    _resume_and_compare(tmp_path, run, 7)
+
+
+def _drain_until_pause(proc):
+    for line in proc.stderr:
+        if "paused inside the checkpoint write of step 4" in line:
+            return True
+    return False

@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -63,6 +65,7 @@ def save_checkpoint(root: Path, step: int, modules: dict[str, nn.Module],
         save_file(tensors, tmp / f"{name}.optim.safetensors")
         (tmp / f"{name}.optim.json").write_text(json.dumps(meta))
     save_file({k: v.contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
+    _test_only_pause(step)
     files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
     hashes = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
     config_digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
@@ -75,6 +78,15 @@ def save_checkpoint(root: Path, step: int, modules: dict[str, nn.Module],
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def _test_only_pause(step: int) -> None:
+    """Crash tests set TDM_TEST_PAUSE_IN_CHECKPOINT=STEP:SECONDS to kill a run while the checkpoint of STEP
+    is half written (weights on disk, no manifest, not renamed)."""
+    at, _, seconds = os.environ.get("TDM_TEST_PAUSE_IN_CHECKPOINT", "").partition(":")
+    if at and int(at) == step:
+        print(f"tdm-test: paused inside the checkpoint write of step {step}", file=sys.stderr, flush=True)
+        time.sleep(float(seconds))
 
 
 def _sha256(path: Path) -> str:
@@ -117,11 +129,19 @@ class CheckpointCorrupted(CheckpointError):
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints (keep = 0: delete nothing)."""
-    if keep <= 0:
-        return
-    for old in complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(old)
+    """Delete all but the newest `keep` complete checkpoints (keep = 0: keep all), incomplete step folders
+    older than the newest complete one, and temporary folders left by killed writers."""
+    for stale in root.glob(".step_*.tmp-*"):
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
+    complete = complete_checkpoints(root)
+    if complete:
+        for p in root.glob("step_*"):
+            if p.is_dir() and p not in complete and p.name < complete[-1].name:
+                shutil.rmtree(p, ignore_errors=True)
+    if keep > 0:
+        for old in complete[:-keep]:
+            shutil.rmtree(old)
 
 
 def load_checkpoint(path: Path, modules: dict[str, nn.Module],
