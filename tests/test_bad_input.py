@@ -115,3 +115,14 @@ def _write(path, text):
 def test_bad_files(tmp_path, capsys, build, expected):
     code, err, out = _run(tmp_path, capsys, ["distill", *build(tmp_path)])
     _assert_clear(code, err, out, expected)
+
+
+def test_nothing_is_ever_unpickled():
+    """Untrusted files are read as safetensors, JSON or YAML (safe_load) only."""
+    from pathlib import Path
+
+    src = Path(__file__).parents[1] / "src" / "tdm"
+    for path in src.rglob("*.py"):
+        text = path.read_text()
+        for banned in ("torch.load(", "pickle", "yaml.load(", "yaml.unsafe_load", "weights_only=False"):
+            assert banned not in text, f"{path.name} uses {banned}"

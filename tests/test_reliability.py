@@ -6,10 +6,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
-from tdm.checkpoint import latest_checkpoint
+from tdm.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
 from tdm.cli import main
 
 SMALL = ["train.batch_size=8", "train.log_every=1", "train.eval_every=0", "train.ema_decay=0.9",
@@ -175,3 +177,35 @@ def _drain_until_pause(proc):
         if "paused inside the checkpoint write of step 4" in line:
             return True
     return False
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 20 MB tmpfs: room for one digits checkpoint (12 MB) but not two. Skipped where mount is not allowed."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount_point)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_disk_full_is_a_clear_error_and_keeps_the_previous_checkpoint(small_disk, capsys):
+    out = small_disk / "run"
+    args = [a for s in (*SMALL, "train.iterations=4", "train.checkpoint_every=2") for a in ("--set", s)]
+    code = main(["distill", "--config", "digits-demo", "--out", str(out), "--no-report", *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "tdm: error: cannot write checkpoint" in err and "No space left on device" in err
+    root = out / "checkpoints"
+    assert latest_checkpoint(root).name == "step_0000002" and not list(root.glob(".*tmp*"))
+    assert main(["distill", "--config", "digits-demo", "--out", str(out), "--no-report", *args[:-2],
+                 "--set", "train.iterations=2", "--resume", "auto"]) == 0  # the survivor loads; nothing to write
+
+
+def test_unwritable_checkpoint_folder_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the checkpoint folder should be")
+    with pytest.raises(CheckpointError, match="cannot write checkpoint .*file/step_0000001"):
+        save_checkpoint(blocker, 1, {"m": nn.Linear(2, 2)}, {}, {"torch": torch.get_rng_state()}, {})

@@ -17,10 +17,19 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 STATE_FILE = "state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: incomplete, corrupted, or made for another model."""
+
+
+class CheckpointCorrupted(CheckpointError):
+    """A file's content differs from the hash its manifest recorded."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -52,9 +61,17 @@ def save_checkpoint(root: Path, step: int, modules: dict[str, nn.Module],
                     optimizers: dict[str, torch.optim.Optimizer], rng: dict[str, torch.Tensor],
                     config: dict) -> Path:
     """Write a checkpoint atomically under root/step_XXXXXXX and return its path."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    try:
+        return _write_checkpoint(root, tmp, final, step, modules, optimizers, rng, config)
+    except (OSError, SafetensorError) as err:  # disk full, read-only target: earlier checkpoints stay intact
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final}: {getattr(err, 'strerror', None) or err}") from None
+
+
+def _write_checkpoint(root, tmp, final, step, modules, optimizers, rng, config) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name, module in modules.items():
@@ -118,14 +135,6 @@ def latest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint under root, or None."""
     candidates = complete_checkpoints(root)
     return candidates[-1] if candidates else None
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: incomplete, corrupted, or made for another model."""
-
-
-class CheckpointCorrupted(CheckpointError):
-    """A file's content differs from the hash its manifest recorded."""
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
@@ -68,6 +69,8 @@ class Trainer:
         self.skipped = {"fake_score": 0, "student": 0}
         self.last_finite_loss: dict[str, float | None] = {"fake_score": None, "student": None}
         self.stopped_by: str | None = None  # the stop signal that ended train(), if any
+        self.checkpoint_path: Path | None = None  # newest checkpoint written or loaded (rank 0 knows the path)
+        self._checkpointed_step: int | None = None  # the step it holds, on every rank
 
     # ---- the parts of one iteration ----
     def fake_score_step(self, traj, draws, cond) -> dict:
@@ -177,11 +180,15 @@ class Trainer:
         return mods
 
     def save(self) -> Path | None:
+        """Checkpoint from rank 0, with every rank's RNG state (all ranks must call this)."""
+        rng_states = gather_object([torch.get_rng_state()])  # one per rank, in rank order
+        self._checkpointed_step = self.step
         if not self.accelerator.is_main_process:
             return None
-        path = save_checkpoint(self.out_dir / "checkpoints", self.step, self._modules(),
+        self.checkpoint_path = path = save_checkpoint(self.out_dir / "checkpoints", self.step, self._modules(),
                                {"generator": self.opt_g, "fake_score": self.opt_f},
-                               {"torch": torch.get_rng_state()}, to_dict(self.config))
+                               {f"torch_rank{r}": state for r, state in enumerate(rng_states)},
+                               to_dict(self.config))
         prune_checkpoints(self.out_dir / "checkpoints", self.config.train.keep_checkpoints)
         write_atomic(self.out_dir / "history.json", json.dumps(self.history))
         return path
@@ -202,7 +209,10 @@ class Trainer:
                     print(f"tdm: warning: skipping {path}: {err}", file=sys.stderr)
             else:
                 return None
-        torch.set_rng_state(rng["torch"])
+        self.checkpoint_path, self._checkpointed_step = path, self.step
+        rank_state = rng.get(f"torch_rank{self.accelerator.process_index}")
+        if rank_state is not None:  # absent when resuming on more processes than saved the checkpoint
+            torch.set_rng_state(rank_state)
         history = self.out_dir / "history.json"
         if history.is_file():
             self.history = [h for h in json.loads(history.read_text()) if h["step"] <= self.step]
@@ -219,7 +229,7 @@ class Trainer:
             while self.step < cfg.iterations and not self._stop_requested(stop):
                 self._iteration(writer, bar)
         bar.close()
-        path = self.save()
+        path = self.checkpoint_path if self._checkpointed_step == self.step else self.save()
         if writer is not None:
             writer.close()
         acc.wait_for_everyone()
