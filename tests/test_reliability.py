@@ -146,15 +146,21 @@ def _resume_and_compare(tmp_path, run, total):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sigkill_during_training_loses_nothing_but_the_last_iterations(tmp_path):
+@pytest.mark.parametrize("when", ["before the first checkpoint", "after a checkpoint"])
+def test_sigkill_during_training_loses_nothing_but_the_last_iterations(tmp_path, when):
     run = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(run, "train.iterations=100000", "train.checkpoint_every=2"), env=ENV,
+    every = 100000 if when == "before the first checkpoint" else 2
+    proc = subprocess.Popen(_cmd(run, "train.iterations=100000", f"train.checkpoint_every={every}"), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for(lambda: latest_checkpoint(run / "checkpoints") is not None)
+    if every == 2:
+        _wait_for(lambda: latest_checkpoint(run / "checkpoints") is not None)
+    else:
+        _wait_for(lambda: list((run / "tensorboard").glob("events.*")))
     time.sleep(0.5)
     proc.kill()
     proc.wait()
-    stopped_at = int(latest_checkpoint(run / "checkpoints").name.split("_")[1])
+    newest = latest_checkpoint(run / "checkpoints")
+    stopped_at = int(newest.name.split("_")[1]) if newest else 0
     _resume_and_compare(tmp_path, run, stopped_at + 3)
 
 

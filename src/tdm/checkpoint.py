@@ -21,10 +21,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import TDMError
+
 STATE_FILE = "state.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(TDMError, ValueError):
     """A checkpoint that cannot be loaded: incomplete, corrupted, or made for another model."""
 
 

@@ -7,9 +7,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError
-from .config import ConfigError, load_config
-from .errors import TrainingAborted
+from .config import load_config
+from .errors import TDMError, TrainingAborted
 
 
 def _distill(preset: str, overrides: list[str], out: str, resume: str | None, report: bool) -> Path:
@@ -72,16 +71,12 @@ def main(argv: list[str] | None = None) -> int:
             from .toys import digits
 
             digits.main([args.command, *args.options])
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+    except TDMError as err:
         if args.debug:
             raise
-        print(f"tdm: error: {err}", file=sys.stderr)
-        return 2
-    except TrainingAborted as err:
-        if args.debug:
-            raise
-        print(f"tdm: training aborted: {err}", file=sys.stderr)
-        return 3
+        aborted = isinstance(err, TrainingAborted)
+        print(f"tdm: {'training aborted' if aborted else 'error'}: {err}", file=sys.stderr)
+        return 3 if aborted else 2
     return 0
 
 

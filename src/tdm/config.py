@@ -17,11 +17,12 @@ from pathlib import Path
 import yaml
 
 from .core.algorithm import TDMConfig
+from .errors import TDMError
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(TDMError, ValueError):
     """A bad configuration value, file or key; the message names it."""
 
 

@@ -1,5 +1,9 @@
-"""Errors the command line reports as one line (no traceback unless --debug)."""
+"""The one error family the command line reports as a single line (no traceback unless --debug)."""
 
 
-class TrainingAborted(RuntimeError):
+class TDMError(Exception):
+    """A problem with the user's input or environment, described in one line naming the field or file."""
+
+
+class TrainingAborted(TDMError, RuntimeError):
     """Training stopped because a role kept producing non-finite losses or gradients."""

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .backbones.registry import build_backbone
 from .checkpoint import (
+    STATE_FILE,
     CheckpointCorrupted,
     complete_checkpoints,
     latest_checkpoint,
@@ -200,8 +201,12 @@ class Trainer:
         if where != "auto":
             path = Path(where)
             self.step, rng, _ = load_checkpoint(path, self._modules(), optimizers)
-        else:  # newest valid checkpoint; a corrupted one is skipped with a warning
-            for path in reversed(complete_checkpoints(self.out_dir / "checkpoints")):
+        else:  # newest valid checkpoint; incomplete or corrupted ones are skipped with a warning
+            root = self.out_dir / "checkpoints"
+            complete = complete_checkpoints(root)
+            for partial in sorted(set(root.glob("step_*")) - set(complete)):
+                print(f"tdm: warning: skipping {partial}: no complete {STATE_FILE}", file=sys.stderr)
+            for path in reversed(complete):
                 try:
                     self.step, rng, _ = load_checkpoint(path, self._modules(), optimizers)
                     break
