@@ -1,9 +1,10 @@
 """Checkpoints: both trainable roles, both optimisers, EMA, step, RNG state and the resolved config.
 
-Layout of `checkpoints/step_000500/`: one `<role>.safetensors` per module, `<name>.optim.safetensors`
-(+ `.json` for its non-tensor state) per optimiser, `rng.safetensors`, and `state.json` (step, config, file
-list with sizes), written last. The folder is assembled under a temporary name and renamed into place,
-so a crash never leaves a half-written checkpoint under a real name.
+Layout of `checkpoints/step_0000500/`: one `<role>.safetensors` per module, `<name>.optim.safetensors`
+(+ `.json` for its non-tensor state) per optimiser, `rng.safetensors` (one state per rank), and the manifest
+`state.json` (step, file sizes and sha256, config digest, config), written last. The folder is assembled
+under a temporary name, fsynced and renamed into place, so a crash never leaves a half-written checkpoint
+under a real name; a folder without a complete manifest is never loaded.
 """
 
 from __future__ import annotations
@@ -93,9 +94,13 @@ def _write_checkpoint(root, tmp, final, step, modules, optimizers, rng, config) 
     for p in tmp.iterdir():  # flush file contents before the rename makes them visible
         with open(p, "rb") as fh:
             os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if final.exists():  # re-saving a step: move the old copy aside first, so one copy always exists
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
     return final
 
 
@@ -142,7 +147,7 @@ def latest_checkpoint(root: Path) -> Path | None:
 def prune_checkpoints(root: Path, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints (keep = 0: keep all), incomplete step folders
     older than the newest complete one, and temporary folders left by killed writers."""
-    for stale in root.glob(".step_*.tmp-*"):
+    for stale in [*root.glob(".step_*.tmp-*"), *root.glob(".step_*.old-*")]:
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
     complete = complete_checkpoints(root)
