@@ -103,8 +103,8 @@ class Trainer:
     def _finite_update(self, role: str, module: torch.nn.Module, loss: torch.Tensor) -> bool:
         """True if the loss and (all-reduced) gradients are finite; else count a skipped update for `role`
         and abort after `train.max_nonfinite` in a row. Gradients are synchronised, so all ranks agree."""
-        grads_finite = all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
-        if grads_finite and torch.isfinite(loss).all():
+        checks = [torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None]
+        if bool(torch.stack([*checks, torch.isfinite(loss).all()]).all()):  # one device sync
             self.nonfinite_in_a_row[role] = 0
             self.last_finite_loss[role] = float(loss.detach().mean())
             return True
