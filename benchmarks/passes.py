@@ -24,7 +24,7 @@ from tdm.config import BackboneConfig
 from tdm.core.algorithm import TDM, TDMConfig
 from tdm.core.prediction import to_x0_eps
 from tdm.core.sampling import Trajectory
-from tdm.report import write_atomic
+from tdm.files import write_text_atomic
 from tdm.roles import Roles
 
 
@@ -166,7 +166,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     result = {"backbone": args.backbone, "batch": args.batch, "threads": torch.get_num_threads(),
               "counts": counts, "seconds_per_iteration_median": med, "seconds_all": times, "ratio": ratio}
-    write_atomic(out / "passes.json", json.dumps(result, indent=1))
+    write_text_atomic(out / "passes.json", json.dumps(result, indent=1))
     print(f"wrote {out / 'passes.json'}")
 
 

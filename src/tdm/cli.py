@@ -22,16 +22,14 @@ def _distill(preset: str, overrides: list[str], out: str, resume: str | None, re
         print(f"resuming from {path} at iteration {trainer.step}" if path else
               f"--resume {resume}: no complete checkpoint in {out}, starting from scratch")
     path = trainer.train()
-    if trainer.stopped_by:
-        if trainer.accelerator.is_main_process:
+    if trainer.accelerator.is_main_process:
+        if trainer.stopped_by:
             print(f"tdm: stopped by {trainer.stopped_by} after iteration {trainer.step}; checkpoint: {path}; "
                   f"continue with --resume auto")
-        trainer.close()
-        return Path(out)
-    if report and trainer.accelerator.is_main_process and config.eval.num_samples > 0:
-        command = "tdm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        write_report(Path(out), evaluate_distillation(trainer), trainer.history, trainer.backbone, command)
-        print(f"report: {Path(out) / 'report.md'}")
+        elif report and config.eval.num_samples > 0:
+            command = "tdm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+            write_report(Path(out), evaluate_distillation(trainer), trainer.history, trainer.backbone, command)
+            print(f"report: {Path(out) / 'report.md'}")
     trainer.close()
     return Path(out)
 

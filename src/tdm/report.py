@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,17 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write to a temporary name in the same folder, flush, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data.encode() if isinstance(data, str) else data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+from .files import atomic_write  # noqa: E402
 
 
 def image_grid(images: torch.Tensor, nrow: int, pad: int = 1) -> np.ndarray:
@@ -39,10 +28,8 @@ def image_grid(images: torch.Tensor, nrow: int, pad: int = 1) -> np.ndarray:
 
 
 def _save_figure(fig, path: Path) -> None:
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def comparison_figure(panels: Sequence[tuple[str, torch.Tensor]], path: Path, nrow: int) -> None:

@@ -35,15 +35,16 @@ from .core.algorithm import TDM
 from .core.sampling import cond_to
 from .errors import TrainingAborted
 from .evaluate.compare import Sampler, draw_samples
+from .files import write_text_atomic
 from .preemption import StopSignals
-from .report import write_atomic
+from .report import image_grid
 from .roles import Roles
 
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     """A CPU generator for (seed, rank, step), independent across all three."""
-    state = np.random.SeedSequence([seed, rank, step]).generate_state(2, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+    state = np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))  # manual_seed takes < 2**63
 
 
 class Trainer:
@@ -72,6 +73,7 @@ class Trainer:
         self.stopped_by: str | None = None  # the stop signal that ended train(), if any
         self.checkpoint_path: Path | None = None  # newest checkpoint written or loaded (rank 0 knows the path)
         self._checkpointed_step: int | None = None  # the step it holds, on every rank
+        self._tic = time.perf_counter()  # start of the current logging interval
 
     # ---- the parts of one iteration ----
     def fake_score_step(self, traj, draws, cond) -> dict:
@@ -160,8 +162,6 @@ class Trainer:
                                         self.config.train.seed, device=self.accelerator.device)
         metrics = {f"eval/{k}": v for k, v in self.backbone.metrics(samples, cond).items()}
         if writer is not None and self.backbone.is_image:
-            from .report import image_grid
-
             writer.add_image("eval/samples", image_grid(self.backbone.to_images(samples), nrow=10),
                              self.step, dataformats="HWC")
         return metrics
@@ -191,7 +191,7 @@ class Trainer:
                                {f"torch_rank{r}": state for r, state in enumerate(rng_states)},
                                to_dict(self.config))
         prune_checkpoints(self.out_dir / "checkpoints", self.config.train.keep_checkpoints)
-        write_atomic(self.out_dir / "history.json", json.dumps(self.history))
+        write_text_atomic(self.out_dir / "history.json", json.dumps(self.history))
         return path
 
     def resume(self, where: str) -> Path | None:

@@ -71,22 +71,23 @@ def flow_grid(num_steps: int, num_train_timesteps: int = 1000) -> StudentGrid:
     return StudentGrid(tuple(ts[:-1]), tuple(ts[1:]))
 
 
-def concat_batch(a: Cond, b: Cond) -> Cond:
-    """Concatenate two conditioning batches (tensor, dict of tensors or None) along dim 0."""
-    if a is None:
+def map_cond(fn: Callable[..., Tensor], *conds: Cond) -> Cond:
+    """Apply `fn` leaf-wise to conditioning batches of the same structure (tensor, dict of tensors or None)."""
+    if conds[0] is None:
         return None
-    if isinstance(a, dict):
-        return {key: concat_batch(a[key], b[key]) for key in a}
-    return torch.cat([a, b])
+    if isinstance(conds[0], dict):
+        return {key: map_cond(fn, *(c[key] for c in conds)) for key in conds[0]}
+    return fn(*conds)
+
+
+def concat_batch(a: Cond, b: Cond) -> Cond:
+    """Concatenate two conditioning batches along dim 0."""
+    return map_cond(lambda x, y: torch.cat([x, y]), a, b)
 
 
 def cond_to(cond: Cond, device) -> Cond:
-    """Move a conditioning batch (tensor, dict of tensors or None) to `device`."""
-    if cond is None:
-        return None
-    if isinstance(cond, dict):
-        return {key: cond_to(value, device) for key, value in cond.items()}
-    return cond.to(device)
+    """Move a conditioning batch to `device`."""
+    return map_cond(lambda x: x.to(device), cond)
 
 
 def guided(model: Model, uncond: Cond, scale: float) -> Model:

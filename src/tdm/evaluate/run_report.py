@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from ..config import to_dict
 from ..core.algorithm import make_grid
-from ..core.sampling import uniform_grid
-from ..report import comparison_figure, curves_figure, markdown_table, write_atomic
+from ..core.sampling import flow_grid, uniform_grid
+from ..files import write_text_atomic
+from ..report import comparison_figure, curves_figure, markdown_table
 from .compare import Sampler, compare
 
 CURVES = ("fake/loss", "generator/loss", "generator/teacher_fake_gap", "generator/grad_norm")
@@ -24,7 +23,7 @@ def evaluate_distillation(trainer) -> dict:
     schedule, T = backbone.schedule, backbone.schedule.num_train_timesteps
 
     def teacher_grid(n: int):  # the teacher's own sampler spans its whole schedule
-        return uniform_grid(T, n) if schedule.discrete else make_grid(cfg.tdm, schedule, n)
+        return uniform_grid(T, n) if schedule.discrete else flow_grid(n, T)
 
     scale = cfg.tdm.guidance_scale
     n_ref = cfg.eval.teacher_steps
@@ -32,9 +31,8 @@ def evaluate_distillation(trainer) -> dict:
     student = trainer.student_for_sampling()
     samplers = [reference, Sampler("teacher4", trainer.teacher, teacher_grid(4), scale)]
     samplers += [Sampler(f"student{k}", student, make_grid(cfg.tdm, schedule, k)) for k in cfg.eval.student_steps]
-    with torch.no_grad():
-        rows, samples = compare(backbone, samplers, reference, cfg.eval.num_samples, cfg.eval.seed,
-                                device=trainer.accelerator.device)
+    rows, samples = compare(backbone, samplers, reference, cfg.eval.num_samples, cfg.eval.seed,
+                            device=trainer.accelerator.device)
     return {"rows": rows, "floor": backbone.floor_metrics(cfg.eval.num_samples), "reference": reference.name,
             "iterations": trainer.step, "config": to_dict(cfg), "samples": samples}
 
@@ -43,7 +41,7 @@ def write_report(out_dir: Path, result: dict, history: list[dict], backbone, com
     """report.md, metrics.json, samples.png (side-by-side grids) and curves.png under out_dir."""
     out_dir = Path(out_dir)
     samples = result.pop("samples")
-    write_atomic(out_dir / "metrics.json", json.dumps(result, indent=1))
+    write_text_atomic(out_dir / "metrics.json", json.dumps(result, indent=1))
     if backbone.is_image:
         panels = [(f"{r['sampler']} (NFE {r['nfe']})", backbone.to_images(samples[r["sampler"]][:GRID_SAMPLES]))
                   for r in result["rows"]]
@@ -73,4 +71,4 @@ def write_report(out_dir: Path, result: dict, history: list[dict], backbone, com
     if backbone.is_image:
         text += ["## Samples (same seeds and classes in every panel)", "", "![samples](samples.png)", ""]
     text += ["## Training curves", "", "![curves](curves.png)", ""]
-    write_atomic(out_dir / "report.md", "\n".join(text))
+    write_text_atomic(out_dir / "report.md", "\n".join(text))

@@ -12,9 +12,7 @@ import argparse
 import copy
 import json
 import math
-import os
 import time
-from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from ..backbones.base import Backbone
 from ..core.prediction import PredictionType
 from ..core.schedules import DiscreteVP
 from ..evaluate.metrics import frechet_distance
+from ..files import atomic_write, write_text_atomic
 
 NUM_CLASSES = 10
 NULL_CLASS = 10  # the extra label of the unconditional branch
@@ -162,23 +161,13 @@ class DigitsClassifier(nn.Module):
 
 # ------------------------------------------------------------------------------------------- file I/O
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same directory, then rename it onto `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save(module: nn.Module, config: dict, out_dir: str | Path, filename: str) -> Path:
     """Save fp32 weights as `filename` and `config` as the JSON file of the same stem; returns the weights path."""
     path = Path(out_dir) / filename
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items()}
-    _atomic_write(path, lambda p: save_file(tensors, str(p)))
-    _atomic_write(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(path, lambda p: save_file(tensors, str(p)))
+    write_text_atomic(path.with_suffix(".json"), json.dumps(config, indent=2) + "\n")
     return path
 
 
