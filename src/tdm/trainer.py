@@ -31,7 +31,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, to_dict
-from .core.algorithm import TDM
+from .core.algorithm import TDM, make_grid
 from .core.sampling import cond_to
 from .errors import TrainingAborted
 from .evaluate.compare import Sampler, draw_samples
@@ -39,6 +39,7 @@ from .files import write_text_atomic
 from .preemption import StopSignals
 from .report import image_grid
 from .roles import Roles
+from .step_conditioning import bind_steps, initial_network
 
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
@@ -54,7 +55,7 @@ class Trainer:
                                        cpu=not torch.cuda.is_available())  # gloo DDP on CPU-only machines
         self.backbone = build_backbone(config.backbone)
         self.tdm = TDM(self.backbone.schedule, self.backbone.prediction, config.tdm)
-        roles = Roles.separate_copies(self.backbone.teacher, self.backbone.initial_weights())
+        roles = Roles.separate_copies(self.backbone.teacher, initial_network(self.backbone, config.tdm))
         self.teacher = roles.teacher.to(self.accelerator.device)
         self.ema = (copy.deepcopy(roles.student).requires_grad_(False).to(self.accelerator.device)
                     if config.train.ema_decay > 0 else None)
@@ -76,19 +77,24 @@ class Trainer:
         self._tic = time.perf_counter()  # start of the current logging interval
 
     # ---- the parts of one iteration ----
-    def fake_score_step(self, traj, draws, cond) -> dict:
+    def _fake_view(self, num_steps: int, draws) -> torch.nn.Module:
+        """The fake score as a (x_t, t, cond) model, given K under TDM-unify and k when it is step-aware."""
+        unify, step_aware = bool(self.config.tdm.num_steps_set), self.config.tdm.fake_step_condition
+        return bind_steps(self.fake_score, num_steps if unify else None, draws.k if step_aware else None)
+
+    def fake_score_step(self, traj, draws, cond, num_steps: int) -> dict:
         with self.accelerator.autocast():
-            loss, logs = self.tdm.fake_score_loss(self.fake_score, traj, draws, cond)
+            loss, logs = self.tdm.fake_score_loss(self._fake_view(num_steps, draws), traj, draws, cond)
         self.opt_f.zero_grad(set_to_none=True)
         self.accelerator.backward(loss.mean())
         if self._finite_update("fake_score", self.fake_score, loss):
             self.opt_f.step()
         return {"fake/loss": loss.detach().mean(), **logs}
 
-    def generator_step(self, traj, draws, cond, uncond) -> dict:
+    def generator_step(self, traj, draws, cond, uncond, num_steps: int) -> dict:
         with self.accelerator.autocast():
-            loss, logs = self.tdm.generator_loss(self.student, self.teacher, self.fake_score, traj, draws,
-                                                 cond, uncond)
+            loss, logs = self.tdm.generator_loss(self._student_view(self.student, num_steps), self.teacher,
+                                                 self._fake_view(num_steps, draws), traj, draws, cond, uncond)
         self.opt_g.zero_grad(set_to_none=True)
         self.accelerator.backward(loss.mean())
         o = self.config.optim
@@ -132,16 +138,18 @@ class Trainer:
         cond = cond_to(self.backbone.sample_conditions(batch, g), device)
         uncond = cond_to(self.backbone.null_condition(batch), device)
         noise = torch.randn(shape, generator=g).to(device)
-        fake_draws = [self.tdm.draw(shape, g, device) for _ in range(cfg.optim.fake_updates)]
-        gen_draws = self.tdm.draw(shape, g, device)
+        K = self.tdm.draw_num_steps(g)  # TDM-unify: this iteration's K (no draw for a fixed K)
+        fake_draws = [self.tdm.draw(shape, g, device, K) for _ in range(cfg.optim.fake_updates)]
+        gen_draws = self.tdm.draw(shape, g, device, K)
         with self.accelerator.autocast():
-            traj = self.tdm.student_trajectory(self.student, noise, cond,
-                                               self.tdm.rollout_depth(fake_draws, gen_draws))
+            traj = self.tdm.student_trajectory(self._student_view(self.student, K), noise, cond,
+                                               self.tdm.rollout_depth(fake_draws, gen_draws), K)
         logs = {}
         for d in fake_draws:
-            logs = self.fake_score_step(traj, d, cond)
-        logs.update(self.generator_step(traj, gen_draws, cond, uncond))
+            logs = self.fake_score_step(traj, d, cond, K)
+        logs.update(self.generator_step(traj, gen_draws, cond, uncond, K))
         logs.update({f"skipped/{role}": n for role, n in self.skipped.items()})
+        logs["train/num_steps"] = K
         self.step += 1
         return {k: float(v) for k, v in logs.items()}
 
@@ -151,13 +159,23 @@ class Trainer:
         for e, p in zip(self.ema.parameters(), self.accelerator.unwrap_model(self.student).parameters()):
             e.lerp_(p.detach(), 1 - decay)
 
+    def _student_view(self, student: torch.nn.Module, num_steps: int):
+        """The student as a (x_t, t, cond) model sampling with K = num_steps (given as input under TDM-unify)."""
+        return bind_steps(student, num_steps if self.config.tdm.num_steps_set else None)
+
     # ---- sampling, evaluation, logging ----
     def student_for_sampling(self) -> torch.nn.Module:
         """The student to sample from: its EMA when one is kept, else the raw (unwrapped) weights."""
         return self.ema if self.ema is not None else self.accelerator.unwrap_model(self.student)
 
+    def student_sampler(self, num_steps: int | None = None, name: str | None = None) -> Sampler:
+        """The student sampling at K = num_steps (default: the training K, or the largest of tdm.num_steps_set)."""
+        K = num_steps or self.tdm.grid.num_steps
+        return Sampler(name or f"student{K}", self._student_view(self.student_for_sampling(), K),
+                       make_grid(self.config.tdm, self.backbone.schedule, K))
+
     def _evaluate(self, writer: SummaryWriter | None) -> dict:
-        student = Sampler("student", self.student_for_sampling(), self.tdm.grid)
+        student = self.student_sampler(name="student")
         samples, cond, _ = draw_samples(self.backbone, student, self.config.train.eval_samples,
                                         self.config.train.seed, device=self.accelerator.device)
         metrics = {f"eval/{k}": v for k, v in self.backbone.metrics(samples, cond).items()}

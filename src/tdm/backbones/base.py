@@ -27,6 +27,8 @@ class Backbone(ABC):
     sample_shape: tuple[int, ...]  # one sample, e.g. (1, 8, 8); the batch dim is added by callers
     is_image: bool = False
     features_description: str = "the raw samples"  # what `features` measures, for reports
+    time_embedding_module: str | None = None  # submodule of the network whose output is the timestep embedding
+                                              # (where step conditioning adds its embedding; None = unsupported)
 
     def initial_weights(self) -> nn.Module:
         return self.teacher

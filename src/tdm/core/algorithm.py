@@ -31,6 +31,8 @@ from .sampling import (
 from .schedules import Schedule, append_dims
 
 INTERVALS = ("separate", "overlap")
+DIFFUSE_FROM = ("trajectory", "clean")
+MAX_STEPS = 64  # largest K a step-conditioned model embeds
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,11 @@ class TDMConfig:
     guidance_scale: float = 4.5          # teacher CFG inside the generator target (1 = no guidance)
     generator_loss: str = "pseudo_huber"  # pseudo_huber (per element) | mse | pseudo_huber_vector
     huber_c: float = 1e-3                # c of the per-element pseudo-Huber
+    num_steps_set: tuple[int, ...] = ()  # TDM-unify: K drawn per iteration from this set, fed to student and
+                                         # fake score as a condition (paper Sec. 3.3); () = fixed num_steps
+    fake_step_condition: bool = False    # the fake score also sees the step index k (step-aware fake score)
+    diffuse_from: str = "trajectory"     # trajectory: the fake score's input diffuses the student's DDIM step to
+                                         # t_mid (paper); clean: diffuses the clean prediction x0 (ablation)
 
     def __post_init__(self):
         if self.num_steps < 1:
@@ -64,10 +71,28 @@ class TDMConfig:
             raise ValueError(f"tdm.num_steps must be <= tdm.total_steps ({self.total_steps}), got {self.num_steps}")
         if self.guidance_scale < 0 or self.snr_clamp <= 0 or self.huber_c <= 0:
             raise ValueError("tdm.guidance_scale must be >= 0 and tdm.snr_clamp, tdm.huber_c > 0")
+        if self.diffuse_from not in DIFFUSE_FROM:
+            raise ValueError(f"tdm.diffuse_from must be one of {DIFFUSE_FROM}, got {self.diffuse_from!r}")
+        if any(not 1 <= k <= min(self.total_steps, MAX_STEPS) for k in self.num_steps_set):
+            raise ValueError(f"tdm.num_steps_set entries must lie in [1, {min(self.total_steps, MAX_STEPS)}], "
+                             f"got {list(self.num_steps_set)}")
+        if self.num_steps_set and self.timesteps is not None:
+            raise ValueError("tdm.num_steps_set draws K per iteration on the uniform grid; "
+                             "it cannot be combined with an explicit tdm.timesteps")
         if self.timesteps is not None and len(self.timesteps) != self.num_steps:
             raise ValueError(f"tdm.timesteps has {len(self.timesteps)} entries but tdm.num_steps is {self.num_steps}")
         if self.timesteps is not None and not all(a > b > 0 for a, b in zip(self.timesteps, self.timesteps[1:])):
             raise ValueError(f"tdm.timesteps must strictly decrease and stay > 0, got {list(self.timesteps)}")
+
+    @property
+    def step_conditioned(self) -> bool:
+        """Whether student and fake score take the number of steps (and the fake the step index) as input."""
+        return bool(self.num_steps_set) or self.fake_step_condition
+
+    @property
+    def training_num_steps(self) -> tuple[int, ...]:
+        """The step counts K the student trains at."""
+        return tuple(sorted(set(self.num_steps_set))) or (self.num_steps,)
 
 
 def make_grid(config: TDMConfig, schedule: Schedule, num_steps: int | None = None) -> StudentGrid:
@@ -97,11 +122,21 @@ class Draws:
 class TDM:
     def __init__(self, schedule: Schedule, prediction: PredictionType, config: TDMConfig):
         self.schedule, self.prediction, self.config = schedule, prediction, config
-        self.grid = make_grid(config, schedule)
+        self.grids = {K: make_grid(config, schedule, K) for K in config.training_num_steps}
+        self.grid = self.grids[config.training_num_steps[-1]]  # the default sampling grid (largest trained K)
 
     # ---- randomness: all draws vectorised over the batch ----
-    def draw(self, sample_shape: tuple[int, ...], generator: torch.Generator, device=None) -> Draws:
-        cfg, grid, snap = self.config, self.grid, self.schedule.snap
+    def draw_num_steps(self, generator: torch.Generator) -> int:
+        """K of this iteration: uniform over tdm.num_steps_set (TDM-unify), else the fixed K (no draw)."""
+        choices = self.config.training_num_steps
+        if len(choices) == 1:
+            return choices[0]
+        return choices[int(torch.randint(len(choices), (1,), generator=generator))]
+
+    def draw(self, sample_shape: tuple[int, ...], generator: torch.Generator, device=None,
+             num_steps: int | None = None) -> Draws:
+        cfg, snap = self.config, self.schedule.snap
+        grid = self.grids[num_steps or self.grid.num_steps]
         batch = sample_shape[0]
         u = torch.rand(3, batch, generator=generator, dtype=torch.float64)
         k = 1 + (u[0] * grid.num_steps).long().clamp(max=grid.num_steps - 1)
@@ -116,21 +151,26 @@ class TDM:
         noise = torch.randn(sample_shape, generator=generator)
         return Draws(*(v.to(device) for v in (k, snap(t_k), snap(t_mid), snap(tau), noise)))
 
-    def rollout_depth(self, fake_draws: list[Draws], generator_draws: Draws) -> int:
+    @staticmethod
+    def rollout_depth(fake_draws: list[Draws], generator_draws: Draws) -> int:
         """Deepest level this iteration needs: x0/eps at every fake k, the state at every generator k."""
         need = [int(d.k.min()) for d in fake_draws] + [int(generator_draws.k.min()) + 1]
-        return min(min(need), self.grid.num_steps)
+        return min(need)
 
     @torch.no_grad()
-    def student_trajectory(self, student: Model, noise: Tensor, cond: Cond, stop_level: int) -> Trajectory:
-        return rollout(student, noise, cond, self.grid, self.schedule, self.prediction,
-                       stop_level=stop_level, return_trajectory=True)
+    def student_trajectory(self, student: Model, noise: Tensor, cond: Cond, stop_level: int,
+                           num_steps: int | None = None) -> Trajectory:
+        grid = self.grids[num_steps or self.grid.num_steps]
+        return rollout(student, noise, cond, grid, self.schedule, self.prediction,
+                       stop_level=min(stop_level, grid.num_steps), return_trajectory=True)
 
     # ---- shared by both phases: trajectory point -> diffused sample (method.md C.6-C.8) ----
     def _diffuse(self, x0: Tensor, eps: Tensor, d: Draws) -> tuple[Tensor, Tensor]:
-        """x_mid = the student's DDIM step to t_mid; x_tau ~ q(x_tau | x_mid); and the mixed noise n_mix with
-        x_tau = alpha(tau) x0 + sigma(tau) n_mix."""
+        """x_tau ~ q(x_tau | x_mid) with x_mid the student's DDIM step to t_mid, and the mixed noise n_mix with
+        x_tau = alpha(tau) x0 + sigma(tau) n_mix. With diffuse_from = clean, x_tau ~ q(x_tau | x0) (n_mix = z)."""
         s = self.schedule
+        if self.config.diffuse_from == "clean":
+            return s.add_noise(x0, d.noise, d.tau), d.noise
         x_mid = s.ddim_step(x0, eps, d.t_mid)
         a, b = (append_dims(c, x0.ndim) for c in s.transition_coefficients(d.t_mid, d.tau))
         x_tau = a * x_mid + b * d.noise

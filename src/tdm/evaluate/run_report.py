@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 from ..config import to_dict
-from ..core.algorithm import make_grid
 from ..core.sampling import flow_grid, uniform_grid
 from ..files import write_text_atomic
 from ..report import comparison_figure, curves_figure, markdown_table
@@ -28,9 +27,8 @@ def evaluate_distillation(trainer) -> dict:
     scale = cfg.tdm.guidance_scale
     n_ref = cfg.eval.teacher_steps
     reference = Sampler(f"teacher{n_ref}", trainer.teacher, teacher_grid(n_ref), scale)
-    student = trainer.student_for_sampling()
     samplers = [reference, Sampler("teacher4", trainer.teacher, teacher_grid(4), scale)]
-    samplers += [Sampler(f"student{k}", student, make_grid(cfg.tdm, schedule, k)) for k in cfg.eval.student_steps]
+    samplers += [trainer.student_sampler(k) for k in cfg.eval.student_steps]
     rows, samples = compare(backbone, samplers, reference, cfg.eval.num_samples, cfg.eval.seed,
                             device=trainer.accelerator.device)
     return {"rows": rows, "floor": backbone.floor_metrics(cfg.eval.num_samples), "reference": reference.name,

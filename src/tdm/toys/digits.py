@@ -327,6 +327,7 @@ class DigitsBackbone(Backbone):
     """
 
     name = "digits"
+    time_embedding_module = "time_mlp"
     prediction = PredictionType.EPSILON
     sample_shape = (1, 8, 8)
     is_image = True

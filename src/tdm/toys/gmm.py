@@ -121,14 +121,24 @@ def timestep_embedding(u: Tensor, features: int, max_frequency: float = 300.0) -
     return torch.cat([angles.sin(), angles.cos()], -1)
 
 
+class TimeFeatures(nn.Module):
+    """The sinusoidal features of t / T as a module, so step conditioning can hook its output."""
+
+    def __init__(self, out_features: int, num_train_timesteps: int):
+        super().__init__()
+        self.out_features, self.num_train_timesteps = out_features, num_train_timesteps
+
+    def forward(self, t: Tensor) -> Tensor:
+        return timestep_embedding(t / self.num_train_timesteps, self.out_features)
+
+
 class ToyMLP(nn.Module):
     """x_t [B, 2], t [B] (schedule axis), label [B] -> raw output [B, 2]; an MLP on [x, emb(t/T), emb(c)]."""
 
     def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 3, time_features: int = 64,
                  num_labels: int = NULL_CLASS + 1, num_train_timesteps: int = 1000):
         super().__init__()
-        self.time_features = time_features
-        self.num_train_timesteps = num_train_timesteps
+        self.time_embedding = TimeFeatures(time_features, num_train_timesteps)
         self.label_embedding = nn.Embedding(num_labels, time_features)
         widths = [dim + 2 * time_features] + [hidden] * depth
         layers: list[nn.Module] = []
@@ -137,8 +147,7 @@ class ToyMLP(nn.Module):
         self.net = nn.Sequential(*layers, nn.Linear(hidden, dim))
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        temb = timestep_embedding(t / self.num_train_timesteps, self.time_features)
-        h = torch.cat([x_t.float(), temb, self.label_embedding(cond.long())], -1)
+        h = torch.cat([x_t.float(), self.time_embedding(t), self.label_embedding(cond.long())], -1)
         return self.net(h)
 
 
@@ -258,6 +267,7 @@ class GMMBackbone(Backbone):
     """
 
     name = "toy-gmm"
+    time_embedding_module = "time_embedding"  # of ToyMLP, the student's and fake score's network
     sample_shape = (2,)
 
     def __init__(self, teacher: str = "exact", schedule: Schedule | None = None,
