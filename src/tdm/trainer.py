@@ -20,6 +20,7 @@ from accelerate.utils import gather_object
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from .backbones.base import Backbone
 from .backbones.registry import build_backbone
 from .checkpoint import (
     STATE_FILE,
@@ -49,11 +50,12 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
 
 
 class Trainer:
-    def __init__(self, config: Config, out_dir: str | Path):
+    def __init__(self, config: Config, out_dir: str | Path, backbone: Backbone | None = None):
+        """`backbone`: an already built `config.backbone` (benchmarks reuse one across runs); None builds it."""
         self.config, self.out_dir = config, Path(out_dir)
         self.accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
                                        cpu=not torch.cuda.is_available())  # gloo DDP on CPU-only machines
-        self.backbone = build_backbone(config.backbone)
+        self.backbone = backbone or build_backbone(config.backbone)
         self.tdm = TDM(self.backbone.schedule, self.backbone.prediction, config.tdm)
         roles = Roles.separate_copies(self.backbone.teacher, initial_network(self.backbone, config.tdm))
         self.teacher = roles.teacher.to(self.accelerator.device)

@@ -71,6 +71,12 @@ def flow_grid(num_steps: int, num_train_timesteps: int = 1000) -> StudentGrid:
     return StudentGrid(tuple(ts[:-1]), tuple(ts[1:]))
 
 
+def teacher_grid(schedule: Schedule, num_steps: int) -> StudentGrid:
+    """A teacher's own K-step DDIM sampler, spanning its whole schedule (the baselines students are compared to)."""
+    T = schedule.num_train_timesteps
+    return uniform_grid(T, num_steps) if schedule.discrete else flow_grid(num_steps, T)
+
+
 def map_cond(fn: Callable[..., Tensor], *conds: Cond) -> Cond:
     """Apply `fn` leaf-wise to conditioning batches of the same structure (tensor, dict of tensors or None)."""
     if conds[0] is None:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..config import to_dict
-from ..core.sampling import flow_grid, uniform_grid
+from ..core.sampling import teacher_grid
 from ..files import write_text_atomic
 from ..report import comparison_figure, curves_figure, markdown_table
 from .compare import Sampler, compare
@@ -19,15 +19,12 @@ def evaluate_distillation(trainer) -> dict:
     """Teacher at eval.teacher_steps and 4 steps (with the run's CFG) and the student at each eval.student_steps,
     on the same conditions and seeds. Returns the metrics.json payload plus the samples per sampler."""
     cfg, backbone = trainer.config, trainer.backbone
-    schedule, T = backbone.schedule, backbone.schedule.num_train_timesteps
-
-    def teacher_grid(n: int):  # the teacher's own sampler spans its whole schedule
-        return uniform_grid(T, n) if schedule.discrete else flow_grid(n, T)
+    schedule = backbone.schedule
 
     scale = cfg.tdm.guidance_scale
     n_ref = cfg.eval.teacher_steps
-    reference = Sampler(f"teacher{n_ref}", trainer.teacher, teacher_grid(n_ref), scale)
-    samplers = [reference, Sampler("teacher4", trainer.teacher, teacher_grid(4), scale)]
+    reference = Sampler(f"teacher{n_ref}", trainer.teacher, teacher_grid(schedule, n_ref), scale)
+    samplers = [reference, Sampler("teacher4", trainer.teacher, teacher_grid(schedule, 4), scale)]
     samplers += [trainer.student_sampler(k) for k in cfg.eval.student_steps]
     rows, samples = compare(backbone, samplers, reference, cfg.eval.num_samples, cfg.eval.seed,
                             device=trainer.accelerator.device)

@@ -1,0 +1,167 @@
+"""The paper's ablations (method.md Part 2 G.6) on the two toys, 3 training seeds per cell.
+
+Each variant is the toy's preset plus a few `--set` overrides, trained for a short, fixed budget and sampled
+at 1, 2, 4 and 8 steps on fixed conditions and seeds. Cells report mean and spread (sample std over seeds)
+of the toy's metrics. Results are written after every run, so an interrupted run resumes where it stopped.
+
+    python benchmarks/ablations.py --out benchmarks/results            # both toys, every variant, 3 seeds
+    python benchmarks/ablations.py --toys digits --variants unify,k1   # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tdm.backbones.registry import build_backbone
+from tdm.config import load_config
+from tdm.core.sampling import teacher_grid
+from tdm.evaluate.compare import Sampler, draw_samples
+from tdm.evaluate.metrics import frechet_distance
+from tdm.files import write_text_atomic
+from tdm.trainer import Trainer
+
+# name -> (description, overrides). Overrides equal to a toy's preset make that variant the preset itself.
+VARIANTS = {
+    "preset": ("TDM, K = 4 (the toy's preset)", []),
+    "k1": ("K = 1 (pure distribution matching, DMD-style)", ["tdm.num_steps=1"]),
+    "k2": ("K = 2", ["tdm.num_steps=2"]),
+    "overlap": ("overlap noise bands, fake score without step conditioning", ["tdm.interval=overlap"]),
+    "overlap_step": ("overlap noise bands, step-aware fake score",
+                     ["tdm.interval=overlap", "tdm.fake_step_condition=true"]),
+    "clean": ("fake-score input diffused from the clean prediction x0", ["tdm.diffuse_from=clean"]),
+    "iw_off": ("importance weight off", ["tdm.importance_weight=off"]),
+    "iw_clipped": ("importance weight clipped at 20", ["tdm.importance_weight=clipped"]),
+    "huber": ("pseudo-Huber per element (c = 1e-3)", ["tdm.generator_loss=pseudo_huber"]),
+    "huber_vector": ("pseudo-Huber on the whole vector (paper)", ["tdm.generator_loss=pseudo_huber_vector"]),
+    "mse": ("MSE generator loss", ["tdm.generator_loss=mse"]),
+    "randmid": ("randmid (t_mid drawn inside the band)", ["tdm.randmid=true"]),
+    "ratio1": ("fake:generator updates 1:1", ["optim.fake_updates=1"]),
+    "ratio5": ("fake:generator updates 5:1", ["optim.fake_updates=5"]),
+    "unify": ("TDM-unify over K in {1, 2, 4}", ["tdm.num_steps_set=[1, 2, 4]"]),
+}
+TOYS = {  # preset, training budget (sized so the whole table takes under an hour on 2 CPU cores),
+          # samples per evaluation, the metric the table leads with
+    "digits": {"preset": "digits-demo", "iterations": 200, "batch_size": 64, "samples": 500,
+               "headline": "fd_teacher50"},
+    "toy-gmm": {"preset": "toy-gmm", "iterations": 300, "batch_size": 512, "samples": 2000,
+                "headline": "energy_distance"},
+}
+STEPS = (1, 2, 4, 8)
+SEEDS = (0, 1, 2)
+EVAL_SEED = 1234
+
+
+def _same_as_preset(toy: str, overrides: list[str]) -> bool:
+    base, varied = load_config(TOYS[toy]["preset"]), load_config(TOYS[toy]["preset"], overrides)
+    return base == varied
+
+
+def _reference(backbone, config, samples: int):
+    """Features of the teacher's 50-step CFG samples (other seeds than the students'), and teacher rows."""
+    scale = config.tdm.guidance_scale
+    rows = {}
+    ref, _, _ = draw_samples(backbone, Sampler("teacher50", backbone.teacher, teacher_grid(backbone.schedule, 50),
+                                               scale), samples, EVAL_SEED + 1)
+    ref_features = backbone.features(ref)
+    for n in (50, 4):
+        sampler = Sampler(f"teacher{n}", backbone.teacher, teacher_grid(backbone.schedule, n), scale)
+        x, cond, _ = draw_samples(backbone, sampler, samples, EVAL_SEED)
+        rows[f"teacher{n}"] = {**backbone.metrics(x, cond), "fd_teacher50": frechet_distance(backbone.features(x),
+                                                                                             ref_features)}
+    rows["floor"] = backbone.floor_metrics(samples)
+    return ref_features, rows
+
+
+def _run(toy: str, variant: str, seed: int, backbone, ref_features) -> dict:
+    spec = TOYS[toy]
+    overrides = [*VARIANTS[variant][1], f"train.seed={seed}", f"train.iterations={spec['iterations']}",
+                 f"train.batch_size={spec['batch_size']}",
+                 "train.eval_every=0", "train.checkpoint_every=0", "train.log_every=50"]
+    config = load_config(spec["preset"], overrides)
+    tic = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(config, out, backbone=backbone)
+        trainer.train()
+        seconds = time.perf_counter() - tic
+        result = {}
+        for K in STEPS:
+            x, cond, _ = draw_samples(backbone, trainer.student_sampler(K), spec["samples"], EVAL_SEED)
+            result[str(K)] = {**backbone.metrics(x, cond),
+                              "fd_teacher50": frechet_distance(backbone.features(x), ref_features)}
+        trainer.close()
+    return {"train_seconds": seconds, "steps": result}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and sample std over seeds, per step count and metric."""
+    out = {}
+    for K in map(str, STEPS):
+        out[K] = {}
+        for metric in runs[0]["steps"][K]:
+            values = [r["steps"][K][metric] for r in runs]
+            out[K][metric] = {"mean": statistics.fmean(values),
+                              "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+    return out
+
+
+def table(toy: str, results: dict) -> str:
+    headline = TOYS[toy]["headline"]
+    lines = [f"{toy}: {headline} (mean ± std over seeds) at K sampling steps",
+             f"{'variant':<16}" + "".join(f"{'K=' + str(K):>18}" for K in STEPS)]
+    for variant, cell in results["cells"].items():
+        stats = summarise(cell["runs"])
+        lines.append(f"{variant:<16}" + "".join(
+            f"{stats[str(K)][headline]['mean']:>10.4g} ± {stats[str(K)][headline]['std']:<5.2g}" for K in STEPS))
+    for name, row in results["reference"].items():
+        if headline in row:
+            lines.append(f"{name:<16}{row[headline]:>10.4g}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--toys", default="toy-gmm,digits")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    parser.add_argument("--out", default="runs/bench")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    out = Path(args.out)
+    path = out / "ablations.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    command = "python benchmarks/ablations.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for toy in args.toys.split(","):
+        spec = TOYS[toy]
+        results = data.setdefault(toy, {"settings": {**spec, "steps": STEPS, "eval_seed": EVAL_SEED}, "cells": {}})
+        backbone = build_backbone(load_config(spec["preset"]).backbone)
+        ref_features, results["reference"] = _reference(backbone, load_config(spec["preset"]), spec["samples"])
+        for variant in args.variants.split(","):
+            description, overrides = VARIANTS[variant]
+            if variant != "preset" and _same_as_preset(toy, overrides):
+                continue  # this toy's preset already is this variant
+            cell = results["cells"].setdefault(variant, {"description": description, "overrides": overrides,
+                                                         "runs": []})
+            for seed in seeds:
+                if any(r["seed"] == seed for r in cell["runs"]):
+                    continue  # done in an earlier, interrupted invocation
+                run = {"seed": seed, **_run(toy, variant, seed, backbone, ref_features)}
+                cell["runs"].append(run)
+                data["command"] = command
+                write_text_atomic(path, json.dumps(data, indent=1))
+                print(f"{toy} {variant} seed {seed}: {run['train_seconds']:.0f} s, "
+                      f"{spec['headline']} at K=4 {run['steps']['4'][spec['headline']]:.4g}", flush=True)
+        print(table(toy, results), flush=True)
+    write_text_atomic(path, json.dumps(data, indent=1))
+
+
+if __name__ == "__main__":
+    main()
