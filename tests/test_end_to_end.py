@@ -34,4 +34,9 @@ def test_demo_writes_its_report(tmp_path):
     assert "fd_train" in metrics["floor"] and metrics["iterations"] == 4
     report = (out / "report.md").read_text()
     assert "| teacher5 | 10 |" in report and "![samples](samples.png)" in report
+    assert "## Diagnostics" in report and metrics["warnings"] == []
+    history = json.loads((out / "history.json").read_text())
+    logged = set().union(*history)
+    assert {"student/x0_std", "teacher/x0_std", "student/saturation", "fake/grad_norm"} <= logged
+    assert any(k.startswith("generator/loss_k") for k in logged)
     assert not [p for p in out.iterdir() if ".tmp" in p.name]

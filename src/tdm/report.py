@@ -42,16 +42,25 @@ def comparison_figure(panels: Sequence[tuple[str, torch.Tensor]], path: Path, nr
     _save_figure(fig, path)
 
 
-def curves_figure(history: list[dict], keys: Sequence[str], path: Path) -> None:
-    """One panel per logged scalar against the training iteration."""
-    keys = [k for k in keys if any(k in h for h in history)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 2.8), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        points = [(h["step"], h[key]) for h in history if key in h]
-        ax.plot(*zip(*points), lw=1.2)
+def curves_figure(history: list[dict], panels: Sequence[str | Sequence[str]], path: Path, columns: int = 4) -> None:
+    """One panel per logged scalar (or per group of scalars, overlaid with a legend) against the iteration."""
+    groups = [[p] if isinstance(p, str) else list(p) for p in panels]
+    groups = [[k for k in g if any(k in h for h in history)] for g in groups]
+    groups = [g for g in groups if g]
+    rows = -(-len(groups) // columns)
+    fig, axes = plt.subplots(rows, min(columns, len(groups)), figsize=(3.4 * min(columns, len(groups)), 2.8 * rows),
+                             squeeze=False)
+    for ax, group in zip(axes.flat, groups):
+        for key in group:
+            points = [(h["step"], h[key]) for h in history if key in h]
+            ax.plot(*zip(*points), lw=1.2, label=key)
         ax.set_xlabel("iteration")
-        ax.set_title(key, fontsize=9)
+        ax.set_title(group[0] if len(group) == 1 else ", ".join(group), fontsize=8)
+        if len(group) > 1:
+            ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis("off")
     fig.tight_layout()
     _save_figure(fig, path)
 

@@ -34,6 +34,7 @@ from .checkpoint import (
 from .config import Config, to_dict
 from .core.algorithm import TDM, make_grid
 from .core.sampling import cond_to
+from .diagnostics import Diagnostics, per_step_losses
 from .errors import TrainingAborted
 from .evaluate.compare import Sampler, draw_samples
 from .files import write_text_atomic
@@ -70,6 +71,7 @@ class Trainer:
             roles.student, roles.fake_score, opt_g, opt_f)
         self.step = 0
         self.history: list[dict] = []  # logged scalars, for the end-of-run curves
+        self.diagnostics = Diagnostics()  # drift and collapse warnings
         self.nonfinite_in_a_row = {"fake_score": 0, "student": 0}
         self.skipped = {"fake_score": 0, "student": 0}
         self.last_finite_loss: dict[str, float | None] = {"fake_score": None, "student": None}
@@ -91,7 +93,9 @@ class Trainer:
         self.accelerator.backward(loss.mean())
         if self._finite_update("fake_score", self.fake_score, loss):
             self.opt_f.step()
-        return {"fake/loss": loss.detach().mean(), **logs}
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.fake_score.parameters() if p.grad is not None])
+        return {"fake/loss": loss.detach().mean(), "fake/grad_norm": grad_norm, **logs,
+                **per_step_losses(loss, draws.k, "fake")}
 
     def generator_step(self, traj, draws, cond, uncond, num_steps: int) -> dict:
         with self.accelerator.autocast():
@@ -108,7 +112,8 @@ class Trainer:
             self.opt_g.step()
             if self.ema is not None:
                 self._update_ema()
-        return {"generator/loss": loss.detach().mean(), "generator/grad_norm": grad_norm, **logs}
+        return {"generator/loss": loss.detach().mean(), "generator/grad_norm": grad_norm, **logs,
+                **per_step_losses(loss, draws.k, "generator")}
 
     def _finite_update(self, role: str, module: torch.nn.Module, loss: torch.Tensor) -> bool:
         """True if the loss and (all-reduced) gradients are finite; else count a skipped update for `role`
@@ -185,6 +190,13 @@ class Trainer:
             writer.add_image("eval/samples", image_grid(self.backbone.to_images(samples), nrow=10),
                              self.step, dataformats="HWC")
         return metrics
+
+    def _warn(self, writer: SummaryWriter | None, logs: dict):
+        """Drift and collapse warnings (diagnostics.py): a log line and a tensorboard text entry."""
+        for message in self.diagnostics.update(self.step, logs):
+            if writer is not None:
+                tqdm.write(f"tdm: warning: {message}", file=sys.stderr)
+                writer.add_text("warnings", message, self.step)
 
     def _log(self, writer: SummaryWriter | None, scalars: dict):
         self.history.append({"step": self.step, **scalars})
@@ -285,6 +297,7 @@ class Trainer:
             logs.update(self._evaluate(writer))
         if log_now or eval_now:
             self._log(writer, logs)
+            self._warn(writer, logs)
         healthy = not any(self.nonfinite_in_a_row.values())  # never rotate good checkpoints out mid-fault
         if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.iterations and healthy:
             self.save()

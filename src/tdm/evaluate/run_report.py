@@ -11,7 +11,8 @@ from ..files import write_text_atomic
 from ..report import comparison_figure, curves_figure, markdown_table
 from .compare import Sampler, compare
 
-CURVES = ("fake/loss", "generator/loss", "generator/teacher_fake_gap", "generator/grad_norm")
+CURVES = ("fake/loss", "generator/loss", "generator/teacher_fake_gap", "generator/grad_norm",
+          ("student/x0_std", "teacher/x0_std"), ("student/x0_mean", "teacher/x0_mean"), "student/saturation")
 GRID_SAMPLES = 50  # per panel of the comparison figure: the first 50 evaluation conditions and seeds
 
 
@@ -29,7 +30,13 @@ def evaluate_distillation(trainer) -> dict:
     rows, samples = compare(backbone, samplers, reference, cfg.eval.num_samples, cfg.eval.seed,
                             device=trainer.accelerator.device)
     return {"rows": rows, "floor": backbone.floor_metrics(cfg.eval.num_samples), "reference": reference.name,
-            "iterations": trainer.step, "config": to_dict(cfg), "samples": samples}
+            "iterations": trainer.step, "config": to_dict(cfg), "samples": samples,
+            "warnings": trainer.diagnostics.warnings}
+
+
+def _trained_steps(tdm_config: dict) -> str:
+    steps = tdm_config["num_steps_set"]
+    return f"any of {sorted(steps)} (TDM-unify)" if steps else str(tdm_config["num_steps"])
 
 
 def write_report(out_dir: Path, result: dict, history: list[dict], backbone, command: str) -> None:
@@ -41,7 +48,8 @@ def write_report(out_dir: Path, result: dict, history: list[dict], backbone, com
         panels = [(f"{r['sampler']} (NFE {r['nfe']})", backbone.to_images(samples[r["sampler"]][:GRID_SAMPLES]))
                   for r in result["rows"]]
         comparison_figure(panels, out_dir / "samples.png", nrow=10)
-    curves_figure(history, CURVES, out_dir / "curves.png")
+    per_step = sorted({k for h in history for k in h if k.startswith("generator/loss_k")})
+    curves_figure(history, [*CURVES, per_step], out_dir / "curves.png")
     metric_keys = [k for k in result["rows"][0] if k not in ("sampler", "steps", "nfe", "seconds_per_100")]
     columns = [("sampler", "sampler", ""), ("nfe", "NFE", "d")] + [(k, k, ".4g") for k in metric_keys]
     columns.append(("seconds_per_100", "seconds / 100 samples", ".3f"))
@@ -51,7 +59,7 @@ def write_report(out_dir: Path, result: dict, history: list[dict], backbone, com
         f"# tdm distillation report: {result['config']['backbone']['name']}",
         "",
         f"Command: `{command}`  ",
-        f"Iterations: {result['iterations']}; student K = {result['config']['tdm']['num_steps']}; "
+        f"Iterations: {result['iterations']}; student K = {_trained_steps(result['config']['tdm'])}; "
         f"teacher CFG = {result['config']['tdm']['guidance_scale']}; {n} samples per row, balanced classes, "
         f"the same seeds (eval.seed = {result['config']['eval']['seed']}) in every row.",
         "",
@@ -65,5 +73,9 @@ def write_report(out_dir: Path, result: dict, history: list[dict], backbone, com
     ]
     if backbone.is_image:
         text += ["## Samples (same seeds and classes in every panel)", "", "![samples](samples.png)", ""]
-    text += ["## Training curves", "", "![curves](curves.png)", ""]
+    text += ["## Training curves", "", "![curves](curves.png)", "", "## Diagnostics", ""]
+    warnings = result.get("warnings", [])
+    text += [f"- iteration {w['step']}: **{w['condition']}**: {w['message']}" for w in warnings] or [
+        "No drift or collapse warnings (student x0 statistics stayed within the thresholds of tdm.diagnostics)."]
+    text.append("")
     write_text_atomic(out_dir / "report.md", "\n".join(text))
