@@ -80,8 +80,7 @@ def _reference(backbone, config, samples: int):
     return ref_features, rows
 
 
-def _run(toy: str, variant: str, seed: int, backbone, ref_features) -> dict:
-    spec = TOYS[toy]
+def _run(toy: str, variant: str, seed: int, backbone, ref_features, spec: dict) -> dict:
     overrides = [*VARIANTS[variant][1], f"train.seed={seed}", f"train.iterations={spec['iterations']}",
                  f"train.batch_size={spec['batch_size']}",
                  "train.eval_every=0", "train.checkpoint_every=0", "train.log_every=50"]
@@ -112,6 +111,17 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def unify_check(results: dict) -> dict:
+    """TDM-unify sampled at K against the student trained for that K alone, in the toy's headline metric."""
+    headline = results["settings"]["headline"]
+    out = {}
+    for K, specialised in (("1", "k1"), ("2", "k2"), ("4", "preset")):
+        u = summarise(results["cells"]["unify"]["runs"])[K][headline]["mean"]
+        s = summarise(results["cells"][specialised]["runs"])[K][headline]["mean"]
+        out[K] = {"unify": u, "specialised": s, "ratio": u / s}
+    return out
+
+
 def table(toy: str, results: dict) -> str:
     headline = TOYS[toy]["headline"]
     lines = [f"{toy}: {headline} (mean ± std over seeds) at K sampling steps",
@@ -131,6 +141,7 @@ def main(argv=None):
     parser.add_argument("--toys", default="toy-gmm,digits")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    parser.add_argument("--iterations", type=int, default=None, help="training budget (default: per toy)")
     parser.add_argument("--out", default="runs/bench")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
@@ -140,7 +151,7 @@ def main(argv=None):
     command = "python benchmarks/ablations.py " + " ".join(sys.argv[1:] if argv is None else argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     for toy in args.toys.split(","):
-        spec = TOYS[toy]
+        spec = {**TOYS[toy], **({"iterations": args.iterations} if args.iterations else {})}
         results = data.setdefault(toy, {"settings": {**spec, "steps": STEPS, "eval_seed": EVAL_SEED}, "cells": {}})
         backbone = build_backbone(load_config(spec["preset"]).backbone)
         ref_features, results["reference"] = _reference(backbone, load_config(spec["preset"]), spec["samples"])
@@ -153,13 +164,17 @@ def main(argv=None):
             for seed in seeds:
                 if any(r["seed"] == seed for r in cell["runs"]):
                     continue  # done in an earlier, interrupted invocation
-                run = {"seed": seed, **_run(toy, variant, seed, backbone, ref_features)}
+                run = {"seed": seed, **_run(toy, variant, seed, backbone, ref_features, spec)}
                 cell["runs"].append(run)
                 data["command"] = command
                 write_text_atomic(path, json.dumps(data, indent=1))
                 print(f"{toy} {variant} seed {seed}: {run['train_seconds']:.0f} s, "
                       f"{spec['headline']} at K=4 {run['steps']['4'][spec['headline']]:.4g}", flush=True)
         print(table(toy, results), flush=True)
+        if {"unify", "k1", "k2", "preset"} <= set(results["cells"]):
+            results["unify_check"] = unify_check(results)
+            print("\n".join(f"unify at K={K}: {c['unify']:.4g} vs specialised {c['specialised']:.4g} "
+                            f"({100 * (c['ratio'] - 1):+.1f}%)" for K, c in results["unify_check"].items()))
     write_text_atomic(path, json.dumps(data, indent=1))
 
 
