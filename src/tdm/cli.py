@@ -38,7 +38,7 @@ def _distill(preset: str, overrides: list[str], out: str, resume: str | None, re
 def _cache_prompts(args: argparse.Namespace) -> None:
     import torch
 
-    from .data import EmbeddingCache, cache_prompts, drop_duplicates, read_prompts
+    from .data import cache_prompts, drop_duplicates, read_prompts
     from .data.text_encoders import resolve_model
 
     prompts = read_prompts(args.prompts, column=args.column)
@@ -50,7 +50,7 @@ def _cache_prompts(args: argparse.Namespace) -> None:
                             negative_prompt=args.negative_prompt, batch_size=args.batch_size)
     print(f"{len(prompts)} prompts from {args.prompts} ({dropped} duplicates dropped) and the negative prompt "
           f"{args.negative_prompt!r}: {encoded} encoded, {len(set(prompts + [args.negative_prompt])) - encoded} "
-          f"already cached, in {EmbeddingCache(args.out, fingerprint).folder}")
+          f"already cached, in {Path(args.out) / fingerprint}")
 
 
 def build_parser() -> argparse.ArgumentParser:

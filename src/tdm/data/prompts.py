@@ -118,7 +118,8 @@ def _pick_column(where: str, available: list[str], column: str | None) -> str:
         wanted = f"none of the default prompt columns {list(PROMPT_COLUMNS)}"
     else:
         wanted = f"no column {column!r}"
-    raise PromptSourceError(f"prompts: {where} has {wanted}; available columns: {available} (pick one with column=)")
+    raise PromptSourceError(f"prompts: {where} has {wanted}; available columns: {available} "
+                            f"(choose one with column= or --column)")
 
 
 def _string_or_none(path: Path, where: str, value: Any) -> str | None:
