@@ -20,8 +20,7 @@ from typing import Any
 from ..errors import TDMError
 
 PROMPT_COLUMNS = ("prompt", "caption", "text")  # tried in this order when no column is given
-TABLE_SUFFIXES = (".jsonl", ".csv", ".parquet")
-SUFFIXES = (".txt", *TABLE_SUFFIXES)
+SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
 
 
 class PromptSourceError(TDMError, ValueError):
