@@ -1,4 +1,4 @@
-"""The `tdm` command: distill | demo | train-teacher | train-classifier."""
+"""The `tdm` command: distill | demo | cache-prompts | train-teacher | train-classifier."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import load_config
+from .data.text_encoders import TEXT_ENCODERS  # transformers is imported only when a model is loaded
 from .errors import TDMError, TrainingAborted
 
 
@@ -34,6 +35,24 @@ def _distill(preset: str, overrides: list[str], out: str, resume: str | None, re
     return Path(out)
 
 
+def _cache_prompts(args: argparse.Namespace) -> None:
+    import torch
+
+    from .data import cache_prompts, drop_duplicates, read_prompts
+    from .data.text_encoders import resolve_model
+
+    prompts = read_prompts(args.prompts, column=args.column)
+    prompts, dropped = (prompts, 0) if args.keep_duplicates else drop_duplicates(prompts)
+    family, dtype = TEXT_ENCODERS[args.family], getattr(torch, args.dtype)
+    folder = resolve_model(args.model, family)
+    fingerprint = family.fingerprint(folder, dtype)
+    encoded = cache_prompts(prompts, lambda: family.load(folder, args.device, dtype), fingerprint, args.out,
+                            negative_prompt=args.negative_prompt, batch_size=args.batch_size)
+    print(f"{len(prompts)} prompts from {args.prompts} ({dropped} duplicates dropped) and the negative prompt "
+          f"{args.negative_prompt!r}: {encoded} encoded, {len(set(prompts + [args.negative_prompt])) - encoded} "
+          f"already cached, in {Path(args.out) / fingerprint}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tdm", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -50,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE")
 
+    cache = sub.add_parser("cache-prompts", help="encode a prompt file once into an on-disk text-embedding cache")
+    cache.add_argument("--prompts", required=True, help="a .txt/.jsonl/.csv/.parquet file or a dataset folder")
+    cache.add_argument("--column", help="prompt column of a table (default: the first of prompt, caption, text)")
+    cache.add_argument("--model", required=True, help="text-encoder folder (or pipeline folder) or hub id")
+    cache.add_argument("--family", required=True, choices=sorted(TEXT_ENCODERS), help="how to encode prompts")
+    cache.add_argument("--out", required=True, help="cache root; embeddings go to OUT/<text-encoder fingerprint>/")
+    cache.add_argument("--negative-prompt", default="", help="unconditional / negative prompt (default: empty)")
+    cache.add_argument("--keep-duplicates", action="store_true", help="keep repeated prompts (default: drop)")
+    cache.add_argument("--batch-size", type=int, default=64)
+    cache.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
+    cache.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+
     for name, what in (("train-teacher", "the digits teacher"), ("train-classifier", "the digits metric classifier")):
         p = sub.add_parser(name, help=f"retrain {what}; options as `python -m tdm.toys.digits {name} --help`")
         p.add_argument("toy", choices=["digits"])
@@ -65,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             _distill(args.config, args.overrides, args.out, args.resume, not args.no_report)
         elif args.command == "demo":
             _distill("digits-demo", args.overrides, args.out, None, True)
+        elif args.command == "cache-prompts":
+            _cache_prompts(args)
         else:
             from .toys import digits
 
