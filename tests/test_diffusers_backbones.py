@@ -62,3 +62,124 @@ def test_flow_schedule_matches_diffusers_sigmas():
 def test_unsupported_scheduler_config_names_the_key(config, key):
     with pytest.raises(ConfigError, match=key):
         schedule_from_config(config)
+
+
+# ---------------------------------------------------------------- adapters on tiny real pipelines
+
+from tdm.backbones.registry import build_backbone  # noqa: E402
+from tdm.config import BackboneConfig  # noqa: E402
+from tdm.core.sampling import concat_batch  # noqa: E402
+from tiny_diffusers import BUILDERS, TINY_FRAMES, TINY_SIZE, save_tiny  # noqa: E402
+
+FAMILIES = list(BUILDERS)
+PROMPTS = ["a red cat", "two dogs on a hill", "a bowl of soup"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: save_tiny(family, root / family) for family in FAMILIES}
+
+
+def load_backbone(family, folder, **overrides):
+    """Through the registry, the path `tdm distill` takes."""
+    size = TINY_SIZE[family]
+    fields = {"name": family, "teacher": str(folder), "height": size, "width": size,
+              "frames": TINY_FRAMES if family == "cogvideox" else 0, **overrides}
+    backbone = build_backbone(BackboneConfig(**fields))
+    backbone.prompts = list(PROMPTS)
+    return backbone
+
+
+def capture_network_calls(pipe, backbone, prompts, guidance_scale):
+    """Run the stock pipeline (2 steps, latents out) and record each call of its network: (x, t, output)."""
+    network = getattr(pipe, backbone.denoiser_name)
+    calls = []
+
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else kwargs["hidden_states"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        calls.append((x.clone(), t.clone(), (output[0] if isinstance(output, tuple) else output.sample).clone()))
+
+    handle = network.register_forward_hook(hook, with_kwargs=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe(prompts, num_inference_steps=2, guidance_scale=guidance_scale, output_type="latent",
+         generator=torch.Generator().manual_seed(0), **backbone.pipeline_kwargs())
+    handle.remove()
+    return calls
+
+
+def to_tdm_time(backbone, timestep, batch):
+    """The network's timestep -> tdm's time axis (flow: invert sigma * T with sigma = shift(t / T))."""
+    timestep = timestep.reshape(-1)[:1].double().expand(batch)
+    if backbone.schedule.discrete:
+        return timestep.long()
+    T, s = backbone.schedule.num_train_timesteps, backbone.schedule.shift
+    sigma = timestep / T
+    return (T * sigma / (s - (s - 1) * sigma)).float()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_matches_the_stock_pipeline_network_call(family, tiny_dirs):
+    """Same latents and timestep as the pipeline's own call (CFG 2: negative and positive halves) -> the
+    adapter, fed by encode_prompts and null_condition, returns what the pipeline's network returned."""
+    backbone = load_backbone(family, tiny_dirs[family])
+    pipe = diffusers.DiffusionPipeline.from_pretrained(tiny_dirs[family])
+    prompts = PROMPTS[:2]
+    calls = capture_network_calls(pipe, backbone, prompts, guidance_scale=2.0)
+    assert len(calls) == 2
+    cond = concat_batch(backbone.null_condition(len(prompts)), backbone.encode_prompts(prompts))
+    for x, t, expected in calls:
+        assert x.shape == (2 * len(prompts), *backbone.sample_shape)
+        if expected.shape[-3] == 2 * x.shape[-3]:  # PixArt's learned sigma: the pipeline keeps the first half
+            expected = expected.chunk(2, dim=1)[0]
+        out = backbone.teacher(x, to_tdm_time(backbone, t, x.shape[0]), cond)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["sd15", "cogvideox"])
+def test_conditions_images_and_lazy_vae(family, tiny_dirs):
+    backbone = load_backbone(family, tiny_dirs[family])
+    a = backbone.sample_conditions(4, torch.Generator().manual_seed(3))
+    b = backbone.sample_conditions(4, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    index = torch.randint(len(PROMPTS), (4,), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, backbone.encode_prompts([PROMPTS[i] for i in index]), atol=0, rtol=0)
+    assert backbone.evaluation_prompts(4) == [*PROMPTS, PROMPTS[0]]
+    assert backbone._vae is None  # the VAE is only loaded to decode
+    images = backbone.to_images(torch.randn(2, *backbone.sample_shape))
+    size = TINY_SIZE[family]
+    assert images.shape == ((2, TINY_FRAMES, 3, size, size) if family == "cogvideox" else (2, 3, size, size))
+    assert 0 <= images.min() and images.max() <= 1 and backbone._vae is not None
+
+
+def test_sd3_without_t5(tiny_dirs):
+    backbone = load_backbone("sd3", tiny_dirs["sd3"], text_encoder_3=False)
+    assert backbone.pipeline.text_encoder_3 is None
+    cond = backbone.encode_prompts(["a cat"])
+    t5_part = cond["prompt_embeds"][:, 16:]  # after the 16 CLIP tokens: zeros in place of T5
+    assert t5_part.shape[1] == 256 and not t5_part.any()
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"height": 15}, "backbone.height"),
+    ({"teacher": ""}, "backbone.teacher"),
+    ({"teacher": "/nonexistent/pipeline"}, "backbone.teacher"),
+    ({"prompts": "/nonexistent/prompts.txt"}, "backbone.prompts"),
+    ({"prediction": "epsilon"}, "backbone.prediction"),
+])
+def test_bad_backbone_config_names_the_field(overrides, match, tiny_dirs):
+    with pytest.raises(ConfigError, match=match):
+        load_backbone("sd15", tiny_dirs["sd15"], **overrides)
+
+
+def test_prompts_file_and_missing_prompts(tiny_dirs, tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a cat\n\n  a dog  \n", encoding="utf-8")
+    backbone = build_backbone(BackboneConfig(name="sd15", teacher=str(tiny_dirs["sd15"]), prompts=str(path),
+                                             height=16, width=16))
+    assert backbone.prompts == ["a cat", "a dog"]
+    backbone.prompts = []
+    with pytest.raises(ConfigError, match="backbone.prompts"):
+        backbone.sample_conditions(2, torch.Generator())
