@@ -25,8 +25,13 @@ PREDICTIONS = {"epsilon": PredictionType.EPSILON, "v_prediction": PredictionType
                "sample": PredictionType.SAMPLE, "flow_prediction": PredictionType.FLOW}
 
 
-def _with_class_defaults(config: Mapping) -> dict:
-    """The config with its diffusers class's defaults filled in for keys it leaves out."""
+def full_config(config) -> dict:
+    """A scheduler config as a plain dict with its diffusers class's defaults filled in for keys it leaves out.
+
+    `config` is a config dict (as in scheduler_config.json, with `_class_name`) or a scheduler object, whose
+    class name and config are read."""
+    if not isinstance(config, Mapping):
+        config = {"_class_name": type(config).__name__, **config.config}
     name = config.get("_class_name")
     defaults = {}
     if name:
@@ -69,18 +74,17 @@ def _vp_alphas_cumprod(config: dict) -> torch.Tensor:
     return rescale_zero_terminal_snr(acp) if config.get("rescale_betas_zero_snr") else acp
 
 
-def schedule_from_config(config, kind: str | None = None) -> tuple[Schedule, PredictionType]:
-    """The teacher's noise schedule and output parameterisation from a diffusers scheduler config.
+def is_flow(config) -> bool:
+    """Whether a (full) scheduler config describes a flow-matching teacher."""
+    return config.get("_class_name") in FLOW_SCHEDULERS or bool(config.get("use_flow_sigmas"))
 
-    `config` is a config dict (as in scheduler_config.json, with `_class_name`) or a scheduler object, whose
-    class and config are read. `kind` ("vp" or "flow") overrides the detection from the class name and
-    `use_flow_sigmas`.
-    """
-    if not isinstance(config, Mapping):  # a scheduler object: only its class name and config are used
-        config = {"_class_name": type(config).__name__, **config.config}
-    config = _with_class_defaults(config)
+
+def schedule_from_config(config, kind: str | None = None) -> tuple[Schedule, PredictionType]:
+    """The teacher's noise schedule and output parameterisation from a diffusers scheduler config (a dict or
+    a scheduler object, see `full_config`). `kind` ("vp" or "flow") overrides the detection by `is_flow`."""
+    config = full_config(config)
     if kind is None:
-        kind = "flow" if config.get("_class_name") in FLOW_SCHEDULERS or config.get("use_flow_sigmas") else "vp"
+        kind = "flow" if is_flow(config) else "vp"
     if kind not in ("vp", "flow"):
         raise ConfigError(f"scheduler config: schedule kind must be vp or flow, got {kind!r}")
     _reject(config, "use_dynamic_shifting", "a resolution-dependent shift (mu) has no fixed time axis; "
