@@ -6,6 +6,7 @@ its default. Every error names the offending key and says what was expected.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import signal
@@ -245,9 +246,7 @@ def load_config(preset: str | None = None, overrides: typing.Sequence[str] = ())
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of config groups at the top level")
-    for text in overrides:
-        _set_dotted(tree, *parse_override(text))
-    return _build(Config, tree, "")
+    return from_dict(tree, overrides)
 
 
 def to_dict(config: Config) -> dict:
@@ -261,5 +260,9 @@ def to_dict(config: Config) -> dict:
     return plain(dataclasses.asdict(config))
 
 
-def from_dict(tree: dict) -> Config:
+def from_dict(tree: dict, overrides: typing.Sequence[str] = ()) -> Config:
+    """A config from a nested dict (e.g. a checkpoint's), then `group.key=value` overrides, validated together."""
+    tree = copy.deepcopy(tree)
+    for text in overrides:
+        _set_dotted(tree, *parse_override(text))
     return _build(Config, tree, "")

@@ -22,8 +22,6 @@ from ..errors import MissingExtra
 from .base import Backbone
 from .diffusers_schedule import schedule_from_config
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def import_diffusers():
     """The diffusers module, or a clear error saying which extra to install."""
@@ -125,6 +123,10 @@ class DiffusersBackbone(Backbone):
     def extra_load_kwargs(cls, own: dict) -> dict:
         """Pipeline `from_pretrained` kwargs that depend on family arguments (SD3: skip T5)."""
         return {}
+
+    def component_overrides(self) -> dict:
+        """Pipeline components this backbone was loaded without (JSON-safe), for loading the pipeline again."""
+        return self.extra_load_kwargs({k: getattr(self, k) for k in self.init_kwargs()})
 
     @property
     def denoiser(self) -> nn.Module:
