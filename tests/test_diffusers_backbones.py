@@ -69,26 +69,14 @@ def test_unsupported_scheduler_config_names_the_key(config, key):
 from tdm.backbones.registry import build_backbone  # noqa: E402
 from tdm.config import BackboneConfig  # noqa: E402
 from tdm.core.sampling import concat_batch  # noqa: E402
-from tiny_diffusers import BUILDERS, TINY_FRAMES, TINY_SIZE, save_tiny  # noqa: E402
+from tiny_diffusers import BUILDERS, PROMPTS, TINY_FRAMES, TINY_SIZE, load_backbone, save_all  # noqa: E402
 
 FAMILIES = list(BUILDERS)
-PROMPTS = ["a red cat", "two dogs on a hill", "a bowl of soup"]
 
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {family: save_tiny(family, root / family) for family in FAMILIES}
-
-
-def load_backbone(family, folder, **overrides):
-    """Through the registry, the path `tdm distill` takes."""
-    size = TINY_SIZE[family]
-    fields = {"name": family, "teacher": str(folder), "height": size, "width": size,
-              "frames": TINY_FRAMES if family == "cogvideox" else 0, **overrides}
-    backbone = build_backbone(BackboneConfig(**fields))
-    backbone.prompts = list(PROMPTS)
-    return backbone
+    return save_all(tmp_path_factory.mktemp("tiny"))
 
 
 def capture_network_calls(pipe, backbone, prompts, guidance_scale):
