@@ -171,3 +171,21 @@ def test_prompts_file_and_missing_prompts(tiny_dirs, tmp_path):
     backbone.prompts = []
     with pytest.raises(ConfigError, match="backbone.prompts"):
         backbone.sample_conditions(2, torch.Generator())
+
+
+PRESETS = {"sd15-lora": ("sd15", 512, 512), "sdxl-lora": ("sdxl", 1024, 1024),
+           "pixart-alpha-512": ("pixart-alpha", 512, 512), "pixart-alpha-1024": ("pixart-alpha", 1024, 1024),
+           "sd3-medium-lora": ("sd3", 1024, 1024), "cogvideox-2b-lora": ("cogvideox", 480, 720)}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_load(preset):
+    from tdm.backbones.registry import BACKBONES
+    from tdm.config import load_config
+
+    config = load_config(preset)
+    family, height, width = PRESETS[preset]
+    assert config.backbone.name == family and family in BACKBONES
+    assert "/" in config.backbone.teacher  # a hub id
+    assert (config.backbone.height, config.backbone.width) == (height, width)
+    assert config.tdm.num_steps == 4 and config.tdm.guidance_scale > 1
