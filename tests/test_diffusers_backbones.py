@@ -136,10 +136,13 @@ def test_conditions_images_and_lazy_vae(family, tiny_dirs):
     torch.testing.assert_close(a, backbone.encode_prompts([PROMPTS[i] for i in index]), atol=0, rtol=0)
     assert backbone.evaluation_prompts(4) == [*PROMPTS, PROMPTS[0]]
     assert backbone._vae is None  # the VAE is only loaded to decode
-    images = backbone.to_images(torch.randn(2, *backbone.sample_shape))
-    size = TINY_SIZE[family]
-    assert images.shape == ((2, TINY_FRAMES, 3, size, size) if family == "cogvideox" else (2, 3, size, size))
+    samples = torch.randn(2, *backbone.sample_shape)
+    images, size = backbone.to_images(samples), TINY_SIZE[family]
+    assert images.shape == (2, 3, size, size)
     assert 0 <= images.min() and images.max() <= 1 and backbone._vae is not None
+    if family == "cogvideox":
+        videos = backbone.to_videos(samples)
+        assert videos.shape == (2, TINY_FRAMES, 3, size, size) and torch.equal(videos[:, TINY_FRAMES // 2], images)
 
 
 def test_sd3_without_t5(tiny_dirs):

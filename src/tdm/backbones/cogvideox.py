@@ -78,6 +78,15 @@ class CogVideoXBackbone(DiffusersBackbone):
             max_sequence_length=self.denoiser.config.max_text_seq_length, device=self.device)
         return {"prompt_embeds": pos}, (None if neg is None else {"prompt_embeds": neg})
 
+    def to_videos(self, samples: Tensor) -> Tensor:
+        """Samples -> videos [N, F, 3, H, W] in [0, 1] on the CPU."""
+        return self.decode_to_unit(samples)
+
+    def to_images(self, samples: Tensor) -> Tensor:
+        """The middle frame of each video [N, 3, H, W], for sample grids."""
+        videos = self.to_videos(samples)
+        return videos[:, videos.shape[1] // 2]
+
     def decode(self, latents: Tensor) -> Tensor:
         """Latents [N, F, C, h, w] -> frames [N, F', 3, H, W] in [-1, 1] (padding frames dropped first)."""
         latents = latents[:, self.padding_frames:].permute(0, 2, 1, 3, 4) / self.vae.config.scaling_factor

@@ -222,10 +222,14 @@ class DiffusersBackbone(Backbone):
         return self.vae.decode(latents, return_dict=False)[0]
 
     @torch.no_grad()
-    def to_images(self, samples: Tensor, chunk: int = 8) -> Tensor:
-        """Samples -> images in [0, 1] on the CPU: [N, 3, H, W] (video families: [N, F, 3, H, W])."""
+    def decode_to_unit(self, samples: Tensor, chunk: int = 8) -> Tensor:
+        """`decode` in chunks of `chunk` samples, mapped to [0, 1], on the CPU."""
         out = []
         for part in samples.split(chunk):
             pixels = self.decode(part.to(self.device, self.vae.dtype))
             out.append((pixels.float() / 2 + 0.5).clamp(0, 1).cpu())
         return torch.cat(out)
+
+    def to_images(self, samples: Tensor) -> Tensor:
+        """Samples -> images [N, 3, H, W] in [0, 1] on the CPU, for grids."""
+        return self.decode_to_unit(samples)
