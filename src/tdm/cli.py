@@ -1,4 +1,4 @@
-"""The `tdm` command: distill | demo | cache-prompts | train-teacher | train-classifier."""
+"""The `tdm` command: distill | demo | export | generate | cache-prompts | train-teacher | train-classifier."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .config import load_config
+from .config import DTYPES, ConfigError, from_dict, load_config
 from .data.text_encoders import TEXT_ENCODERS  # transformers is imported only when a model is loaded
 from .errors import TDMError, TrainingAborted
 
@@ -33,6 +33,30 @@ def _distill(preset: str, overrides: list[str], out: str, resume: str | None, re
             print(f"report: {Path(out) / 'report.md'}")
     trainer.close()
     return Path(out)
+
+
+def _export(checkpoint: str, out: str, overrides: list[str], merged: bool, ema: bool, lora_scale: float,
+            overwrite: bool) -> Path:
+    """Rebuild the run's teacher from the checkpoint's own config, load the student into a copy, export it."""
+    import copy
+    import json
+
+    from .backbones.diffusers_base import DiffusersBackbone
+    from .backbones.registry import build_backbone
+    from .checkpoint import STATE_FILE, CheckpointError, is_complete, load_checkpoint
+    from .export import export_student
+
+    path = Path(checkpoint)
+    if not is_complete(path):
+        raise CheckpointError(f"--checkpoint {path}: not a complete tdm checkpoint (missing {STATE_FILE})")
+    config = from_dict(json.loads((path / STATE_FILE).read_text())["config"], overrides)
+    backbone = build_backbone(config.backbone)
+    if not isinstance(backbone, DiffusersBackbone):
+        raise ConfigError(f"backbone.name: only diffusers teachers export to a pipeline, got {config.backbone.name}")
+    student = copy.deepcopy(backbone.initial_weights())
+    load_checkpoint(path, {"student_ema" if ema else "student": student}, {})
+    return export_student(backbone, student, out, tdm_config=config.tdm, merged=merged, lora_scale=lora_scale,
+                          overwrite=overwrite)
 
 
 def _cache_prompts(args: argparse.Namespace) -> None:
@@ -69,6 +93,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE")
 
+    export = sub.add_parser("export", help="export a distilled student as a diffusers LoRA (or weights), its "
+                                           "TDMScheduler and sampling recipe")
+    export.add_argument("--checkpoint", required=True, help="a checkpoint folder (runs/NAME/checkpoints/step_*)")
+    export.add_argument("--out", required=True, help="export folder (LoRA, scheduler/, recipe.json, README.md)")
+    export.add_argument("--merged", action="store_true", help="also write the student merged into full weights")
+    export.add_argument("--ema", action="store_true", help="export the student's EMA weights")
+    export.add_argument("--lora-scale", type=float, default=1.0, help="LoRA scale recorded in the recipe")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out")
+    export.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE",
+                        help="change the checkpoint's config, e.g. backbone.teacher=/new/path")
+
+    generate = sub.add_parser("generate", help="sample from an exported student with its stock diffusers pipeline")
+    generate.add_argument("--model", required=True, help="a `tdm export` folder")
+    generate.add_argument("--prompt", dest="prompts", action="append", required=True, help="repeat for more")
+    generate.add_argument("--out", required=True, help="folder for the PNGs (GIFs for video) and samples.json")
+    generate.add_argument("--steps", type=int, help="sampling steps (default: the student's trained K)")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the first prompt (+1 per prompt)")
+    generate.add_argument("--merged", action="store_true", help="use the export's merged weights, not the LoRA")
+    generate.add_argument("--dtype", choices=DTYPES, default="float32")
+    generate.add_argument("--device", help="default: cuda if available, else cpu")
+
     cache = sub.add_parser("cache-prompts", help="encode a prompt file once into an on-disk text-embedding cache")
     cache.add_argument("--prompts", required=True, help="a .txt/.jsonl/.csv/.parquet file or a dataset folder")
     cache.add_argument("--column", help="prompt column of a table (default: the first of prompt, caption, text)")
@@ -96,6 +141,16 @@ def main(argv: list[str] | None = None) -> int:
             _distill(args.config, args.overrides, args.out, args.resume, not args.no_report)
         elif args.command == "demo":
             _distill("digits-demo", args.overrides, args.out, None, True)
+        elif args.command == "export":
+            out = _export(args.checkpoint, args.out, args.overrides, args.merged, args.ema, args.lora_scale,
+                          args.overwrite)
+            print(f"exported: {out}")
+        elif args.command == "generate":
+            from .generate import generate
+
+            files = generate(args.model, args.prompts, args.out, steps=args.steps, seed=args.seed,
+                             merged=args.merged, dtype=args.dtype, device=args.device)
+            print(f"wrote {len(files)} samples to {args.out}")
         elif args.command == "cache-prompts":
             _cache_prompts(args)
         else:

@@ -6,6 +6,7 @@ its default. Every error names the offending key and says what was expected.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import signal
@@ -26,12 +27,33 @@ class ConfigError(TDMError, ValueError):
     """A bad configuration value, file or key; the message names it."""
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
-    name: str = "digits"  # teacher family, a key of tdm.backbones.registry (toy-gmm | digits)
+    name: str = "digits"  # teacher family, a key of tdm.backbones.registry:
+                          # toy-gmm | digits | sd15 | sdxl | pixart-alpha | sd3 | cogvideox
     teacher: str = ""     # where the teacher comes from; "" = the family's default. toy-gmm: exact | mlp;
-                          # digits: path to a teacher .safetensors ("" = the shipped one)
+                          # digits: path to a teacher .safetensors ("" = the shipped one);
+                          # diffusers families (required): a hub id or a local folder of the stock pipeline
     prediction: str = ""  # toy-gmm only: epsilon | v_prediction | sample | flow ("" = the family's default)
+    # ---- diffusers families only ----
+    prompts: str = ""          # training prompts: a UTF-8 text file, one prompt per line
+    negative_prompt: str = ""  # unconditional prompt of the teacher's CFG ("" = the pipeline's default:
+                               # the empty prompt; SDXL: zero embeddings)
+    height: int = 0            # sample size in pixels; 0 = the model's native size (e.g. 512 for SD1.5)
+    width: int = 0
+    frames: int = 0            # cogvideox: frames per video in pixel space; 0 = the model's default (49)
+    dtype: str = "float32"     # weights of the frozen parts (teacher network, text encoders, VAE):
+                               # float32 | bfloat16 | float16
+    text_encoder_3: bool = True  # sd3: load the T5 text encoder; false = the two CLIP encoders only
+
+    def __post_init__(self):
+        _require(self.dtype in DTYPES, f"backbone.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        for key in ("height", "width", "frames"):
+            _require(getattr(self, key) >= 0, f"backbone.{key} must be >= 0 (0 = the model's default), "
+                                              f"got {getattr(self, key)}")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -224,9 +246,7 @@ def load_config(preset: str | None = None, overrides: typing.Sequence[str] = ())
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of config groups at the top level")
-    for text in overrides:
-        _set_dotted(tree, *parse_override(text))
-    return _build(Config, tree, "")
+    return from_dict(tree, overrides)
 
 
 def to_dict(config: Config) -> dict:
@@ -240,5 +260,9 @@ def to_dict(config: Config) -> dict:
     return plain(dataclasses.asdict(config))
 
 
-def from_dict(tree: dict) -> Config:
+def from_dict(tree: dict, overrides: typing.Sequence[str] = ()) -> Config:
+    """A config from a nested dict (e.g. a checkpoint's), then `group.key=value` overrides, validated together."""
+    tree = copy.deepcopy(tree)
+    for text in overrides:
+        _set_dotted(tree, *parse_override(text))
     return _build(Config, tree, "")

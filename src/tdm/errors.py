@@ -7,3 +7,7 @@ class TDMError(Exception):
 
 class TrainingAborted(TDMError, RuntimeError):
     """Training stopped because a role kept producing non-finite losses or gradients."""
+
+
+class MissingExtra(TDMError, ImportError):
+    """An optional dependency group (e.g. the [diffusers] extra) is not installed; the message says which."""

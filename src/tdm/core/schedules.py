@@ -58,7 +58,8 @@ class Schedule:
         return append_dims(a, x_s.ndim) * x_s + append_dims(b, x_s.ndim) * noise
 
 
-def _betas(kind: str, T: int, beta_start: float, beta_end: float) -> Tensor:
+def beta_table(kind: str, T: int, beta_start: float, beta_end: float) -> Tensor:
+    """DDPM betas [T] in float64 for diffusers' `beta_schedule` names."""
     if kind == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
     if kind == "scaled_linear":
@@ -94,7 +95,7 @@ class DiscreteVP(Schedule):
     @classmethod
     def from_betas(cls, beta_schedule: str = "linear", num_train_timesteps: int = 1000,
                    beta_start: float = 1e-4, beta_end: float = 0.02, zero_terminal_snr: bool = False):
-        acp = torch.cumprod(1 - _betas(beta_schedule, num_train_timesteps, beta_start, beta_end), 0)
+        acp = torch.cumprod(1 - beta_table(beta_schedule, num_train_timesteps, beta_start, beta_end), 0)
         return cls(rescale_zero_terminal_snr(acp) if zero_terminal_snr else acp)
 
     def _lookup(self, table: Tensor, t: Tensor) -> Tensor:

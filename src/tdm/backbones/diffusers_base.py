@@ -1,0 +1,235 @@
+"""What every diffusers teacher family shares: loading, prompt encoding by the stock pipeline, lazy VAE decoding.
+
+A family file (sd_unet.py, sdxl.py, pixart.py, sd3.py, cogvideox.py) subclasses `DiffusersDenoiser` (how to
+call its network: timestep scaling, added conditions, learned-sigma split; method.md Decision 2) and
+`DiffusersBackbone` (which pipeline, how it encodes prompts, its latent layout). Prompts are encoded by the
+pipeline's own `encode_prompt`, so the conditioning is bit for bit what the stock pipeline feeds its network.
+diffusers, transformers and peft are imported here lazily: `import tdm` works without them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ConfigError
+from ..core.sampling import Cond, map_cond
+from ..core.schedules import Schedule
+from ..errors import MissingExtra
+from .base import Backbone
+from .diffusers_schedule import schedule_from_config
+
+
+def import_diffusers():
+    """The diffusers module, or a clear error saying which extra to install."""
+    try:
+        import diffusers
+        import peft  # noqa: F401  (the student and fake score are peft LoRA adapters)
+        import transformers  # noqa: F401
+    except ImportError as err:
+        raise MissingExtra(f"diffusers teachers need the [diffusers] extra (pip install 'tdm[diffusers]'): "
+                           f"{err}") from None
+    return diffusers
+
+
+class DiffusersDenoiser(nn.Module):
+    """`module(x_t, t, cond) -> raw output` around a diffusers UNet or transformer (`self.model`).
+
+    t is on the tdm schedule's time axis. Inputs are cast to the network's dtype at this boundary and the output
+    comes back in float32 (architecture.md principle 10); `call` holds the family's quirks. peft adapters
+    (student, fake score) are injected into `self.model`.
+    """
+
+    def __init__(self, model: nn.Module, schedule: Schedule):
+        super().__init__()
+        self.model = model
+        self.schedule = schedule
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        dtype = self.model.dtype
+        cond = map_cond(lambda v: v.to(dtype) if v.is_floating_point() else v, cond)
+        return self.call(x_t.to(dtype), t, cond).float()
+
+    def call(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+
+class DiffusersBackbone(Backbone):
+    """A text-conditioned diffusers teacher: `teacher`, schedule and prediction from its scheduler config,
+    prompts encoded by its pipeline, samples decoded by its VAE (loaded on first use).
+
+    Conditions are dicts of tensors on `self.device`, batched along dim 0 (`cond_keys` of each family).
+    """
+
+    pipeline_class: ClassVar[str]            # the stock diffusers pipeline of the family
+    denoiser_class: ClassVar[type[DiffusersDenoiser]]
+    denoiser_name: ClassVar[str]             # the pipeline component holding the network: unet | transformer
+    lora_layers_kwarg: ClassVar[str | None]  # `save_lora_weights` argument for it; None: no diffusers LoRA loader
+    pipeline_load_kwargs: ClassVar[dict[str, Any]] = {}  # extra `from_pretrained` kwargs (components to skip)
+    is_image = True
+    features_description = "the raw latents (no image metric is built in for diffusers teachers)"
+
+    def __init__(self, pipeline, vae_config: dict, source: str, *, prompts: Sequence[str] = (), height: int = 0,
+                 width: int = 0, negative_prompt: str | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+        self.pipeline, self.vae_config, self.source = pipeline, vae_config, source
+        self.prompts = list(prompts)
+        self.negative_prompt = negative_prompt or None  # None: the pipeline's own default
+        self.dtype, self.device = dtype, torch.device(device)
+        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        self.schedule, self.prediction = schedule_from_config(pipeline.scheduler)
+        self.teacher = self.denoiser_class(self.denoiser, self.schedule)
+        default_h, default_w = (s * self.vae_scale_factor for s in self.default_latent_size())
+        self.height, self.width = height or default_h, width or default_w
+        step = self.vae_scale_factor * self.patch_size()
+        for key, size in (("height", self.height), ("width", self.width)):
+            if size % step:
+                raise ConfigError(f"backbone.{key}: {self.name} needs a multiple of {step} pixels "
+                                  f"(VAE factor x patch size), got {size}")
+        self._vae = None
+        self._null: dict[str, Tensor] | None = None
+
+    # ---- construction ----
+    @classmethod
+    def from_pretrained(cls, source: str, *, prompts: Sequence[str] = (), height: int = 0, width: int = 0,
+                        negative_prompt: str | None = None, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu", **kwargs) -> DiffusersBackbone:
+        """Load the family's pipeline (without its VAE) from a hub id or a local folder, in `dtype`, on `device`.
+
+        `kwargs` go to the family's constructor (e.g. `frames`, `text_encoder_3`) or else to the pipeline's
+        `from_pretrained` (e.g. `variant`, `revision`)."""
+        diffusers = import_diffusers()
+        own = {k: kwargs.pop(k) for k in cls.init_kwargs() if k in kwargs}
+        pipeline_cls = getattr(diffusers, cls.pipeline_class)
+        load = {**cls.pipeline_load_kwargs, **cls.extra_load_kwargs(own), **kwargs}
+        pipeline = pipeline_cls.from_pretrained(source, vae=None, dtype=dtype, **load)
+        vae_config = diffusers.AutoencoderKL.load_config(source, subfolder="vae", revision=kwargs.get("revision"))
+        pipeline.to(device)
+        for name, module in pipeline.components.items():
+            if isinstance(module, nn.Module) and name != cls.denoiser_name:
+                module.requires_grad_(False)  # frozen parts: text encoders
+        return cls(pipeline, dict(vae_config), source, prompts=prompts, height=height, width=width,
+                   negative_prompt=negative_prompt, dtype=dtype, device=device, **own)
+
+    @classmethod
+    def init_kwargs(cls) -> tuple[str, ...]:
+        """Family-specific constructor arguments accepted by `from_pretrained`."""
+        return ()
+
+    @classmethod
+    def extra_load_kwargs(cls, own: dict) -> dict:
+        """Pipeline `from_pretrained` kwargs that depend on family arguments (SD3: skip T5)."""
+        return {}
+
+    def component_overrides(self) -> dict:
+        """Pipeline components this backbone was loaded without (JSON-safe), for loading the pipeline again."""
+        return self.extra_load_kwargs({k: getattr(self, k) for k in self.init_kwargs()})
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return getattr(self.pipeline, self.denoiser_name)
+
+    def default_latent_size(self) -> tuple[int, int]:
+        """The network's native latent (height, width); the pipeline's default size divided by the VAE factor."""
+        size = self.denoiser.config.sample_size
+        return size, size
+
+    def patch_size(self) -> int:
+        return getattr(self.denoiser.config, "patch_size", None) or 1
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        f = self.vae_scale_factor
+        return (self.denoiser.config.in_channels, self.height // f, self.width // f)  # [C, H/f, W/f]
+
+    def to(self, device: torch.device | str) -> DiffusersBackbone:
+        """Move the pipeline (network, text encoders) and a loaded VAE to `device`; conditions follow."""
+        self.device = torch.device(device)
+        self.pipeline.to(self.device)
+        if self._vae is not None:
+            self._vae.to(self.device)
+        self._null = None
+        return self
+
+    # ---- conditioning ----
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """`pipe(...)` arguments under which the stock pipeline encodes prompts and sizes samples as we do."""
+        return {"height": self.height, "width": self.width}
+
+    def encode(self, prompts: list[str], with_negative: bool) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        """The pipeline's `encode_prompt` on `prompts` (and the negative prompt) -> cond dicts."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Conditioning for `prompts`, exactly as the stock pipeline encodes them."""
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("encode_prompts takes a list of strings")
+        return self.encode(list(prompts), with_negative=False)[0]
+
+    def null_condition(self, batch: int) -> dict[str, Tensor]:
+        """The negative-prompt conditioning the pipeline uses for CFG, repeated `batch` times (encoded once)."""
+        if self._null is None:
+            with torch.no_grad():
+                self._null = self.encode([self.negative_prompt or ""], with_negative=True)[1]
+        return map_cond(lambda v: v.expand(batch, *v.shape[1:]).contiguous(), self._null)
+
+    def sample_conditions(self, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """`batch` training prompts drawn uniformly with `generator`, encoded."""
+        if not self.prompts:
+            raise ConfigError(f"backbone.prompts: the {self.name} teacher has no training prompts")
+        index = torch.randint(len(self.prompts), (batch,), generator=generator, device=generator.device)
+        return self.encode_prompts([self.prompts[i] for i in index.tolist()])
+
+    def evaluation_prompts(self, num_samples: int) -> list[str]:
+        """The training prompts in order, cycled to `num_samples` (fixed for every sampler)."""
+        if not self.prompts:
+            raise ConfigError(f"backbone.prompts: the {self.name} teacher has no prompts to evaluate on")
+        return [self.prompts[i % len(self.prompts)] for i in range(num_samples)]
+
+    def evaluation_conditions(self, num_samples: int, chunk: int = 64) -> dict[str, Tensor]:
+        prompts = self.evaluation_prompts(num_samples)
+        parts = [self.encode_prompts(prompts[i:i + chunk]) for i in range(0, num_samples, chunk)]
+        return map_cond(lambda *vs: torch.cat(vs), *parts)
+
+    # ---- metrics: provided by tdm.evaluate for text-to-image teachers, none built in here ----
+    def metrics(self, samples: Tensor, cond: Cond) -> dict[str, float]:
+        return {}
+
+    def floor_metrics(self, num_samples: int) -> dict[str, float]:
+        return {}
+
+    # ---- decoding ----
+    @property
+    def vae(self) -> nn.Module:
+        """The pipeline's VAE, loaded on first use (previews and evaluation only), in float32 if it asks to be
+        upcast (SDXL's fp16 VAE overflows)."""
+        if self._vae is None:
+            diffusers = import_diffusers()
+            vae_cls = getattr(diffusers, self.vae_config.get("_class_name", "AutoencoderKL"))
+            dtype = torch.float32 if self.vae_config.get("force_upcast") else self.dtype
+            self._vae = vae_cls.from_pretrained(self.source, subfolder="vae", dtype=dtype)
+            self._vae.requires_grad_(False).eval().to(self.device)
+        return self._vae
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents [N, C, h, w] -> pixels [N, 3, H, W] in [-1, 1], as the pipeline decodes them."""
+        config = self.vae.config
+        latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+        return self.vae.decode(latents, return_dict=False)[0]
+
+    @torch.no_grad()
+    def decode_to_unit(self, samples: Tensor, chunk: int = 8) -> Tensor:
+        """`decode` in chunks of `chunk` samples, mapped to [0, 1], on the CPU."""
+        out = []
+        for part in samples.split(chunk):
+            pixels = self.decode(part.to(self.device, self.vae.dtype))
+            out.append((pixels.float() / 2 + 0.5).clamp(0, 1).cpu())
+        return torch.cat(out)
+
+    def to_images(self, samples: Tensor) -> Tensor:
+        """Samples -> images [N, 3, H, W] in [0, 1] on the CPU, for grids."""
+        return self.decode_to_unit(samples)

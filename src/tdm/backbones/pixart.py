@@ -1,0 +1,56 @@
+"""PixArt-alpha: PixArtTransformer2DModel with a T5 encoder (attention mask), learned sigma, 1024 micro-conditions."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .diffusers_base import DiffusersBackbone, DiffusersDenoiser
+
+MAX_SEQUENCE_LENGTH = 120  # T5 tokens, the pipeline's default (and the official TDM script's)
+
+
+class PixArtDenoiser(DiffusersDenoiser):
+    """transformer(x_t, t, T5 embeds + mask, resolution / aspect ratio); the learned-variance half is dropped."""
+
+    def call(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        added = {"resolution": cond.get("resolution"), "aspect_ratio": cond.get("aspect_ratio")}
+        out = self.model(x, encoder_hidden_states=cond["prompt_embeds"],
+                         encoder_attention_mask=cond["prompt_attention_mask"], timestep=t, added_cond_kwargs=added,
+                         return_dict=False)[0]
+        if self.model.config.out_channels // 2 == x.shape[1]:  # learned sigma: [eps, variance] along channels
+            out = out.chunk(2, dim=1)[0]
+        return out
+
+
+class PixArtAlphaBackbone(DiffusersBackbone):
+    """PixArt-alpha teacher. Cond: prompt_embeds [B, 120, 4096], prompt_attention_mask [B, 120]; at sample_size
+    128 (the 1024 model) also resolution [B, 2] and aspect_ratio [B, 1], as the pipeline passes them.
+
+    PixArt has no diffusers LoRA loader: exports are peft state dicts (see tdm.export)."""
+
+    name = "pixart-alpha"
+    pipeline_class = "PixArtAlphaPipeline"
+    denoiser_class = PixArtDenoiser
+    denoiser_name = "transformer"
+    lora_layers_kwarg = None
+
+    def pipeline_kwargs(self):
+        return {**super().pipeline_kwargs(), "max_sequence_length": MAX_SEQUENCE_LENGTH, "clean_caption": False,
+                "use_resolution_binning": False}
+
+    def encode(self, prompts, with_negative):
+        pos, mask, neg, neg_mask = self.pipeline.encode_prompt(
+            prompts, do_classifier_free_guidance=with_negative, negative_prompt=self.negative_prompt or "",
+            device=self.device, clean_caption=False, max_sequence_length=MAX_SEQUENCE_LENGTH)
+        micro = self._micro_conditions(len(prompts), pos.dtype)
+        cond = {"prompt_embeds": pos, "prompt_attention_mask": mask, **micro}
+        return cond, (None if neg is None else {"prompt_embeds": neg, "prompt_attention_mask": neg_mask, **micro})
+
+    def _micro_conditions(self, batch: int, dtype: torch.dtype) -> dict[str, Tensor]:
+        if self.denoiser.config.sample_size != 128:  # the pipeline's rule: only the 1024 model takes them
+            return {}
+        resolution = torch.tensor([self.height, self.width]).repeat(batch, 1)
+        aspect_ratio = torch.tensor([float(self.height / self.width)]).repeat(batch, 1)
+        return {"resolution": resolution.to(dtype=dtype, device=self.device),
+                "aspect_ratio": aspect_ratio.to(dtype=dtype, device=self.device)}

@@ -1,0 +1,53 @@
+"""Stable Diffusion 3: SD3Transformer2DModel (MMDiT), flow matching with shift, two CLIP + optional T5 encoders."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .diffusers_base import DiffusersBackbone, DiffusersDenoiser
+
+MAX_SEQUENCE_LENGTH = 256  # T5 tokens, the pipeline's default
+
+
+class SD3Denoiser(DiffusersDenoiser):
+    """transformer(x_t, sigma(t) * T, joint text embeds, pooled projections): the network's timestep is the
+    flow scheduler's, sigma * 1000, where sigma = shift(t / T) on tdm's time axis (method.md A.3)."""
+
+    def call(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        timestep = self.schedule.sigma(t) * self.schedule.num_train_timesteps
+        return self.model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond["prompt_embeds"],
+                          pooled_projections=cond["pooled_projections"], return_dict=False)[0]
+
+
+class SD3Backbone(DiffusersBackbone):
+    """SD3 teacher. Cond: prompt_embeds [B, 77 + 256, 4096] (CLIP-L/G padded + T5), pooled_projections [B, 2048].
+
+    `text_encoder_3=False` loads the pipeline without T5 (its tokens are then zeros, as in the pipeline)."""
+
+    name = "sd3"
+    pipeline_class = "StableDiffusion3Pipeline"
+    denoiser_class = SD3Denoiser
+    denoiser_name = "transformer"
+    lora_layers_kwarg = "transformer_lora_layers"
+
+    def __init__(self, *args, text_encoder_3: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.text_encoder_3 = text_encoder_3
+
+    @classmethod
+    def init_kwargs(cls):
+        return ("text_encoder_3",)
+
+    @classmethod
+    def extra_load_kwargs(cls, own):
+        return {} if own.get("text_encoder_3", True) else {"text_encoder_3": None, "tokenizer_3": None}
+
+    def pipeline_kwargs(self):
+        return {**super().pipeline_kwargs(), "max_sequence_length": MAX_SEQUENCE_LENGTH}
+
+    def encode(self, prompts, with_negative):
+        pos, neg, pooled, neg_pooled = self.pipeline.encode_prompt(
+            prompts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=with_negative,
+            negative_prompt=self.negative_prompt, max_sequence_length=MAX_SEQUENCE_LENGTH)
+        cond = {"prompt_embeds": pos, "pooled_projections": pooled}
+        return cond, (None if neg is None else {"prompt_embeds": neg, "pooled_projections": neg_pooled})

@@ -1,0 +1,43 @@
+"""`tdm generate`: sample from an exported student with its stock pipeline and `TDMScheduler`; save PNGs (GIFs
+for video), plus `samples.json` naming each file's prompt and seed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .export import load_pipeline
+from .files import atomic_write, write_text_atomic
+
+
+def save_media(item, path: Path, fps: int = 8) -> Path:
+    """One PIL image as PNG, or a list of frames as a looping GIF (the suffix is chosen here)."""
+    if isinstance(item, list):
+        path = path.with_suffix(".gif")
+        atomic_write(path, lambda tmp: item[0].save(tmp, save_all=True, append_images=item[1:],
+                                                    duration=round(1000 / fps), loop=0))
+    else:
+        path = path.with_suffix(".png")
+        atomic_write(path, lambda tmp: item.save(tmp))
+    return path
+
+
+def generate(model_dir: str | Path, prompts: list[str], out_dir: str | Path, *, steps: int | None = None,
+             seed: int = 0, merged: bool = False, dtype: str = "float32", device: str | None = None) -> list[Path]:
+    """Sample one image (or video) per prompt with seeds seed, seed + 1, ...; returns the written files."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe, recipe = load_pipeline(model_dir, merged=merged, dtype=getattr(torch, dtype), device=device)
+    pipe.set_progress_bar_config(disable=True)
+    steps = steps or recipe["num_inference_steps"]
+    out_dir = Path(out_dir)
+    written, index = [], []
+    for i, prompt in enumerate(prompts):
+        result = pipe(prompt, num_inference_steps=steps, guidance_scale=recipe["guidance_scale"],
+                      generator=torch.Generator().manual_seed(seed + i), **recipe["pipeline_kwargs"])
+        path = save_media(result[0][0], out_dir / f"{i:04d}")
+        written.append(path)
+        index.append({"file": path.name, "prompt": prompt, "seed": seed + i, "steps": steps})
+    write_text_atomic(out_dir / "samples.json", json.dumps(index, indent=2) + "\n")
+    return written
