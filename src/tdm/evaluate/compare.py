@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..backbones.base import Backbone
-from ..core.sampling import Model, StudentGrid, cond_to, guided, rollout
+from ..core.sampling import Model, StudentGrid, cond_to, guided, map_cond, rollout
 from .metrics import frechet_distance
 
 
@@ -35,7 +35,9 @@ def draw_samples(backbone: Backbone, sampler: Sampler, num_samples: int, seed: i
     noise = torch.randn((num_samples, *backbone.sample_shape), generator=torch.Generator().manual_seed(seed))
     out, tic = [], time.perf_counter()
     for start in range(0, num_samples, batch_size):
-        x, c = noise[start:start + batch_size].to(device), cond_to(cond[start:start + batch_size], device)
+        x = noise[start:start + batch_size].to(device)
+        rows = slice(start, start + batch_size)
+        c = cond_to(map_cond(lambda v, rows=rows: v[rows], cond), device)
         model = guided(sampler.model, cond_to(backbone.null_condition(x.shape[0]), device), sampler.guidance_scale)
         out.append(rollout(model, x, c, sampler.grid, backbone.schedule, backbone.prediction).cpu())
     return torch.cat(out), cond, time.perf_counter() - tic
