@@ -144,3 +144,25 @@ def test_unify_run_trains_every_k_and_samples_with_the_embedding(tmp_path):
         a, b = (trainer.student_sampler(K).model(x, t, c) for K in (1, 4))
     assert not torch.allclose(a, b)
     trainer.close()
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "pixart-alpha", "sd3", "cogvideox"])
+def test_step_conditioning_through_the_diffusers_adapters(family, tmp_path):
+    """Each diffusers family names its timestep-embedding module; wrapped, the network starts as the teacher
+    and the K embedding then changes its output."""
+    pytest.importorskip("diffusers")
+    from tiny_diffusers import load_backbone, save_tiny
+
+    backbone = load_backbone(family, save_tiny(family, tmp_path / family))
+    wrapped = initial_network(backbone, TDMConfig(num_steps_set=(1, 2, 4)))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((2, *backbone.sample_shape), generator=g)
+    t = torch.tensor([700.0, 300.0])
+    cond = backbone.sample_conditions(2, g)
+    K = torch.tensor([2, 2])
+    with torch.no_grad():
+        plain = backbone.teacher(x, t, cond)
+        assert torch.equal(wrapped(x, t, cond, num_steps=K), plain)
+        torch.nn.init.normal_(wrapped.num_steps_embedding.weight)
+        assert not torch.allclose(wrapped(x, t, cond, num_steps=K), plain)
+        assert torch.equal(backbone.teacher(x, t, cond), plain)  # the teacher itself is never hooked

@@ -40,6 +40,7 @@ class CogVideoXBackbone(DiffusersBackbone):
     name = "cogvideox"
     pipeline_class = "CogVideoXPipeline"
     denoiser_class = CogVideoXDenoiser
+    time_embedding_module = "model.time_embedding"
     denoiser_name = "transformer"
     lora_layers_kwarg = "transformer_lora_layers"
     is_video = True

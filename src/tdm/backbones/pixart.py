@@ -32,6 +32,7 @@ class PixArtAlphaBackbone(DiffusersBackbone):
     name = "pixart-alpha"
     pipeline_class = "PixArtAlphaPipeline"
     denoiser_class = PixArtDenoiser
+    time_embedding_module = "model.adaln_single.emb.timestep_embedder"
     denoiser_name = "transformer"
     lora_layers_kwarg = None
 

@@ -27,6 +27,7 @@ class SD3Backbone(DiffusersBackbone):
     name = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser_class = SD3Denoiser
+    time_embedding_module = "model.time_text_embed.timestep_embedder"
     denoiser_name = "transformer"
     lora_layers_kwarg = "transformer_lora_layers"
 

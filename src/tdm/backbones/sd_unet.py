@@ -24,6 +24,7 @@ class SDBackbone(DiffusersBackbone):
     pipeline_class = "StableDiffusionPipeline"
     denoiser_class = UNetDenoiser
     denoiser_name = "unet"
+    time_embedding_module = "model.time_embedding"  # where TDM-unify adds its step embedding
     lora_layers_kwarg = "unet_lora_layers"
     # training never decodes through the safety checker; do not load it
     pipeline_load_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
