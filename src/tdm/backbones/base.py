@@ -27,6 +27,7 @@ class Backbone(ABC):
     sample_shape: tuple[int, ...]  # one sample, e.g. (1, 8, 8); the batch dim is added by callers
     is_image: bool = False
     features_description: str = "the raw samples"  # what `features` measures, for reports
+    lora_targets: tuple[str, ...] = ("attention",)  # train.roles=lora: layers adapted when train.lora_targets is ()
 
     def initial_weights(self) -> nn.Module:
         return self.teacher
