@@ -98,7 +98,7 @@ class SharedBase:
         for name in adapters:
             self.add_adapter(name)
         self.layers = [m for m in base.modules() if isinstance(m, BaseTunerLayer)]
-        self.active: str | None = STUDENT
+        self.active: str | None = None
         self.activate(None)  # at rest the base is the teacher
         self._make_checkpointing_adapter_aware()
 
@@ -110,11 +110,11 @@ class SharedBase:
             torch.manual_seed(self.seed)  # the same initial LoRA weights on every rank and in every run
             warnings.filterwarnings("ignore", "Already found a `peft_config`")  # several adapters are the point
             inject_adapter_in_model(self.config, self.base, adapter_name=name)
-        for p in self.parameters(name).values():
+        for p in self.adapter_weights(name).values():
             p.data = p.data.float()  # fp32 master weights, also on a bf16/fp16 base
             p.requires_grad_(True)
 
-    def parameters(self, adapter: str) -> dict[str, nn.Parameter]:
+    def adapter_weights(self, adapter: str) -> dict[str, nn.Parameter]:
         """Adapter `adapter`'s weights, keyed as in peft's `get_peft_model_state_dict(base, adapter_name=adapter)`."""
         weights = {}
         for name, p in self.base.named_parameters():
@@ -151,7 +151,7 @@ class SharedBase:
             if getattr(m, "gradient_checkpointing", False) is True:
                 if not hasattr(m, "_gradient_checkpointing_func"):
                     raise TDMError(f"{type(m).__name__} uses gradient checkpointing through no "
-                                     f"`_gradient_checkpointing_func`; train.roles=lora cannot route its recomputation")
+                                   f"`_gradient_checkpointing_func`; train.roles=lora cannot route its recomputation")
                 m._gradient_checkpointing_func = self._checkpoint
 
     def _checkpoint(self, block, *args):
@@ -169,14 +169,12 @@ class AdapterView(nn.Module):
 
     def __init__(self, shared: SharedBase, adapter: str | None):
         super().__init__()
-        self.adapter = adapter
-        self._shared = [shared]  # a list, so nn.Module does not register (and walk, or copy) the shared base
-        self._weights = shared.parameters(adapter) if adapter is not None else {}
+        self.adapter, self.shared = adapter, shared  # a plain object: nn.Module neither registers nor walks it
+        self._weights = shared.adapter_weights(adapter) if adapter is not None else {}
 
     def forward(self, x_t, t, cond):
-        shared = self._shared[0]
-        with shared.using(self.adapter):
-            return shared.base(x_t, t, cond)
+        with self.shared.using(self.adapter):
+            return self.shared.base(x_t, t, cond)
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
         yield from ((prefix + name, p) for name, p in self._weights.items())
@@ -243,9 +241,7 @@ class Roles:
         return ema
 
     def to(self, device) -> Roles:
-        modules = [self.shared.base] if self.shared is not None else [self.student, self.fake_score]
-        if self.shared is None or not isinstance(self.teacher, AdapterView):
-            modules.append(self.teacher)
-        for m in modules:
+        """Move every role (views hold no weights of their own: the shared base moves for them)."""
+        for m in (self.teacher, self.student, self.fake_score, *([self.shared.base] if self.shared else [])):
             m.to(device)
         return self

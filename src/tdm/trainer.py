@@ -68,11 +68,12 @@ class Trainer:
             self.student, self.fake_score, self.opt_g, self.opt_f = self.accelerator.prepare(
                 roles.student, roles.fake_score, opt_g, opt_f)
         else:
-            # Two views of one base in two DDP wrappers would be two reducers over the same parameters, each
-            # expecting every trainable parameter (the other role's adapter too) to get a gradient after each
-            # forward with grad. So the views stay unwrapped and each role's gradients are averaged across ranks
-            # after its backward (_average_gradients): LoRA gradients are small, so losing DDP's overlap of
-            # communication with the backward costs little.
+            # The views are not DDP-wrapped. DDP finds parameters and buffers by walking module internals; a view
+            # of a shared base is either the whole base (then each of two wrappers sees the other role's adapter
+            # as unused and both broadcast the same buffers) or, as here, only its adapter through an overridden
+            # named_parameters that DDP need not honour. Instead one all-reduce per role averages its gradients
+            # after its backward (_average_gradients): explicit, and LoRA gradients are small, so DDP's overlap
+            # of communication with the backward is not missed.
             self.student, self.fake_score = roles.student, roles.fake_score
             self.opt_g, self.opt_f = self.accelerator.prepare(opt_g, opt_f)
         self.step = 0
