@@ -75,7 +75,7 @@ def tdm_iteration(tdm, roles, opts, batch_inputs, g):
     """tdm's iteration: one rollout as deep as the draws need, cached (x0, eps), one 2B teacher call."""
     cond, uncond, noise = batch_inputs
     shape = noise.shape
-    fake_d, gen_d = tdm.draw(shape, g), tdm.draw(shape, g)
+    fake_d, gen_d = tdm.draw(shape, g, noise.device), tdm.draw(shape, g, noise.device)
     traj = tdm.student_trajectory(roles.student, noise, cond, tdm.rollout_depth([fake_d], gen_d))
     _step(opts[1], tdm.fake_score_loss(roles.fake_score, traj, fake_d, cond)[0])
     loss = tdm.generator_loss(roles.student, roles.teacher, roles.fake_score, traj, gen_d, cond, uncond)[0]

@@ -34,10 +34,12 @@ def _checkpoint_tensors(path):
             for k, v in load_file(p).items()}
 
 
-def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    full = _train(tmp_path / "full", 6)
-    _train(tmp_path / "split", 3)
-    resumed = _train(tmp_path / "split", 6, resume="auto")
+@pytest.mark.parametrize("roles", ["separate", "lora"])
+def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path, roles):
+    extra = [f"train.roles={roles}"]
+    full = _train(tmp_path / "full", 6, extra=extra)
+    _train(tmp_path / "split", 3, extra=extra)
+    resumed = _train(tmp_path / "split", 6, resume="auto", extra=extra)
     assert resumed.step == 6
     a = _checkpoint_tensors(latest_checkpoint(tmp_path / "full" / "checkpoints"))
     b = _checkpoint_tensors(latest_checkpoint(tmp_path / "split" / "checkpoints"))

@@ -1,8 +1,9 @@
 """Checkpoints: both trainable roles, both optimisers, EMA, step, RNG state and the resolved config.
 
-Layout of `checkpoints/step_0000500/`: one `<role>.safetensors` per module, `<name>.optim.safetensors`
-(+ `.json` for its non-tensor state) per optimiser, `rng.safetensors` (one state per rank), and the manifest
-`state.json` (step, file sizes and sha256, config digest, config), written last. The folder is assembled
+Layout of `checkpoints/step_0000500/`: one `<role>.safetensors` per module (for train.roles=lora only that
+role's LoRA weights, in peft's key format), `<name>.optim.safetensors` (+ `.json` for its non-tensor state) per
+optimiser, `rng.safetensors` (one state per rank), and the manifest `state.json` (step, file sizes and sha256,
+config digest, config, the fingerprint of the frozen base for LoRA roles), written last. The folder is assembled
 under a temporary name, fsynced and renamed into place, so a crash never leaves a half-written checkpoint
 under a real name; a folder without a complete manifest is never loaded.
 """
@@ -62,18 +63,19 @@ def _optimizer_from_files(tensors: dict, meta: dict) -> dict:
 
 def save_checkpoint(root: Path, step: int, modules: dict[str, nn.Module],
                     optimizers: dict[str, torch.optim.Optimizer], rng: dict[str, torch.Tensor],
-                    config: dict) -> Path:
-    """Write a checkpoint atomically under root/step_XXXXXXX and return its path."""
+                    config: dict, base_fingerprint: str | None = None) -> Path:
+    """Write a checkpoint atomically under root/step_XXXXXXX and return its path. `base_fingerprint` names the
+    frozen base that LoRA-only module weights belong to (tdm.roles.base_fingerprint)."""
     final = root / checkpoint_name(step)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     try:
-        return _write_checkpoint(root, tmp, final, step, modules, optimizers, rng, config)
+        return _write_checkpoint(root, tmp, final, step, modules, optimizers, rng, config, base_fingerprint)
     except (OSError, SafetensorError) as err:  # disk full, read-only target: earlier checkpoints stay intact
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write checkpoint {final}: {getattr(err, 'strerror', None) or err}") from None
 
 
-def _write_checkpoint(root, tmp, final, step, modules, optimizers, rng, config) -> Path:
+def _write_checkpoint(root, tmp, final, step, modules, optimizers, rng, config, base_fingerprint) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -89,7 +91,8 @@ def _write_checkpoint(root, tmp, final, step, modules, optimizers, rng, config) 
     files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
     hashes = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
     config_digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-    manifest = {"step": step, "files": files, "sha256": hashes, "config_digest": config_digest, "config": config}
+    manifest = {"step": step, "files": files, "sha256": hashes, "config_digest": config_digest, "config": config,
+                "base_fingerprint": base_fingerprint}
     (tmp / STATE_FILE).write_text(json.dumps(manifest, indent=1))
     for p in tmp.iterdir():  # flush file contents before the rename makes them visible
         with open(p, "rb") as fh:
@@ -160,15 +163,19 @@ def prune_checkpoints(root: Path, keep: int) -> None:
             shutil.rmtree(old)
 
 
-def load_checkpoint(path: Path, modules: dict[str, nn.Module],
-                    optimizers: dict[str, torch.optim.Optimizer]) -> tuple[int, dict[str, torch.Tensor], dict]:
-    """Verify hashes, then load weights and optimiser states in place; return (step, rng tensors, config)."""
+def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                    base_fingerprint: str | None = None) -> tuple[int, dict[str, torch.Tensor], dict]:
+    """Verify hashes and the base the weights belong to, then load weights and optimiser states in place;
+    return (step, rng tensors, config)."""
     if not is_complete(path):
         raise CheckpointError(f"{path} is not a complete tdm checkpoint (missing or incomplete {STATE_FILE})")
     manifest = json.loads((path / STATE_FILE).read_text())
     for name, digest in manifest.get("sha256", {}).items():
         if _sha256(path / name) != digest:
             raise CheckpointCorrupted(f"{path / name} is corrupted (its sha256 differs from {STATE_FILE})")
+    if manifest.get("base_fingerprint") != base_fingerprint:
+        raise CheckpointError(f"{path} was trained on another base model (base_fingerprint "
+                              f"{manifest.get('base_fingerprint')} in {STATE_FILE}, this run's: {base_fingerprint})")
     for name, module in modules.items():
         try:
             module.load_state_dict(load_file(path / f"{name}.safetensors"))

@@ -93,6 +93,12 @@ class TrainConfig:
     keep_checkpoints: int = 3     # newest complete checkpoints kept; 0 = keep all
     stop_signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1")  # checkpoint after this iteration, exit 0
     max_nonfinite: int = 10       # consecutive skipped updates (non-finite loss or gradient) before aborting
+    roles: str = "separate"       # separate: full copies of student and fake score; lora: two LoRA adapters on
+                                  # the one frozen teacher network (one copy of the backbone in memory)
+    lora_rank: int = 16           # roles=lora: rank r of both adapters
+    lora_alpha: float = 16.0      # roles=lora: LoRA scale alpha / r
+    lora_targets: tuple[str, ...] = ()  # roles=lora: layers to adapt, module-name patterns (a name or its tail
+                                  # after a dot) or groups attention | feedforward | conv; () = the backbone's default
 
     def __post_init__(self):
         for name in ("iterations", "batch_size", "log_every", "eval_samples", "max_nonfinite"):
@@ -104,6 +110,11 @@ class TrainConfig:
         _require(not unknown, f"train.stop_signals: unknown signal names {unknown} (e.g. SIGTERM, SIGINT, SIGUSR1)")
         _require(self.mixed_precision in ("no", "fp16", "bf16"),
                  f"train.mixed_precision must be one of no, fp16, bf16, got {self.mixed_precision!r}")
+        _require(self.roles in ("separate", "lora"), f"train.roles must be separate or lora, got {self.roles!r}")
+        _require(self.lora_rank >= 1, f"train.lora_rank must be >= 1, got {self.lora_rank}")
+        _require(self.lora_alpha > 0, f"train.lora_alpha must be > 0, got {self.lora_alpha}")
+        _require(all(t.strip() for t in self.lora_targets),
+                 f"train.lora_targets: entries must be non-empty module-name patterns, got {list(self.lora_targets)}")
 
 
 @dataclass(frozen=True)

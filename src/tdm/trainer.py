@@ -1,12 +1,14 @@
 """The training loop: accelerate, two AdamW optimisers, EMA, logging, sample grids, checkpoints, resume.
 
+The roles come from `Roles.from_config` (train.roles): whichever the strategy, each optimiser, the gradient
+clipping, the non-finite checks, the EMA and the checkpoint see only that role's trainable weights.
+
 Runs under plain `python` (one process) and under `accelerate launch` / `torchrun` (DDP). Randomness of
 step n on rank r comes from a generator seeded with (seed, r, n), so a resumed run replays the same draws.
 """
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import sys
@@ -58,17 +60,27 @@ class Trainer:
                                        cpu=not torch.cuda.is_available())  # gloo DDP on CPU-only machines
         self.backbone = backbone or build_backbone(config.backbone)
         self.tdm = TDM(self.backbone.schedule, self.backbone.prediction, config.tdm)
-        roles = Roles.separate_copies(self.backbone.teacher, initial_network(self.backbone, config.tdm))
-        self.teacher = roles.teacher.to(self.accelerator.device)
-        self.ema = (copy.deepcopy(roles.student).requires_grad_(False).to(self.accelerator.device)
-                    if config.train.ema_decay > 0 else None)
+        initial = initial_network(self.backbone, config.tdm)  # step-conditioned under TDM-unify
+        self.roles = roles = Roles.from_config(config.train, self.backbone, initial).to(self.accelerator.device)
+        self.teacher = roles.teacher
+        self.ema = roles.student_ema() if config.train.ema_decay > 0 else None
         o = config.optim
         opt_g = torch.optim.AdamW(roles.student.parameters(), lr=o.generator_lr, betas=o.betas,
                                   weight_decay=o.weight_decay)
         opt_f = torch.optim.AdamW(roles.fake_score.parameters(), lr=o.fake_lr, betas=o.betas,
                                   weight_decay=o.weight_decay)
-        self.student, self.fake_score, self.opt_g, self.opt_f = self.accelerator.prepare(
-            roles.student, roles.fake_score, opt_g, opt_f)
+        if roles.shared is None:
+            self.student, self.fake_score, self.opt_g, self.opt_f = self.accelerator.prepare(
+                roles.student, roles.fake_score, opt_g, opt_f)
+        else:
+            # The views are not DDP-wrapped. DDP finds parameters and buffers by walking module internals; a view
+            # of a shared base is either the whole base (then each of two wrappers sees the other role's adapter
+            # as unused and both broadcast the same buffers) or, as here, only its adapter through an overridden
+            # named_parameters that DDP need not honour. Instead one all-reduce per role averages its gradients
+            # after its backward (_average_gradients): explicit, and LoRA gradients are small, so DDP's overlap
+            # of communication with the backward is not missed.
+            self.student, self.fake_score = roles.student, roles.fake_score
+            self.opt_g, self.opt_f = self.accelerator.prepare(opt_g, opt_f)
         self.step = 0
         self.history: list[dict] = []  # logged scalars, for the end-of-run curves
         self.diagnostics = Diagnostics()  # drift and collapse warnings
@@ -91,6 +103,7 @@ class Trainer:
             loss, logs = self.tdm.fake_score_loss(self._fake_view(num_steps, draws), traj, draws, cond)
         self.opt_f.zero_grad(set_to_none=True)
         self.accelerator.backward(loss.mean())
+        self._average_gradients(self.fake_score)
         if self._finite_update("fake_score", self.fake_score, loss):
             self.opt_f.step()
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.fake_score.parameters() if p.grad is not None])
@@ -103,6 +116,7 @@ class Trainer:
                                                  self._fake_view(num_steps, draws), traj, draws, cond, uncond)
         self.opt_g.zero_grad(set_to_none=True)
         self.accelerator.backward(loss.mean())
+        self._average_gradients(self.student)
         o = self.config.optim
         grad_norm = (self.accelerator.clip_grad_norm_(self.student.parameters(), o.max_grad_norm)
                      if o.max_grad_norm > 0 else torch.tensor(float("nan")))
@@ -114,6 +128,17 @@ class Trainer:
                 self._update_ema()
         return {"generator/loss": loss.detach().mean(), "generator/grad_norm": grad_norm, **logs,
                 **per_step_losses(loss, draws.k, "generator")}
+
+    def _average_gradients(self, module: torch.nn.Module) -> None:
+        """Mean of a LoRA role's gradients over all ranks, in one all-reduce (what DDP does for wrapped roles)."""
+        if self.roles.shared is None or self.accelerator.num_processes == 1:
+            return
+        grads = [p.grad for p in module.parameters() if p.grad is not None]  # the same set on every rank
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.accelerator.num_processes
+        for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(mean.view_as(g))
 
     def _finite_update(self, role: str, module: torch.nn.Module, loss: torch.Tensor) -> bool:
         """True if the loss and (all-reduced) gradients are finite; else count a skipped update for `role`
@@ -221,7 +246,7 @@ class Trainer:
         self.checkpoint_path = path = save_checkpoint(self.out_dir / "checkpoints", self.step, self._modules(),
                                {"generator": self.opt_g, "fake_score": self.opt_f},
                                {f"torch_rank{r}": state for r, state in enumerate(rng_states)},
-                               to_dict(self.config))
+                               to_dict(self.config), self.roles.base_fingerprint)
         prune_checkpoints(self.out_dir / "checkpoints", self.config.train.keep_checkpoints)
         write_text_atomic(self.out_dir / "history.json", json.dumps(self.history))
         return path
@@ -232,7 +257,7 @@ class Trainer:
         optimizers = {"generator": self.opt_g, "fake_score": self.opt_f}
         if where != "auto":
             path = Path(where)
-            self.step, rng, _ = load_checkpoint(path, self._modules(), optimizers)
+            self.step, rng, _ = load_checkpoint(path, self._modules(), optimizers, self.roles.base_fingerprint)
         else:  # newest valid checkpoint; incomplete or corrupted ones are skipped with a warning
             root = self.out_dir / "checkpoints"
             complete = complete_checkpoints(root)
@@ -240,7 +265,8 @@ class Trainer:
                 print(f"tdm: warning: skipping {partial}: no complete {STATE_FILE}", file=sys.stderr)
             for path in reversed(complete):
                 try:
-                    self.step, rng, _ = load_checkpoint(path, self._modules(), optimizers)
+                    self.step, rng, _ = load_checkpoint(path, self._modules(), optimizers,
+                                                        self.roles.base_fingerprint)
                     break
                 except CheckpointCorrupted as err:
                     print(f"tdm: warning: skipping {path}: {err}", file=sys.stderr)

@@ -332,6 +332,7 @@ class DigitsBackbone(Backbone):
     sample_shape = (1, 8, 8)
     is_image = True
     features_description = "the digits classifier's penultimate layer (a classifier FD, not FID)"
+    lora_targets = ("conv1", "conv2", "emb")  # every ResBlock's convolutions and embedding projection
 
     def __init__(self, teacher_path: str | None = None):
         self.teacher = load_teacher(teacher_path)
