@@ -229,9 +229,10 @@ def main(argv=None):
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--iterations", type=int, default=None, help="training budget (default: per toy)")
     parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is robust on a shared machine)")
     parser.add_argument("--page", default=None, help="also write the markdown page here (docs/ablations.md)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     path = out / "ablations.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
