@@ -146,6 +146,10 @@ def test_cache_prompts_command_fills_the_cache_the_backbone_reads(family, tiny_d
     assert main(args) == 0
     assert "0 encoded, 4 already cached" in capsys.readouterr().out
 
+    not_a_pipeline = args[:4] + [str(tmp_path)] + args[5:]
+    assert main(not_a_pipeline) == 2
+    assert f"cannot read the text encoders of a {family} pipeline folder" in capsys.readouterr().err
+
 
 def test_only_new_prompts_are_encoded(tiny_dirs, tmp_path):
     prompts, cache = prompts_file(tmp_path), tmp_path / "cache"

@@ -211,9 +211,13 @@ class DiffusersBackbone(Backbone):
     def text_fingerprint(cls, folder: Path, dtype: torch.dtype, own: dict) -> str:
         """The cache key of this family's text embeddings for the pipeline in `folder`: the text parts' files, the
         family, dtype and `text_settings` (reads files; loads nothing)."""
-        config = json.loads((folder / cls.denoiser_name / "config.json").read_text())
         return model_fingerprint(*(folder / part for part in cls.text_parts(own)), family=cls.name,
-                                 dtype=str(dtype), **cls.text_settings(config, own))
+                                 dtype=str(dtype), **cls.text_settings(cls.denoiser_config(folder), own))
+
+    @classmethod
+    def denoiser_config(cls, folder: Path) -> dict[str, Any]:
+        """The network's config.json in the pipeline folder `folder` (read, not loaded)."""
+        return json.loads((Path(folder) / cls.denoiser_name / "config.json").read_text())
 
     @classmethod
     def load_text_parts(cls, source: str | Path, dtype: torch.dtype, own: dict):
@@ -230,15 +234,15 @@ class DiffusersBackbone(Backbone):
     def load_prompt_encoder(cls, folder: Path, device: torch.device | str, dtype: torch.dtype) -> EncodeFn:
         """`encode_text` on the text parts of the pipeline in `folder`, with the family's default arguments:
         what `tdm cache-prompts --family NAME` runs, so it fills the cache a backbone with defaults reads."""
-        config = json.loads((Path(folder) / cls.denoiser_name / "config.json").read_text())
         pipeline = cls.load_text_parts(folder, dtype, {}).to(device)
         encode = functools.partial(cls.encode_text, pipeline, device=torch.device(device),
-                                   settings=cls.text_settings(config, {}))
+                                   settings=cls.text_settings(cls.denoiser_config(folder), {}))
         return torch.no_grad()(encode)
 
     @classmethod
     def fetch_text_parts(cls, model: str) -> Path:
-        """The pipeline folder of hub id `model` with its text parts, scheduler and configs (no network weights)."""
+        """The pipeline folder of hub id `model` with its text parts, scheduler and configs, not the weights of
+        its network or VAE (downloaded, or found in the hub cache)."""
         from huggingface_hub import hf_hub_download
 
         folder = cls.pipeline_folder(model, vae=None, **{cls.denoiser_name: None}, **cls.pipeline_load_kwargs)

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from ..config import BackboneConfig, ConfigError
 from ..core.prediction import PredictionType
 from ..data import EmbeddingCacheError, PromptSourceError, load_prompts
-from ..data.text_encoders import TEXT_ENCODERS, TextEncoderFamily
+from ..data.text_encoders import TEXT_ENCODERS, TextEncoderError, TextEncoderFamily
 from ..errors import TDMError
 from .base import Backbone
 
@@ -104,10 +104,20 @@ def _load_diffusers(config: BackboneConfig) -> Backbone:
 def _pipeline_prompt_encoder(name: str) -> TextEncoderFamily:
     """`tdm cache-prompts --family NAME`: the family's own prompt encoding, so the cache is the one its backbone
     reads (same `text_fingerprint`), for the family's default arguments (SD3: with T5)."""
+
+    def on_pipeline(folder: Path, read: Callable):
+        try:
+            return read(diffusers_family(name))
+        except (OSError, ValueError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise TextEncoderError(f"--model {folder}: cannot read the text encoders of a {name} pipeline "
+                                   f"folder: {first}") from None
+
     return TextEncoderFamily(
         fetch=lambda model: diffusers_family(name).fetch_text_parts(model),
-        fingerprint=lambda folder, dtype: diffusers_family(name).text_fingerprint(folder, dtype, {}),
-        load=lambda folder, device, dtype: diffusers_family(name).load_prompt_encoder(folder, device, dtype))
+        fingerprint=lambda folder, dtype: on_pipeline(folder, lambda cls: cls.text_fingerprint(folder, dtype, {})),
+        load=lambda folder, device, dtype: on_pipeline(
+            folder, lambda cls: cls.load_prompt_encoder(folder, device, dtype)))
 
 
 # what `tdm cache-prompts --family` accepts: the plain CLIP encoder of tdm.data and every diffusers family
