@@ -19,35 +19,16 @@ from tdm.data import (
     read_prompts,
 )
 from tdm.data.text_encoders import TEXT_ENCODERS
+from tiny_diffusers import clip_text_encoder, clip_tokenizer
 
 PROMPTS = ["a cat", "a red car", "two dogs on a beach", "a bowl of fruit", "snowy mountains"]
 
 
-# ---- a real tiny CLIP text encoder + tokenizer (environment.md section 2), saved like a hub folder ----
-
-def _clip_tokenizer(max_length=16):
-    from transformers import CLIPTokenizer
-
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = [256 + n for n in range(256 - len(printable))]  # GPT-2/CLIP byte symbols of the other bytes
-    chars = [chr(c) for c in printable + extra]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
-
+# ---- a real tiny CLIP text encoder + tokenizer (tests/tiny_diffusers.py), saved like a hub folder ----
 
 def _save_clip(folder, seed=0, max_length=16):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = _clip_tokenizer(max_length)
-    torch.manual_seed(seed)
-    model = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
-    model.save_pretrained(folder)
+    tokenizer = clip_tokenizer(max_length)
+    clip_text_encoder(tokenizer, seed).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -213,10 +194,10 @@ def test_fingerprint_follows_weights_config_tokenizer_and_settings(clip_dir, tmp
     assert model_fingerprint(copy, encoder="clip") not in (base, weights)
 
     tokenizer = shutil.copytree(clip_dir, tmp_path / "tok")
-    _clip_tokenizer(max_length=12).save_pretrained(tokenizer)
+    clip_tokenizer(max_length=12).save_pretrained(tokenizer)
     assert model_fingerprint(tokenizer, encoder="clip") != base
-    assert model_fingerprint(_clip_tokenizer(12)) == model_fingerprint(_clip_tokenizer(12))
-    assert model_fingerprint(_clip_tokenizer(12)) != model_fingerprint(_clip_tokenizer(16))
+    assert model_fingerprint(clip_tokenizer(12)) == model_fingerprint(clip_tokenizer(12))
+    assert model_fingerprint(clip_tokenizer(12)) != model_fingerprint(clip_tokenizer(16))
 
 
 def test_fingerprint_reads_the_hub_cache_blob_name(clip_dir, tmp_path):
@@ -337,6 +318,38 @@ def test_shard_written_but_index_not_is_ignored(clip_dir, tmp_path, monkeypatch)
     (tmp_path / "fp" / "index.json").write_text("{not json")
     with pytest.raises(EmbeddingCacheError, match=r"index.json: unreadable embedding cache"):
         EmbeddingCache(tmp_path, "fp")
+
+
+def test_writers_take_turns_and_encode_each_prompt_once(tmp_path):
+    """Two processes starting training together: the second waits for the first's writer lock, then finds its
+    prompts cached (threads stand in for processes: flock locks are per open file)."""
+    import threading
+
+    holding, release, second_batches, results = threading.Event(), threading.Event(), [], []
+
+    def slow(prompts):  # the first writer, inside the lock until released
+        holding.set()
+        release.wait(10)
+        return {"embeds": torch.ones(len(prompts), 2)}
+
+    def second(prompts):
+        second_batches.append(prompts)
+        return {"embeds": torch.zeros(len(prompts), 2)}
+
+    first = threading.Thread(target=lambda: EmbeddingCache(tmp_path, "fp").encode_missing(PROMPTS, slow))
+    first.start()
+    assert holding.wait(10)
+    cache = EmbeddingCache(tmp_path, "fp")
+    assert cache.missing(PROMPTS) == PROMPTS  # nothing committed yet
+    waiting = threading.Thread(target=lambda: results.append(cache.encode_missing(PROMPTS, second)))
+    waiting.start()
+    waiting.join(0.5)
+    assert waiting.is_alive()  # blocked on the lock
+    release.set()
+    first.join()
+    waiting.join()
+    assert results == [0] and second_batches == [] and not cache.missing(PROMPTS)
+    assert torch.equal(cache.embeddings(PROMPTS).batch([0])["embeds"], torch.ones(1, 2))
 
 
 def test_encode_output_is_checked(tmp_path):

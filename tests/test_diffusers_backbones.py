@@ -69,14 +69,9 @@ def test_unsupported_scheduler_config_names_the_key(config, key):
 from tdm.backbones.registry import build_backbone  # noqa: E402
 from tdm.config import BackboneConfig  # noqa: E402
 from tdm.core.sampling import concat_batch  # noqa: E402
-from tiny_diffusers import BUILDERS, PROMPTS, TINY_FRAMES, TINY_SIZE, load_backbone, save_all  # noqa: E402
+from tiny_diffusers import BUILDERS, PROMPTS, TINY_FRAMES, TINY_SIZE, load_backbone  # noqa: E402
 
 FAMILIES = list(BUILDERS)
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    return save_all(tmp_path_factory.mktemp("tiny"))
 
 
 def capture_network_calls(pipe, backbone, prompts, guidance_scale):

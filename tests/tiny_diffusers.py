@@ -187,7 +187,7 @@ def save_all(root: Path) -> dict[str, Path]:
 
 def load_backbone(family: str, folder: Path, **overrides):
     """The family's backbone on a saved tiny pipeline, through the registry (the path `tdm distill` takes),
-    at the tiny size and with `PROMPTS` as its training prompts."""
+    at the tiny size, with `PROMPTS` as its training prompts unless the override `prompts` names a file."""
     from tdm.backbones.registry import build_backbone
     from tdm.config import BackboneConfig
 
@@ -195,5 +195,6 @@ def load_backbone(family: str, folder: Path, **overrides):
     fields = {"name": family, "teacher": str(folder), "height": size, "width": size,
               "frames": TINY_FRAMES if family == "cogvideox" else 0, **overrides}
     backbone = build_backbone(BackboneConfig(**fields))
-    backbone.prompts = list(PROMPTS)
+    if not fields.get("prompts"):
+        backbone.prompts = list(PROMPTS)
     return backbone

@@ -7,8 +7,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from .backbones.registry import PROMPT_ENCODERS  # diffusers/transformers are imported only when a model is loaded
 from .config import DTYPES, ConfigError, from_dict, load_config
-from .data.text_encoders import TEXT_ENCODERS  # transformers is imported only when a model is loaded
 from .errors import TDMError, TrainingAborted
 
 
@@ -67,7 +67,7 @@ def _cache_prompts(args: argparse.Namespace) -> None:
 
     prompts = read_prompts(args.prompts, column=args.column)
     prompts, dropped = (prompts, 0) if args.keep_duplicates else drop_duplicates(prompts)
-    family, dtype = TEXT_ENCODERS[args.family], getattr(torch, args.dtype)
+    family, dtype = PROMPT_ENCODERS[args.family], getattr(torch, args.dtype)
     folder = resolve_model(args.model, family)
     fingerprint = family.fingerprint(folder, dtype)
     encoded = cache_prompts(prompts, lambda: family.load(folder, args.device, dtype), fingerprint, args.out,
@@ -117,14 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     cache = sub.add_parser("cache-prompts", help="encode a prompt file once into an on-disk text-embedding cache")
     cache.add_argument("--prompts", required=True, help="a .txt/.jsonl/.csv/.parquet file or a dataset folder")
     cache.add_argument("--column", help="prompt column of a table (default: the first of prompt, caption, text)")
-    cache.add_argument("--model", required=True, help="text-encoder folder (or pipeline folder) or hub id")
-    cache.add_argument("--family", required=True, choices=sorted(TEXT_ENCODERS), help="how to encode prompts")
+    cache.add_argument("--model", required=True, help="pipeline folder or hub id (clip: also a text-encoder folder)")
+    cache.add_argument("--family", required=True, choices=sorted(PROMPT_ENCODERS),
+                       help="how to encode prompts: a teacher family (backbone.name; fills the cache its "
+                            "backbone.prompt_cache reads) or clip")
     cache.add_argument("--out", required=True, help="cache root; embeddings go to OUT/<text-encoder fingerprint>/")
     cache.add_argument("--negative-prompt", default="", help="unconditional / negative prompt (default: empty)")
     cache.add_argument("--keep-duplicates", action="store_true", help="keep repeated prompts (default: drop)")
     cache.add_argument("--batch-size", type=int, default=64)
     cache.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
-    cache.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    cache.add_argument("--dtype", default="float32", choices=DTYPES, help="the text encoders' (= backbone.dtype)")
 
     for name, what in (("train-teacher", "the digits teacher"), ("train-classifier", "the digits metric classifier")):
         p = sub.add_parser(name, help=f"retrain {what}; options as `python -m tdm.toys.digits {name} --help`")

@@ -39,9 +39,14 @@ class BackboneConfig:
                           # diffusers families (required): a hub id or a local folder of the stock pipeline
     prediction: str = ""  # toy-gmm only: epsilon | v_prediction | sample | flow ("" = the family's default)
     # ---- diffusers families only ----
-    prompts: str = ""          # training prompts: a UTF-8 text file, one prompt per line
+    prompts: str = ""          # training prompts (tdm.data.load_prompts): a .txt file (one per line), a .jsonl /
+                               # .csv / .parquet table, or a folder of such files or a `datasets.save_to_disk` one
+    prompt_column: str = ""    # the prompt column of a table; "" = the first of prompt, caption, text
+    keep_duplicate_prompts: bool = False  # keep repeated prompts (drawn more often); default: keep the first only
     negative_prompt: str = ""  # unconditional prompt of the teacher's CFG ("" = the pipeline's default:
                                # the empty prompt; SDXL: zero embeddings)
+    prompt_cache: str = ""     # folder of the text-embedding cache (tdm cache-prompts writes it; misses are encoded
+                               # into it on first use, then the text encoders are released); "" = encode in memory
     height: int = 0            # sample size in pixels; 0 = the model's native size (e.g. 512 for SD1.5)
     width: int = 0
     frames: int = 0            # cogvideox: frames per video in pixel space; 0 = the model's default (49)

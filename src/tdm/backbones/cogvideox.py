@@ -73,11 +73,16 @@ class CogVideoXBackbone(DiffusersBackbone):
         return {**super().pipeline_kwargs(), "num_frames": self.frames,
                 "max_sequence_length": self.denoiser.config.max_text_seq_length}
 
-    def encode(self, prompts, with_negative):
-        pos, neg = self.pipeline.encode_prompt(
-            prompts, negative_prompt=self.negative_prompt, do_classifier_free_guidance=with_negative,
-            max_sequence_length=self.denoiser.config.max_text_seq_length, device=self.device)
-        return {"prompt_embeds": pos}, (None if neg is None else {"prompt_embeds": neg})
+    @classmethod
+    def text_settings(cls, denoiser_config, own):
+        # the text length the transformer was built for (CogVideoXTransformer3DModel's default: 226)
+        return {"max_sequence_length": denoiser_config.get("max_text_seq_length", 226)}
+
+    @classmethod
+    def encode_text(cls, pipeline, prompts, device, settings):
+        embeds, _ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
+                                           max_sequence_length=settings["max_sequence_length"])
+        return {"prompt_embeds": embeds}
 
     def to_videos(self, samples: Tensor) -> Tensor:
         """Samples -> videos [N, F, 3, H, W] in [0, 1] on the CPU."""

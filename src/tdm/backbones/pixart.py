@@ -40,13 +40,19 @@ class PixArtAlphaBackbone(DiffusersBackbone):
         return {**super().pipeline_kwargs(), "max_sequence_length": MAX_SEQUENCE_LENGTH, "clean_caption": False,
                 "use_resolution_binning": False}
 
-    def encode(self, prompts, with_negative):
-        pos, mask, neg, neg_mask = self.pipeline.encode_prompt(
-            prompts, do_classifier_free_guidance=with_negative, negative_prompt=self.negative_prompt or "",
-            device=self.device, clean_caption=False, max_sequence_length=MAX_SEQUENCE_LENGTH)
-        micro = self._micro_conditions(len(prompts), pos.dtype)
-        cond = {"prompt_embeds": pos, "prompt_attention_mask": mask, **micro}
-        return cond, (None if neg is None else {"prompt_embeds": neg, "prompt_attention_mask": neg_mask, **micro})
+    @classmethod
+    def text_settings(cls, denoiser_config, own):
+        return {"max_sequence_length": MAX_SEQUENCE_LENGTH, "clean_caption": False}
+
+    @classmethod
+    def encode_text(cls, pipeline, prompts, device, settings):
+        embeds, mask, _, _ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
+                                                    clean_caption=settings["clean_caption"],
+                                                    max_sequence_length=settings["max_sequence_length"])
+        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}  # the mask: int64 [B, 120]
+
+    def add_conditions(self, text):
+        return {**text, **self._micro_conditions(len(text["prompt_embeds"]), text["prompt_embeds"].dtype)}
 
     def _micro_conditions(self, batch: int, dtype: torch.dtype) -> dict[str, Tensor]:
         if self.denoiser.config.sample_size != 128:  # the pipeline's rule: only the 1024 model takes them

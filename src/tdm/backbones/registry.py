@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 
 from ..config import BackboneConfig, ConfigError
 from ..core.prediction import PredictionType
+from ..data import EmbeddingCacheError, PromptSourceError, load_prompts
+from ..data.text_encoders import TEXT_ENCODERS, TextEncoderError, TextEncoderFamily
+from ..errors import TDMError
 from .base import Backbone
+
+if TYPE_CHECKING:
+    from .diffusers_base import DiffusersBackbone
 
 
 def _toy_gmm(config: BackboneConfig) -> Backbone:
@@ -39,18 +47,32 @@ def _digits(config: BackboneConfig) -> Backbone:
         raise ConfigError(f"backbone.teacher: cannot load {config.teacher or 'the shipped teacher'}: {first}") from None
 
 
-def read_prompts(path: str) -> list[str]:
-    """Training prompts: the non-empty lines of a UTF-8 text file."""
+# diffusers teacher families: backbone.name -> (module of tdm.backbones, class), imported on first use
+DIFFUSERS_FAMILIES: dict[str, tuple[str, str]] = {
+    "sd15": ("sd_unet", "SDBackbone"),
+    "sdxl": ("sdxl", "SDXLBackbone"),
+    "pixart-alpha": ("pixart", "PixArtAlphaBackbone"),
+    "sd3": ("sd3", "SD3Backbone"),
+    "cogvideox": ("cogvideox", "CogVideoXBackbone"),
+}
+
+
+def diffusers_family(name: str) -> type[DiffusersBackbone]:
+    module, cls = DIFFUSERS_FAMILIES[name]
+    return getattr(importlib.import_module(f"{__package__}.{module}"), cls)
+
+
+def _training_prompts(config: BackboneConfig) -> list[str]:
+    if not config.prompts:
+        return []
     try:
-        prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"backbone.prompts: cannot read {path}: {err}") from None
-    if not prompts:
-        raise ConfigError(f"backbone.prompts: {path} has no prompts (expected one prompt per line)")
-    return prompts
+        return load_prompts(config.prompts, column=config.prompt_column or None,
+                            keep_duplicates=config.keep_duplicate_prompts)
+    except PromptSourceError as err:
+        raise ConfigError(f"backbone.{err}") from None  # the message starts with "prompts: <path>"
 
 
-def _load_diffusers(cls, config: BackboneConfig, **family_kwargs) -> Backbone:
+def _load_diffusers(config: BackboneConfig) -> Backbone:
     """A diffusers teacher family's `from_pretrained` on the config's pipeline, on the current accelerator
     device (the trainer builds the backbone after accelerate's set-up has chosen it)."""
     if not config.teacher:
@@ -59,56 +81,54 @@ def _load_diffusers(cls, config: BackboneConfig, **family_kwargs) -> Backbone:
     if config.prediction:
         raise ConfigError(f"backbone.prediction: {config.name} takes the teacher's prediction type from its "
                           f"scheduler config; leave it empty")
+    if config.prompt_cache and Path(config.prompt_cache).is_file():
+        raise ConfigError(f"backbone.prompt_cache: {config.prompt_cache} is a file (expected a cache folder)")
+    cls = diffusers_family(config.name)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    prompts = read_prompts(config.prompts) if config.prompts else []
     try:
-        return cls.from_pretrained(config.teacher, prompts=prompts, height=config.height, width=config.width,
-                                   negative_prompt=config.negative_prompt or None,
-                                   dtype=getattr(torch, config.dtype), device=device, **family_kwargs)
+        return cls.from_pretrained(config.teacher, prompts=_training_prompts(config), height=config.height,
+                                   width=config.width, negative_prompt=config.negative_prompt or None,
+                                   dtype=getattr(torch, config.dtype), device=device,
+                                   prompt_cache=config.prompt_cache,
+                                   **{key: getattr(config, key) for key in cls.init_kwargs()})
+    except EmbeddingCacheError as err:
+        raise ConfigError(f"backbone.prompt_cache: {err}") from None
+    except TDMError:
+        raise
     except (OSError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(f"backbone.teacher: cannot load the {config.name} pipeline {config.teacher}: "
                           f"{first}") from None
 
 
-def _sd15(config: BackboneConfig) -> Backbone:
-    from .sd_unet import SDBackbone
+def _pipeline_prompt_encoder(name: str) -> TextEncoderFamily:
+    """`tdm cache-prompts --family NAME`: the family's own prompt encoding, so the cache is the one its backbone
+    reads (same `text_fingerprint`), for the family's default arguments (SD3: with T5)."""
 
-    return _load_diffusers(SDBackbone, config)
+    def on_pipeline(folder: Path, read: Callable):
+        try:
+            return read(diffusers_family(name))
+        except (OSError, ValueError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise TextEncoderError(f"--model {folder}: cannot read the text encoders of a {name} pipeline "
+                                   f"folder: {first}") from None
 
-
-def _sdxl(config: BackboneConfig) -> Backbone:
-    from .sdxl import SDXLBackbone
-
-    return _load_diffusers(SDXLBackbone, config)
-
-
-def _pixart_alpha(config: BackboneConfig) -> Backbone:
-    from .pixart import PixArtAlphaBackbone
-
-    return _load_diffusers(PixArtAlphaBackbone, config)
-
-
-def _sd3(config: BackboneConfig) -> Backbone:
-    from .sd3 import SD3Backbone
-
-    return _load_diffusers(SD3Backbone, config, text_encoder_3=config.text_encoder_3)
+    return TextEncoderFamily(
+        fetch=lambda model: diffusers_family(name).fetch_text_parts(model),
+        fingerprint=lambda folder, dtype: on_pipeline(folder, lambda cls: cls.text_fingerprint(folder, dtype, {})),
+        load=lambda folder, device, dtype: on_pipeline(
+            folder, lambda cls: cls.load_prompt_encoder(folder, device, dtype)))
 
 
-def _cogvideox(config: BackboneConfig) -> Backbone:
-    from .cogvideox import CogVideoXBackbone
-
-    return _load_diffusers(CogVideoXBackbone, config, frames=config.frames)
+# what `tdm cache-prompts --family` accepts: the plain CLIP encoder of tdm.data and every diffusers family
+PROMPT_ENCODERS: dict[str, TextEncoderFamily] = {
+    **TEXT_ENCODERS, **{name: _pipeline_prompt_encoder(name) for name in DIFFUSERS_FAMILIES}}
 
 
 BACKBONES: dict[str, Callable[[BackboneConfig], Backbone]] = {
     "toy-gmm": _toy_gmm,
     "digits": _digits,
-    "sd15": _sd15,
-    "sdxl": _sdxl,
-    "pixart-alpha": _pixart_alpha,
-    "sd3": _sd3,
-    "cogvideox": _cogvideox,
+    **dict.fromkeys(DIFFUSERS_FAMILIES, _load_diffusers),
 }
 
 

@@ -46,9 +46,18 @@ class SD3Backbone(DiffusersBackbone):
     def pipeline_kwargs(self):
         return {**super().pipeline_kwargs(), "max_sequence_length": MAX_SEQUENCE_LENGTH}
 
-    def encode(self, prompts, with_negative):
-        pos, neg, pooled, neg_pooled = self.pipeline.encode_prompt(
-            prompts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=with_negative,
-            negative_prompt=self.negative_prompt, max_sequence_length=MAX_SEQUENCE_LENGTH)
-        cond = {"prompt_embeds": pos, "pooled_projections": pooled}
-        return cond, (None if neg is None else {"prompt_embeds": neg, "pooled_projections": neg_pooled})
+    @classmethod
+    def text_parts(cls, own):
+        t5 = ("text_encoder_3", "tokenizer_3") if own.get("text_encoder_3", True) else ()
+        return ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", *t5)
+
+    @classmethod
+    def text_settings(cls, denoiser_config, own):
+        return {"max_sequence_length": MAX_SEQUENCE_LENGTH, "t5": own.get("text_encoder_3", True)}
+
+    @classmethod
+    def encode_text(cls, pipeline, prompts, device, settings):
+        embeds, _, pooled, _ = pipeline.encode_prompt(prompts, prompt_2=None, prompt_3=None, device=device,
+                                                      do_classifier_free_guidance=False,
+                                                      max_sequence_length=settings["max_sequence_length"])
+        return {"prompt_embeds": embeds, "pooled_projections": pooled}

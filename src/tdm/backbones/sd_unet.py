@@ -35,7 +35,7 @@ class SDBackbone(DiffusersBackbone):
             raise ConfigError(f"backbone.teacher: {self.source} has a guidance-embedding UNet (time_cond_proj_dim); "
                               f"tdm distils plain CFG teachers")
 
-    def encode(self, prompts, with_negative):
-        pos, neg = self.pipeline.encode_prompt(prompts, self.device, 1, with_negative,
-                                               negative_prompt=self.negative_prompt)
-        return {"prompt_embeds": pos}, (None if neg is None else {"prompt_embeds": neg})
+    @classmethod
+    def encode_text(cls, pipeline, prompts, device, settings):
+        embeds, _ = pipeline.encode_prompt(prompts, device, 1, False)
+        return {"prompt_embeds": embeds}

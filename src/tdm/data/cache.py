@@ -13,8 +13,9 @@ TDM needs only the prompts' embeddings, c for every training prompt and c_null f
   at worst a complete shard that index.json does not list (ignored, overwritten by the next write), never a
   half-written shard that is read. Only listed shards of the recorded size are read.
 - Values are stored as the encoder returned them (dtype included), so reading back is bit-exact.
-- One writer at a time (run `tdm cache-prompts` before training, or encode on the main process only); any
-  number of readers.
+- Writers take turns: `encode_missing` holds an exclusive lock (root/.<fingerprint>.lock, fcntl) and re-reads
+  index.json under it, so processes that start training together encode each missing prompt once. Any number
+  of readers.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -96,11 +98,7 @@ class EmbeddingCache:
             raise EmbeddingCacheError(f"fingerprint must be a non-empty [A-Za-z0-9_-] name, got {fingerprint!r}")
         self.fingerprint = fingerprint
         self.folder = Path(root) / fingerprint
-        self._shards: list[dict] = []  # {"file", "rows", "bytes"} in index order
-        self._spec: dict[str, dict] = {}  # key -> {"dtype": "float16", "shape": [77, 768]} (one prompt's)
-        self._where: dict[str, tuple[int, int]] = {}  # prompt -> (shard number, row)
-        if (self.folder / INDEX).is_file():
-            self._load_index()
+        self._reload()
 
     def __len__(self) -> int:
         return len(self._where)
@@ -118,12 +116,17 @@ class EmbeddingCache:
         `shard_rows` prompts, each committed as soon as it is complete. Returns how many prompts were encoded."""
         if batch_size < 1 or shard_rows < 1:
             raise EmbeddingCacheError(f"batch_size and shard_rows must be >= 1, got {batch_size}, {shard_rows}")
-        todo = self.missing(prompts)
-        for start in range(0, len(todo), shard_rows):
-            chunk = todo[start:start + shard_rows]
-            parts = [self._checked(encode_fn(chunk[i:i + batch_size]), len(chunk[i:i + batch_size]))
-                     for i in range(0, len(chunk), batch_size)]
-            self._write_shard(chunk, {key: torch.cat([part[key] for part in parts]) for key in self._spec})
+        prompts = list(prompts)
+        if not self.missing(prompts):
+            return 0
+        with self._writer_lock():
+            self._reload()  # another process may have cached some of them meanwhile
+            todo = self.missing(prompts)
+            for start in range(0, len(todo), shard_rows):
+                chunk = todo[start:start + shard_rows]
+                parts = [self._checked(encode_fn(chunk[i:i + batch_size]), len(chunk[i:i + batch_size]))
+                         for i in range(0, len(chunk), batch_size)]
+                self._write_shard(chunk, {key: torch.cat([part[key] for part in parts]) for key in self._spec})
         return len(todo)
 
     def embeddings(self, prompts: list[str], negative_prompt: str | None = None) -> PromptEmbeddings:
@@ -172,6 +175,30 @@ class EmbeddingCache:
         number = len(self._shards)
         self._shards.append(entry)
         self._where.update((prompt, (number, row)) for row, prompt in enumerate(prompts))
+
+    @contextmanager
+    def _writer_lock(self) -> Iterator[None]:
+        """Exclusive across processes (where fcntl exists: Linux, macOS), held while shards are written."""
+        try:
+            import fcntl
+        except ImportError:
+            yield
+            return
+        path = self.folder.with_name(f".{self.folder.name}.lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _reload(self) -> None:
+        self._shards: list[dict] = []  # {"file", "rows", "bytes"} in index order
+        self._spec: dict[str, dict] = {}  # key -> {"dtype": "float16", "shape": [77, 768]} (one prompt's)
+        self._where: dict[str, tuple[int, int]] = {}  # prompt -> (shard number, row)
+        if (self.folder / INDEX).is_file():
+            self._load_index()
 
     def _load_index(self) -> None:
         path = self.folder / INDEX

@@ -118,7 +118,7 @@ def _pick_column(where: str, available: list[str], column: str | None) -> str:
     else:
         wanted = f"no column {column!r}"
     raise PromptSourceError(f"prompts: {where} has {wanted}; available columns: {available} "
-                            f"(choose one with column= or --column)")
+                            f"(choose one with column=, --column or backbone.prompt_column)")
 
 
 def _string_or_none(path: Path, where: str, value: Any) -> str | None:

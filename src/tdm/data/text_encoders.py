@@ -1,8 +1,8 @@
 """Text encoders `tdm cache-prompts` can run, by name: each gives a cheap fingerprint and a loaded encode function.
 
-The diffusers family adapters add their own entries (their `encode_prompts`); "clip" is a CLIP text model with
-its tokenizer, as SD 1.x encodes prompts (padded to the tokenizer's max length, last hidden state).
-transformers and huggingface_hub are imported lazily (the [diffusers] extra).
+"clip" is a CLIP text model with its tokenizer, as SD 1.x encodes prompts (padded to the tokenizer's max length,
+last hidden state). The diffusers teacher families add their own entries, built on their pipelines' prompt
+encoding (`tdm.backbones.registry.PROMPT_ENCODERS`). transformers and huggingface_hub are imported lazily.
 """
 
 from __future__ import annotations
@@ -26,22 +26,20 @@ class TextEncoderError(TDMError, ValueError):
 class TextEncoderFamily:
     """How to fingerprint and load one kind of text encoder from a local folder."""
 
-    hub_files: tuple[str, ...]  # allow_patterns for fetching a hub repo: only the encoder's files
+    fetch: Callable[[str], Path]  # hub id -> local folder holding the encoder's files (downloaded or cached)
     fingerprint: Callable[[Path, torch.dtype], str]  # reads files only, loads no weights
     load: Callable[[Path, str, torch.dtype], EncodeFn]  # (folder, device, dtype) -> encode_fn
 
 
 def resolve_model(model: str, family: TextEncoderFamily) -> Path:
-    """A local folder as is; otherwise a hub id fetched (or found in the hub cache) with only the encoder's files."""
+    """A local folder as is; otherwise a hub id fetched (or found in the hub cache) by `family.fetch`."""
     path = Path(model)
     if path.is_dir():
         return path
     if path.exists():
         raise TextEncoderError(f"--model {model}: expected a folder or a hub id, got a file")
     try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(model, allow_patterns=list(family.hub_files)))
+        return family.fetch(model)
     except Exception as err:  # offline, unknown repo, bad id: all mean "not found" to the user
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TextEncoderError(f"--model {model}: not a local folder, and not available from the hub: "
@@ -53,6 +51,14 @@ def _clip_folders(root: Path) -> tuple[Path, Path]:
     if (root / "text_encoder").is_dir():
         return root / "text_encoder", root / "tokenizer"
     return root, root
+
+
+def _clip_fetch(model: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model, allow_patterns=[  # only the encoder's files
+        "config.json", "model.safetensors", "text_encoder/config.json", "text_encoder/model.safetensors",
+        "tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer/*"]))
 
 
 def _clip_fingerprint(root: Path, dtype: torch.dtype) -> str:
@@ -83,10 +89,5 @@ def _clip_load(root: Path, device: str, dtype: torch.dtype) -> EncodeFn:
 
 
 TEXT_ENCODERS: dict[str, TextEncoderFamily] = {
-    "clip": TextEncoderFamily(
-        hub_files=("config.json", "model.safetensors", "text_encoder/config.json", "text_encoder/model.safetensors",
-                   "tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer/*"),
-        fingerprint=_clip_fingerprint,
-        load=_clip_load,
-    ),
+    "clip": TextEncoderFamily(fetch=_clip_fetch, fingerprint=_clip_fingerprint, load=_clip_load),
 }
