@@ -49,7 +49,7 @@ VARIANTS = {
 }
 TOYS = {  # preset, training budget (sized so the whole table takes under an hour on 2 CPU cores),
           # samples per evaluation, the metric the table leads with
-    "digits": {"preset": "digits-demo", "iterations": 200, "batch_size": 64, "samples": 500,
+    "digits": {"preset": "digits-demo", "iterations": 200, "batch_size": 32, "samples": 500,
                "headline": "fd_teacher50"},
     "toy-gmm": {"preset": "toy-gmm", "iterations": 300, "batch_size": 512, "samples": 2000,
                 "headline": "energy_distance"},
@@ -228,6 +228,7 @@ def main(argv=None):
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--iterations", type=int, default=None, help="training budget (default: per toy)")
+    parser.add_argument("--batch-size", type=int, default=None, help="training batch (default: per toy)")
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is robust on a shared machine)")
     parser.add_argument("--page", default=None, help="also write the markdown page here (docs/ablations.md)")
@@ -239,7 +240,8 @@ def main(argv=None):
     command = "python benchmarks/ablations.py " + " ".join(sys.argv[1:] if argv is None else argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     for toy in args.toys.split(","):
-        spec = {**TOYS[toy], **({"iterations": args.iterations} if args.iterations else {})}
+        spec = {**TOYS[toy], **({"iterations": args.iterations} if args.iterations else {}),
+                **({"batch_size": args.batch_size} if args.batch_size else {})}
         results = data.setdefault(toy, {"settings": {**spec, "steps": STEPS, "eval_seed": EVAL_SEED}, "cells": {}})
         backbone = build_backbone(load_config(spec["preset"]).backbone)
         ref_features, results["reference"] = _reference(backbone, load_config(spec["preset"]), spec["samples"])
