@@ -1,4 +1,4 @@
-"""The `tdm` command: distill | demo | train-teacher | train-classifier."""
+"""The `tdm` command: distill | evaluate | demo | train-teacher | train-classifier."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ from pathlib import Path
 
 from .config import load_config
 from .errors import TDMError, TrainingAborted
+
+
+def _command_line() -> str:
+    """The command as typed, for reports."""
+    return "tdm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def _distill(preset: str, overrides: list[str], out: str, resume: str | None, report: bool) -> Path:
@@ -27,11 +32,28 @@ def _distill(preset: str, overrides: list[str], out: str, resume: str | None, re
             print(f"tdm: stopped by {trainer.stopped_by} after iteration {trainer.step}; checkpoint: {path}; "
                   f"continue with --resume auto")
         elif report and config.eval.num_samples > 0:
-            command = "tdm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-            write_report(Path(out), evaluate_distillation(trainer), trainer.history, trainer.backbone, command)
+            write_report(Path(out), evaluate_distillation(trainer), trainer.history, trainer.backbone,
+                         _command_line())
             print(f"report: {Path(out) / 'report.md'}")
     trainer.close()
     return Path(out)
+
+
+def _evaluate(args: argparse.Namespace) -> Path:
+    from .evaluate.comparison_report import comparison_table
+    from .evaluate.harness import EvaluateOptions, evaluate, write_evaluation
+
+    options = EvaluateOptions(
+        teacher_steps=tuple(args.teacher_steps), student_steps=tuple(args.student_steps),
+        num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size, features=args.features,
+        inception=args.inception, reference_dir=args.reference_dir, clip_model=args.clip_model,
+        preference=tuple(args.preference), latency_repeats=args.latency_repeats, grid_columns=args.grid_columns,
+        **({"device": args.device} if args.device else {}))
+    result, backbone = evaluate(args.run, args.baseline, options)
+    report = write_evaluation(args.out, result, backbone, _command_line())
+    print(comparison_table(result["rows"], result["floor"]))
+    print(f"report: {report}")
+    return report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +67,32 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--out", required=True, help="run folder (checkpoints, tensorboard, report)")
     distill.add_argument("--resume", help="checkpoint folder, or 'auto' for the newest complete one in --out")
     distill.add_argument("--no-report", action="store_true", help="skip the end-of-run evaluation report")
+
+    ev = sub.add_parser("evaluate", help="compare teacher, baseline and student: FD, KID, CLIP, timings, grids",
+                        description="Sample the teacher (DDIM, the run's CFG) at each --teacher-steps, the baseline "
+                        "at its K and the student at each --student-steps on the same conditions and seeds; write "
+                        "report.md, metrics.json, samples.png and quality.png to --out and print the table.")
+    ev.add_argument("run", help="a run folder (its newest checkpoint) or a checkpoint folder")
+    ev.add_argument("--out", required=True, help="folder for report.md, metrics.json and the figures")
+    ev.add_argument("--baseline", help="run or checkpoint of the DMD-style baseline, e.g. one made with "
+                    "`tdm distill --config digits-demo --set tdm.num_steps=1 --out runs/k1`")
+    ev.add_argument("--teacher-steps", type=int, nargs="+", default=[50, 4],
+                    help="teacher DDIM step counts; the first is the FD / KID reference (default: 50 4)")
+    ev.add_argument("--student-steps", type=int, nargs="+", default=[1, 2, 4, 8])
+    ev.add_argument("--num-samples", type=int, default=1000, help="samples per sampler (default: 1000)")
+    ev.add_argument("--seed", type=int, default=1234, help="noise seed of every row (reference teacher: seed + 1)")
+    ev.add_argument("--batch-size", type=int, default=250)
+    ev.add_argument("--features", default="auto", choices=["auto", "inception", "digits-classifier", "none"],
+                    help="feature network of FD / KID (auto: digits classifier for digits, else Inception if found)")
+    ev.add_argument("--inception", metavar="PATH", help="inception-2015-12-05.pt (else $TDM_INCEPTION, "
+                    "~/.cache/tdm/, $TORCH_HOME/hub/checkpoints/; never downloaded)")
+    ev.add_argument("--reference-dir", metavar="DIR", help="folder of reference images for fd_reference, kid_reference")
+    ev.add_argument("--clip-model", metavar="ID_OR_DIR", help="transformers CLIP model for clip_score")
+    ev.add_argument("--preference", nargs="+", default=[], metavar="NAME[=MODEL]",
+                    help="hpsv2, imagereward, pickscore (each needs its package or model installed)")
+    ev.add_argument("--latency-repeats", type=int, default=5, help="single-sample runs timed per sampler (0: skip)")
+    ev.add_argument("--grid-columns", type=int, default=20, help="conditions shown per sampler in samples.png")
+    ev.add_argument("--device", help="default: cuda if available, else cpu")
 
     demo = sub.add_parser("demo", help="distil the shipped digits teacher into a 4-step student on CPU")
     demo.add_argument("--out", default="runs/demo")
@@ -63,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "distill":
             _distill(args.config, args.overrides, args.out, args.resume, not args.no_report)
+        elif args.command == "evaluate":
+            _evaluate(args)
         elif args.command == "demo":
             _distill("digits-demo", args.overrides, args.out, None, True)
         else:

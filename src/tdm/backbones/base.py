@@ -43,6 +43,10 @@ class Backbone(ABC):
     def evaluation_conditions(self, num_samples: int) -> Cond:
         """Fixed, balanced conditions for evaluation and sample grids."""
 
+    def evaluation_prompts(self, num_samples: int) -> list[str] | None:
+        """The text of `evaluation_conditions(num_samples)`, for CLIP and preference scores (None: no text)."""
+        return None
+
     @abstractmethod
     def metrics(self, samples: Tensor, cond: Cond) -> dict[str, float]:
         """Quality metrics of generated samples [N, *sample_shape] for conditions `cond`."""

@@ -352,6 +352,10 @@ class DigitsBackbone(Backbone):
         """Balanced labels 0, 1, ..., 9, 0, 1, ..."""
         return torch.arange(num_samples, device=self._device) % NUM_CLASSES
 
+    def evaluation_prompts(self, num_samples: int) -> list[str]:
+        """'a handwritten digit 0', ... for the balanced labels of `evaluation_conditions`."""
+        return [f"a handwritten digit {c}" for c in self.evaluation_conditions(num_samples).tolist()]
+
     @torch.no_grad()
     def features(self, samples: Tensor) -> Tensor:
         """Classifier features [N, D] (CPU) of samples [N, 1, 8, 8], clamped to the image range first."""

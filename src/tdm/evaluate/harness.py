@@ -1,0 +1,217 @@
+"""`tdm evaluate`: the teacher, a baseline and a student checkpoint compared on fixed conditions and seeds.
+
+Rows: the teacher's DDIM sampler at each `teacher_steps` (with the run's CFG; the first is the reference),
+the baseline checkpoint at its own K (a TDM run with K = 1 is the DMD-style one-step baseline), and the
+student at each `student_steps`. Columns: NFE, FD and KID to reference-teacher samples drawn with other seeds
+(and to a folder of reference images), the backbone's own metrics, CLIP and preference scores, timings.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..backbones.base import Backbone
+from ..backbones.registry import build_backbone
+from ..checkpoint import CheckpointError, is_complete, latest_checkpoint, load_checkpoint, read_manifest
+from ..config import Config, from_dict, to_dict
+from ..errors import TDMError
+from ..files import sha256_file, write_text_atomic
+from .compare import SetScorer, compare_to_reference, student_samplers, teacher_samplers
+from .comparison_report import write_comparison
+from .features import (
+    DigitsClassifierFeatures,
+    FeatureExtractor,
+    InceptionFeatures,
+    MissingModel,
+    load_preference_scorer,
+)
+from .image_folder import load_image_folder
+
+FEATURE_CHOICES = ("auto", "inception", "digits-classifier", "none")
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    teacher_steps: tuple[int, ...] = (50, 4)        # the first is the reference of fd_* / kid_*
+    student_steps: tuple[int, ...] = (1, 2, 4, 8)
+    num_samples: int = 1000                         # per sampler, balanced over the evaluation conditions
+    seed: int = 1234                                # noise seed of every row; the reference teacher uses seed + 1
+    batch_size: int = 250
+    features: str = "auto"                          # auto | inception | digits-classifier | none
+    inception: str | None = None                    # path of inception-2015-12-05.pt (else $TDM_INCEPTION, caches)
+    reference_dir: str | None = None                # folder of reference images: fd_reference, kid_reference
+    clip_model: str | None = None                   # transformers CLIP hub id or folder: clip_score
+    preference: tuple[str, ...] = ()                # hpsv2 | imagereward | pickscore, each optionally =MODEL
+    latency_repeats: int = 5                        # single-sample generations timed per sampler (0 = skip)
+    grid_columns: int = 20
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+
+    def __post_init__(self):
+        if not self.teacher_steps or min(self.teacher_steps) < 1 or min(self.student_steps, default=1) < 1:
+            raise TDMError("--teacher-steps needs at least one value; all step counts must be >= 1")
+        if self.num_samples < 2 or self.batch_size < 1:
+            raise TDMError(f"--num-samples must be >= 2 and --batch-size >= 1, got {self.num_samples}, "
+                           f"{self.batch_size}")
+        if self.features not in FEATURE_CHOICES:
+            raise TDMError(f"--features must be one of {FEATURE_CHOICES}, got {self.features!r}")
+
+
+@dataclass
+class LoadedStudent:
+    checkpoint: Path
+    config: Config
+    iterations: int
+    weights: str        # the checkpoint file the weights came from: student_ema (when kept) or student
+    model: nn.Module
+
+    def info(self) -> dict:
+        return {"checkpoint": str(self.checkpoint), "iterations": self.iterations, "weights": self.weights,
+                "num_steps": self.config.tdm.num_steps, "config": to_dict(self.config)}
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder itself, or the newest complete checkpoint of a run folder (`<run>/checkpoints`)."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    newest = latest_checkpoint(path / "checkpoints")
+    if newest is None:
+        raise CheckpointError(f"{path} is neither a complete tdm checkpoint nor a run folder with one under "
+                              f"{path / 'checkpoints'}")
+    return newest
+
+
+def load_student(path: str | Path, backbone: Backbone | None = None) -> tuple[LoadedStudent, Backbone]:
+    """The student of a run or checkpoint (its EMA when one was kept, as the trainer samples) and the backbone
+    its saved config builds (or `backbone`, reused)."""
+    checkpoint = find_checkpoint(path)
+    config = from_dict(read_manifest(checkpoint)["config"])
+    backbone = backbone or build_backbone(config.backbone)
+    student = copy.deepcopy(backbone.initial_weights()).eval().requires_grad_(False)
+    weights = "student_ema" if (checkpoint / "student_ema.safetensors").is_file() else "student"
+    iterations, _, _ = load_checkpoint(checkpoint, {weights: student}, {})
+    return LoadedStudent(checkpoint, config, iterations, weights, student), backbone
+
+
+def feature_space(choice: str, backbone: Backbone, inception: str | None,
+                  device) -> tuple[Callable[[Tensor], Tensor] | None, FeatureExtractor | None, dict]:
+    """(features of samples for FD / KID, the image extractor for reference images, a description for the
+    report). `auto`: the digits classifier for digits, raw samples for non-image toys, else Inception when
+    its file is found (FD / KID are skipped with a note when it is not)."""
+    if choice == "none":
+        return None, None, {"name": "none"}
+    if not backbone.is_image:
+        if choice != "auto":
+            raise TDMError(f"--features {choice}: {backbone.name} samples are not images (use auto or none)")
+        return backbone.features, None, {"name": "samples", "description": backbone.features_description}
+    if choice == "auto" and backbone.name == "digits":
+        choice = "digits-classifier"
+    if choice == "digits-classifier":
+        if backbone.name != "digits":
+            raise TDMError(f"--features digits-classifier works only for the digits toy, not {backbone.name}")
+        extractor: FeatureExtractor = DigitsClassifierFeatures(backbone)
+        meta = {}
+    else:  # inception, asked for or chosen by auto
+        try:
+            extractor = InceptionFeatures(inception, device)
+        except MissingModel as err:
+            if choice != "auto":
+                raise
+            print(f"tdm: note: FD and KID skipped: {err}", file=sys.stderr)
+            return None, None, {"name": "none", "description": f"none, skipped: {err}"}
+        meta = {"file": str(extractor.path), "sha256": sha256_file(extractor.path)}
+    meta = {"name": extractor.name, "description": extractor.description, **meta}
+    return (lambda samples: extractor(backbone.to_images(samples))), extractor, meta
+
+
+def text_scorers(backbone: Backbone, options: EvaluateOptions) -> list[SetScorer]:
+    """CLIP score and preference scores of each sample against the text of its condition (mean over samples)."""
+    specs = ([("clip_score", None)] if options.clip_model else []) + [(None, p) for p in options.preference]
+    if not specs:
+        return []
+    prompts = backbone.evaluation_prompts(options.num_samples)
+    if prompts is None or not backbone.is_image:
+        raise TDMError(f"--clip-model / --preference: the {backbone.name} backbone has no text prompts to score")
+    scorers = []
+    for name, spec in specs:
+        if spec is None:
+            from .clip_score import CLIPScorer
+
+            fn = CLIPScorer(options.clip_model, options.device).clip_score
+        else:
+            name, fn = load_preference_scorer(spec, options.device)
+
+        def score(samples: Tensor, cond, name=name, fn=fn) -> dict[str, float]:
+            return {name: float(fn(backbone.to_images(samples), prompts[:len(samples)]).mean())}
+
+        scorers.append(score)
+    return scorers
+
+
+def evaluate(run: str | Path, baseline: str | Path | None, options: EvaluateOptions) -> tuple[dict, Backbone]:
+    """Compare teacher, baseline and student. Returns the metrics.json payload plus the samples per sampler,
+    and the backbone (for `write_evaluation`)."""
+    student, backbone = load_student(run)
+    base = load_student(baseline, backbone)[0] if baseline else None
+    if base is not None and base.config.backbone != student.config.backbone:
+        raise CheckpointError(f"--baseline {base.checkpoint} was made for another teacher ({base.config.backbone}) "
+                              f"than {student.checkpoint} ({student.config.backbone})")
+    device, cfg = options.device, student.config
+    teacher = backbone.teacher.eval().requires_grad_(False).to(device)
+    samplers = teacher_samplers(teacher, backbone.schedule, options.teacher_steps, cfg.tdm.guidance_scale)
+    if base is not None:
+        k = base.config.tdm.num_steps
+        samplers += student_samplers(base.model.to(device), base.config.tdm, backbone.schedule, [k], prefix="dmd",
+                                     label=f"DMD-style baseline (TDM K={k})", kind="baseline")
+    samplers += student_samplers(student.model.to(device), cfg.tdm, backbone.schedule, options.student_steps)
+    features, extractor, features_info = feature_space(options.features, backbone, options.inception, device)
+    references = {}
+    if options.reference_dir:
+        if extractor is None:
+            raise TDMError("--reference-dir needs image features: --features inception or digits-classifier")
+        shape = backbone.sample_shape
+        references["reference"] = extractor(load_image_folder(options.reference_dir, shape[0], shape[1:]))
+    result = compare_to_reference(backbone, samplers, options.num_samples, options.seed, features, references,
+                                  text_scorers(backbone, options), device, options.batch_size,
+                                  options.latency_repeats)
+    return {**result, "student": student.info(), "baseline": base.info() if base else None,
+            "features": features_info, "options": asdict(options), "threads": torch.get_num_threads()}, backbone
+
+
+def write_evaluation(out_dir: str | Path, result: dict, backbone: Backbone, command: str) -> Path:
+    """report.md, metrics.json, samples.png and quality.png under out_dir; returns the report's path."""
+    out_dir = Path(out_dir)
+    o, s, b = result["options"], result["student"], result["baseline"]
+    table, figures = write_comparison(out_dir, {**result, "command": command}, backbone, o["grid_columns"])
+    ref, feats = result["reference"], result["features"]
+    text = [
+        f"# tdm evaluation: {backbone.name}", "",
+        f"Command: `{command}`", "",
+        f"- student: `{s['checkpoint']}` (iteration {s['iterations']}, {s['weights']} weights, trained for "
+        f"K = {s['num_steps']})",
+        f"- baseline: `{b['checkpoint']}` (iteration {b['iterations']}, {b['weights']} weights, TDM with "
+        f"K = {b['num_steps']}: the DMD-style baseline when K = 1)" if b else "- baseline: none (--baseline)",
+        f"- teacher: DDIM with CFG {s['config']['tdm']['guidance_scale']:g}; students sample without guidance",
+        f"- {o['num_samples']} samples per sampler on the same balanced conditions and noise (seed {o['seed']})",
+        f"- features for FD / KID: {feats.get('description', feats['name'])}", "",
+        *table,
+        f"`fd_{ref}` / `kid_{ref}`: Frechet distance / kernel inception distance (mean ± std over 100 subsets) to "
+        f"{o['num_samples']} samples of `{ref}` drawn with seed {o['seed'] + 1}; the `{ref}` row is the "
+        "teacher-vs-teacher floor. `fd_reference` / `kid_reference`: the same against --reference-dir. "
+        "Other metric columns are the backbone's own (for digits: classifier FD to the training and held-out "
+        "images and class accuracy; the floor row scores real held-out digits). `clip_score`: 100 max(cos, 0), "
+        "averaged.", "",
+        f"Timing: wall clock on {o['device']} ({result['threads']} CPU threads), torch.no_grad, after a warm-up "
+        f"batch. `ms / sample` and `samples / s`: all {o['num_samples']} samples in batches of {o['batch_size']}; "
+        f"`latency`: one sample at a time, median of {o['latency_repeats']} runs.", "",
+        *figures,
+    ]
+    write_text_atomic(out_dir / "report.md", "\n".join(text))
+    return out_dir / "report.md"
