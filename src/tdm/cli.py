@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
 
 from .config import load_config
 from .errors import TDMError, TrainingAborted
+from .evaluate.options import FEATURE_CHOICES, EvaluateOptions
 
 
 def _command_line() -> str:
@@ -41,14 +43,11 @@ def _distill(preset: str, overrides: list[str], out: str, resume: str | None, re
 
 def _evaluate(args: argparse.Namespace) -> Path:
     from .evaluate.comparison_report import comparison_table
-    from .evaluate.harness import EvaluateOptions, evaluate, write_evaluation
+    from .evaluate.harness import evaluate, write_evaluation
 
-    options = EvaluateOptions(
-        teacher_steps=tuple(args.teacher_steps), student_steps=tuple(args.student_steps),
-        num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size, features=args.features,
-        inception=args.inception, reference_dir=args.reference_dir, clip_model=args.clip_model,
-        preference=tuple(args.preference), latency_repeats=args.latency_repeats, grid_columns=args.grid_columns,
-        **({"device": args.device} if args.device else {}))
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateOptions)
+             if getattr(args, f.name, None) is not None}
+    options = EvaluateOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
     result, backbone = evaluate(args.run, args.baseline, options)
     report = write_evaluation(args.out, result, backbone, _command_line())
     print(comparison_table(result["rows"], result["floor"]))
@@ -69,29 +68,33 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--no-report", action="store_true", help="skip the end-of-run evaluation report")
 
     ev = sub.add_parser("evaluate", help="compare teacher, baseline and student: FD, KID, CLIP, timings, grids",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                         description="Sample the teacher (DDIM, the run's CFG) at each --teacher-steps, the baseline "
                         "at its K and the student at each --student-steps on the same conditions and seeds; write "
                         "report.md, metrics.json, samples.png and quality.png to --out and print the table.")
+    o = EvaluateOptions  # the defaults
     ev.add_argument("run", help="a run folder (its newest checkpoint) or a checkpoint folder")
     ev.add_argument("--out", required=True, help="folder for report.md, metrics.json and the figures")
     ev.add_argument("--baseline", help="run or checkpoint of the DMD-style baseline, e.g. one made with "
                     "`tdm distill --config digits-demo --set tdm.num_steps=1 --out runs/k1`")
-    ev.add_argument("--teacher-steps", type=int, nargs="+", default=[50, 4],
-                    help="teacher DDIM step counts; the first is the FD / KID reference (default: 50 4)")
-    ev.add_argument("--student-steps", type=int, nargs="+", default=[1, 2, 4, 8])
-    ev.add_argument("--num-samples", type=int, default=1000, help="samples per sampler (default: 1000)")
-    ev.add_argument("--seed", type=int, default=1234, help="noise seed of every row (reference teacher: seed + 1)")
-    ev.add_argument("--batch-size", type=int, default=250)
-    ev.add_argument("--features", default="auto", choices=["auto", "inception", "digits-classifier", "none"],
+    ev.add_argument("--teacher-steps", type=int, nargs="+", default=list(o.teacher_steps),
+                    help="teacher DDIM step counts; the first is the FD / KID reference")
+    ev.add_argument("--student-steps", type=int, nargs="+", default=list(o.student_steps),
+                    help="step counts the student (trained at its K) is sampled at")
+    ev.add_argument("--num-samples", type=int, default=o.num_samples, help="samples per sampler")
+    ev.add_argument("--seed", type=int, default=o.seed, help="noise seed of every row (reference teacher: seed + 1)")
+    ev.add_argument("--batch-size", type=int, default=o.batch_size, help="samples per sampling call (timed)")
+    ev.add_argument("--features", default=o.features, choices=FEATURE_CHOICES,
                     help="feature network of FD / KID (auto: digits classifier for digits, else Inception if found)")
     ev.add_argument("--inception", metavar="PATH", help="inception-2015-12-05.pt (else $TDM_INCEPTION, "
                     "~/.cache/tdm/, $TORCH_HOME/hub/checkpoints/; never downloaded)")
     ev.add_argument("--reference-dir", metavar="DIR", help="folder of reference images for fd_reference, kid_reference")
     ev.add_argument("--clip-model", metavar="ID_OR_DIR", help="transformers CLIP model for clip_score")
-    ev.add_argument("--preference", nargs="+", default=[], metavar="NAME[=MODEL]",
+    ev.add_argument("--preference", nargs="+", default=list(o.preference), metavar="NAME[=MODEL]",
                     help="hpsv2, imagereward, pickscore (each needs its package or model installed)")
-    ev.add_argument("--latency-repeats", type=int, default=5, help="single-sample runs timed per sampler (0: skip)")
-    ev.add_argument("--grid-columns", type=int, default=20, help="conditions shown per sampler in samples.png")
+    ev.add_argument("--latency-repeats", type=int, default=o.latency_repeats,
+                    help="single-sample runs timed per sampler (0: skip)")
+    ev.add_argument("--grid-columns", type=int, default=o.grid_columns, help="conditions per sampler in samples.png")
     ev.add_argument("--device", help="default: cuda if available, else cpu")
 
     demo = sub.add_parser("demo", help="distil the shipped digits teacher into a 4-step student on CPU")

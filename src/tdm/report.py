@@ -76,6 +76,9 @@ def quality_cost_figure(rows: Sequence[dict], metric: str, metric_label: str, pa
         ax.set_xlabel(x_label)
         ax.set_ylabel(metric_label)
         ax.grid(alpha=0.3, which="both")
+        values = [r[metric] for r in rows if metric in r]
+        if min(values) > 0 and max(values) > 20 * min(values):
+            ax.set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     _save_figure(fig, path)

@@ -62,6 +62,16 @@ def _sync(device) -> None:
 
 
 @torch.no_grad()
+def warm_up(backbone: Backbone, sampler: Sampler, batch_size: int, device="cpu") -> None:
+    """One model evaluation (the first step, with guidance) at the timed batch size, before any timing."""
+    x = torch.randn((batch_size, *backbone.sample_shape), device=device)
+    cond = cond_to(backbone.evaluation_conditions(batch_size), device)
+    model = guided(sampler.model, cond_to(backbone.null_condition(batch_size), device), sampler.guidance_scale)
+    rollout(model, x, cond, sampler.grid, backbone.schedule, backbone.prediction, stop_level=sampler.grid.num_steps)
+    _sync(device)
+
+
+@torch.no_grad()
 def draw_samples(backbone: Backbone, sampler: Sampler, num_samples: int, seed: int, batch_size: int = 1000,
                  device="cpu") -> tuple[Tensor, Tensor, float]:
     """Samples (on the CPU) for the backbone's balanced evaluation conditions; returns (samples, cond, seconds).
@@ -79,9 +89,9 @@ def draw_samples(backbone: Backbone, sampler: Sampler, num_samples: int, seed: i
 
 
 def latency_seconds(backbone: Backbone, sampler: Sampler, seed: int, repeats: int, device="cpu") -> float:
-    """Median wall time of one single-sample generation over `repeats` runs, after one warm-up run."""
-    times = [draw_samples(backbone, sampler, 1, seed, device=device)[2] for _ in range(repeats + 1)]
-    return statistics.median(times[1:])
+    """Median wall time of one single-sample generation over `repeats` runs, after a warm-up call."""
+    warm_up(backbone, sampler, 1, device)
+    return statistics.median(draw_samples(backbone, sampler, 1, seed, device=device)[2] for _ in range(repeats))
 
 
 class FeatureDistances:
@@ -109,12 +119,12 @@ def compare(backbone: Backbone, samplers: Sequence[Sampler], num_samples: int, s
             latency_repeats: int = 0) -> tuple[list[dict], dict[str, Tensor]]:
     """One row per sampler: name, label, steps, NFE, every scorer's metrics and the timings; plus the samples.
 
-    Timings (wall clock, no grad, after a warm-up batch): `ms_per_sample` and `samples_per_s` over all
-    `num_samples` in batches of `batch_size`; `latency_ms`, one sample at a time (median of `latency_repeats`
-    runs), when latency_repeats > 0."""
+    Timings (wall clock, no grad, after a warm-up model call at the batch size): `ms_per_sample` and
+    `samples_per_s` over all `num_samples` in batches of `batch_size`; `latency_ms`, one sample at a time
+    (median of `latency_repeats` runs), when latency_repeats > 0."""
     rows, samples = [], {}
     for s in samplers:
-        draw_samples(backbone, s, min(batch_size, num_samples), seed, batch_size, device)  # warm-up
+        warm_up(backbone, s, min(batch_size, num_samples), device)
         x, cond, seconds = draw_samples(backbone, s, num_samples, seed, batch_size, device)
         row = {"sampler": s.name, "label": s.label or s.name, "kind": s.kind, "steps": s.grid.num_steps,
                "nfe": s.nfe}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -33,34 +33,7 @@ from .features import (
     load_preference_scorer,
 )
 from .image_folder import load_image_folder
-
-FEATURE_CHOICES = ("auto", "inception", "digits-classifier", "none")
-
-
-@dataclass(frozen=True)
-class EvaluateOptions:
-    teacher_steps: tuple[int, ...] = (50, 4)        # the first is the reference of fd_* / kid_*
-    student_steps: tuple[int, ...] = (1, 2, 4, 8)
-    num_samples: int = 1000                         # per sampler, balanced over the evaluation conditions
-    seed: int = 1234                                # noise seed of every row; the reference teacher uses seed + 1
-    batch_size: int = 250
-    features: str = "auto"                          # auto | inception | digits-classifier | none
-    inception: str | None = None                    # path of inception-2015-12-05.pt (else $TDM_INCEPTION, caches)
-    reference_dir: str | None = None                # folder of reference images: fd_reference, kid_reference
-    clip_model: str | None = None                   # transformers CLIP hub id or folder: clip_score
-    preference: tuple[str, ...] = ()                # hpsv2 | imagereward | pickscore, each optionally =MODEL
-    latency_repeats: int = 5                        # single-sample generations timed per sampler (0 = skip)
-    grid_columns: int = 20
-    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
-
-    def __post_init__(self):
-        if not self.teacher_steps or min(self.teacher_steps) < 1 or min(self.student_steps, default=1) < 1:
-            raise TDMError("--teacher-steps needs at least one value; all step counts must be >= 1")
-        if self.num_samples < 2 or self.batch_size < 1:
-            raise TDMError(f"--num-samples must be >= 2 and --batch-size >= 1, got {self.num_samples}, "
-                           f"{self.batch_size}")
-        if self.features not in FEATURE_CHOICES:
-            raise TDMError(f"--features must be one of {FEATURE_CHOICES}, got {self.features!r}")
+from .options import EvaluateOptions
 
 
 @dataclass
@@ -185,32 +158,54 @@ def evaluate(run: str | Path, baseline: str | Path | None, options: EvaluateOpti
             "features": features_info, "options": asdict(options), "threads": torch.get_num_threads()}, backbone
 
 
+def _metric_notes(result: dict) -> list[str]:
+    """One line per kind of column present in the table, saying what it measures."""
+    o, ref, row = result["options"], result["reference"], result["rows"][0]
+    notes = []
+    if f"fd_{ref}" in row:
+        notes.append(f"`fd_{ref}` / `kid_{ref}`: Frechet distance and KID (unbiased polynomial-kernel MMD^2, "
+                     f"mean ± spread over 100 subsets) in {result['features']['description']}, to "
+                     f"{o['num_samples']} samples of `{ref}` drawn with seed {o['seed'] + 1}; the `{ref}` row is "
+                     "the teacher-vs-teacher floor.")
+        if result["features"]["name"] != "inception":
+            notes.append("KID is in the units of its kernel on these features (not comparable to published "
+                         "Inception KIDs); compare it within the column only.")
+    if "fd_reference" in row:
+        notes.append(f"`fd_reference` / `kid_reference`: the same against the images in `{o['reference_dir']}`.")
+    if "clip_score" in row:
+        notes.append(f"`clip_score`: 100 max(cos(image, prompt), 0) with `{o['clip_model']}`, averaged.")
+    if "fd_train" in row:
+        notes.append("`fd_train`, `fd_heldout`, `class_accuracy`: the digits toy's own metrics (classifier FD to "
+                     "the real training and held-out digits); the floor row scores real held-out digits.")
+    if "energy_distance" in row:
+        notes.append("`nll`, `energy_distance`, `mode_coverage`, `in_mode_fraction`: the toy's exact metrics "
+                     "against the true mixture; the floor row scores true mixture samples.")
+    return notes
+
+
 def write_evaluation(out_dir: str | Path, result: dict, backbone: Backbone, command: str) -> Path:
     """report.md, metrics.json, samples.png and quality.png under out_dir; returns the report's path."""
     out_dir = Path(out_dir)
     o, s, b = result["options"], result["student"], result["baseline"]
     table, figures = write_comparison(out_dir, {**result, "command": command}, backbone, o["grid_columns"])
-    ref, feats = result["reference"], result["features"]
+    baseline = "none (add one with --baseline)"
+    if b:
+        kind = "the DMD-style one-step baseline" if b["num_steps"] == 1 else "a baseline"
+        baseline = (f"`{b['checkpoint']}` (iteration {b['iterations']}, {b['weights']} weights; TDM trained with "
+                    f"K = {b['num_steps']}, {kind})")
     text = [
         f"# tdm evaluation: {backbone.name}", "",
         f"Command: `{command}`", "",
         f"- student: `{s['checkpoint']}` (iteration {s['iterations']}, {s['weights']} weights, trained for "
         f"K = {s['num_steps']})",
-        f"- baseline: `{b['checkpoint']}` (iteration {b['iterations']}, {b['weights']} weights, TDM with "
-        f"K = {b['num_steps']}: the DMD-style baseline when K = 1)" if b else "- baseline: none (--baseline)",
+        f"- baseline: {baseline}",
         f"- teacher: DDIM with CFG {s['config']['tdm']['guidance_scale']:g}; students sample without guidance",
-        f"- {o['num_samples']} samples per sampler on the same balanced conditions and noise (seed {o['seed']})",
-        f"- features for FD / KID: {feats.get('description', feats['name'])}", "",
+        f"- {o['num_samples']} samples per sampler on the same balanced conditions and noise (seed {o['seed']})", "",
         *table,
-        f"`fd_{ref}` / `kid_{ref}`: Frechet distance / kernel inception distance (mean ± std over 100 subsets) to "
-        f"{o['num_samples']} samples of `{ref}` drawn with seed {o['seed'] + 1}; the `{ref}` row is the "
-        "teacher-vs-teacher floor. `fd_reference` / `kid_reference`: the same against --reference-dir. "
-        "Other metric columns are the backbone's own (for digits: classifier FD to the training and held-out "
-        "images and class accuracy; the floor row scores real held-out digits). `clip_score`: 100 max(cos, 0), "
-        "averaged.", "",
-        f"Timing: wall clock on {o['device']} ({result['threads']} CPU threads), torch.no_grad, after a warm-up "
-        f"batch. `ms / sample` and `samples / s`: all {o['num_samples']} samples in batches of {o['batch_size']}; "
-        f"`latency`: one sample at a time, median of {o['latency_repeats']} runs.", "",
+        *(f"{note}  " for note in _metric_notes(result)),
+        f"Timing: wall clock on {o['device']} with {result['threads']} CPU thread(s), under torch.no_grad, after a "
+        f"warm-up model call. `ms / sample` and `samples / s`: all {o['num_samples']} samples in batches of "
+        f"{o['batch_size']}; `latency`: one sample at a time, median of {o['latency_repeats']} runs.", "",
         *figures,
     ]
     write_text_atomic(out_dir / "report.md", "\n".join(text))
