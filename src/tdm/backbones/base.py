@@ -27,6 +27,7 @@ class Backbone(ABC):
     sample_shape: tuple[int, ...]  # one sample, e.g. (1, 8, 8); the batch dim is added by callers
     is_image: bool = False
     features_description: str = "the raw samples"  # what `features` measures, for reports
+    metrics_description: str = ""  # what the keys of `metrics` measure, one sentence for reports
 
     def initial_weights(self) -> nn.Module:
         return self.teacher

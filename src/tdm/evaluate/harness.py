@@ -140,9 +140,10 @@ def evaluate(run: str | Path, baseline: str | Path | None, options: EvaluateOpti
     teacher = backbone.teacher.eval().requires_grad_(False).to(device)
     samplers = teacher_samplers(teacher, backbone.schedule, options.teacher_steps, cfg.tdm.guidance_scale)
     if base is not None:
-        k = base.config.tdm.num_steps
-        samplers += student_samplers(base.model.to(device), base.config.tdm, backbone.schedule, [k], prefix="dmd",
-                                     label=f"DMD-style baseline (TDM K={k})", kind="baseline")
+        k = base.config.tdm.num_steps  # TDM with K = 1 is the DMD-style one-step baseline
+        prefix, label = ("dmd", "DMD-style baseline (TDM K=1)") if k == 1 else ("baseline", f"baseline (TDM K={k})")
+        samplers += student_samplers(base.model.to(device), base.config.tdm, backbone.schedule, [k], prefix=prefix,
+                                     label=label, kind="baseline")
     samplers += student_samplers(student.model.to(device), cfg.tdm, backbone.schedule, options.student_steps)
     features, extractor, features_info = feature_space(options.features, backbone, options.inception, device)
     references = {}
@@ -174,12 +175,6 @@ def _metric_notes(result: dict) -> list[str]:
         notes.append(f"`fd_reference` / `kid_reference`: the same against the images in `{o['reference_dir']}`.")
     if "clip_score" in row:
         notes.append(f"`clip_score`: 100 max(cos(image, prompt), 0) with `{o['clip_model']}`, averaged.")
-    if "fd_train" in row:
-        notes.append("`fd_train`, `fd_heldout`, `class_accuracy`: the digits toy's own metrics (classifier FD to "
-                     "the real training and held-out digits); the floor row scores real held-out digits.")
-    if "energy_distance" in row:
-        notes.append("`nll`, `energy_distance`, `mode_coverage`, `in_mode_fraction`: the toy's exact metrics "
-                     "against the true mixture; the floor row scores true mixture samples.")
     return notes
 
 
@@ -202,7 +197,7 @@ def write_evaluation(out_dir: str | Path, result: dict, backbone: Backbone, comm
         f"- teacher: DDIM with CFG {s['config']['tdm']['guidance_scale']:g}; students sample without guidance",
         f"- {o['num_samples']} samples per sampler on the same balanced conditions and noise (seed {o['seed']})", "",
         *table,
-        *(f"{note}  " for note in _metric_notes(result)),
+        *(f"{note}  " for note in [*_metric_notes(result), backbone.metrics_description] if note),
         f"Timing: wall clock on {o['device']} with {result['threads']} CPU thread(s), under torch.no_grad, after a "
         f"warm-up model call. `ms / sample` and `samples / s`: all {o['num_samples']} samples in batches of "
         f"{o['batch_size']}; `latency`: one sample at a time, median of {o['latency_repeats']} runs.", "",

@@ -42,7 +42,7 @@ def write_report(out_dir: Path, result: dict, history: list[dict], backbone, com
         *table,
         f"`fd_{result['reference']}` / `kid_{result['reference']}`: Frechet distance and KID to {n} samples of the "
         f"reference teacher sampler drawn with other seeds (its own row is the teacher-vs-teacher floor), measured "
-        f"in {backbone.features_description}. The floor row scores real data in place of samples. "
+        f"in {backbone.features_description}. {backbone.metrics_description or 'The floor row scores real data.'} "
         "Times are wall-clock on this machine, over the whole set in batches of 1000.",
         "",
         *figures,

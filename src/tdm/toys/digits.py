@@ -331,6 +331,9 @@ class DigitsBackbone(Backbone):
     sample_shape = (1, 8, 8)
     is_image = True
     features_description = "the digits classifier's penultimate layer (a classifier FD, not FID)"
+    metrics_description = ("`fd_train`, `fd_heldout`: classifier FD to the real training and held-out digits; "
+                           "`class_accuracy`: the classifier agrees with the requested class. The floor row "
+                           "scores real held-out digits.")
 
     def __init__(self, teacher_path: str | None = None):
         self.teacher = load_teacher(teacher_path)
