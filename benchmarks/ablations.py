@@ -23,7 +23,7 @@ import torch
 from tdm.backbones.registry import build_backbone
 from tdm.config import load_config
 from tdm.core.sampling import teacher_grid
-from tdm.evaluate.compare import Sampler, draw_samples
+from tdm.evaluate.compare import Sampler, draw_samples, student_samplers
 from tdm.evaluate.metrics import frechet_distance
 from tdm.files import write_text_atomic
 from tdm.trainer import Trainer
@@ -91,8 +91,9 @@ def _run(toy: str, variant: str, seed: int, backbone, ref_features, spec: dict) 
         trainer.train()
         seconds = time.perf_counter() - tic
         result = {}
-        for K in STEPS:
-            x, cond, _ = draw_samples(backbone, trainer.student_sampler(K), spec["samples"], EVAL_SEED)
+        for sampler in student_samplers(trainer.student_for_sampling(), config.tdm, backbone.schedule, STEPS):
+            K = sampler.grid.num_steps
+            x, cond, _ = draw_samples(backbone, sampler, spec["samples"], EVAL_SEED)
             result[str(K)] = {**backbone.metrics(x, cond),
                               "fd_teacher50": frechet_distance(backbone.features(x), ref_features)}
         trainer.close()

@@ -24,16 +24,17 @@ def test_demo_writes_its_report(tmp_path):
                  "--set", "train.eval_every=2", "--set", "train.log_every=2", "--set", "eval.num_samples=40",
                  "--set", "eval.teacher_steps=5"])
     assert code == 0
-    for name in ("report.md", "metrics.json", "samples.png", "curves.png", "history.json"):
+    for name in ("report.md", "metrics.json", "samples.png", "quality.png", "curves.png", "history.json"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["sampler"] for r in metrics["rows"]] == ["teacher5", "teacher4", "student1", "student2", "student4",
                                                        "student8"]
-    assert {"nfe", "fd_train", "fd_teacher5", "class_accuracy", "seconds_per_100"} <= set(metrics["rows"][0])
+    assert {"nfe", "fd_train", "fd_teacher5", "class_accuracy", "ms_per_sample",
+            "kid_teacher5"} <= set(metrics["rows"][0])
     assert metrics["rows"][0]["nfe"] == 10 and metrics["rows"][4]["nfe"] == 4
     assert "fd_train" in metrics["floor"] and metrics["iterations"] == 4
     report = (out / "report.md").read_text()
-    assert "| teacher5 | 10 |" in report and "![samples](samples.png)" in report
+    assert "| teacher, 5 DDIM steps, CFG 2 | 10 |" in report and "![samples](samples.png)" in report
     assert "## Diagnostics" in report and metrics["warnings"] == []
     history = json.loads((out / "history.json").read_text())
     logged = set().union(*history)

@@ -10,6 +10,7 @@ from tdm.core.algorithm import TDM, TDMConfig
 from tdm.core.prediction import PredictionType
 from tdm.core.sampling import uniform_grid
 from tdm.core.schedules import DiscreteVP
+from tdm.evaluate.compare import student_samplers
 from tdm.step_conditioning import StepConditioned, bind_steps, initial_network
 from tdm.toys.digits import DigitsUNet
 from tdm.toys.gmm import ToyMLP
@@ -141,7 +142,8 @@ def test_unify_run_trains_every_k_and_samples_with_the_embedding(tmp_path):
     assert trainer.fake_score.step_index_embedding.weight[[1, 2, 4]].abs().sum() > 0
     x, t, c = _inputs("digits")
     with torch.no_grad():
-        a, b = (trainer.student_sampler(K).model(x, t, c) for K in (1, 4))
+        a, b = (sampler.model(x, t, c) for sampler in
+                student_samplers(trainer.student_for_sampling(), config.tdm, trainer.backbone.schedule, [1, 4]))
     assert not torch.allclose(a, b)
     trainer.close()
 

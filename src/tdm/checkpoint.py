@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import TDMError
+from .files import sha256_file
 
 STATE_FILE = "state.json"
 
@@ -89,7 +90,7 @@ def _write_checkpoint(root, tmp, final, step, modules, optimizers, rng, config, 
     save_file({k: v.contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
     _test_only_pause(step)
     files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-    hashes = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
     config_digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     manifest = {"step": step, "files": files, "sha256": hashes, "config_digest": config_digest, "config": config,
                 "base_fingerprint": base_fingerprint}
@@ -114,14 +115,6 @@ def _test_only_pause(step: int) -> None:
     if at and int(at) == step:
         print(f"tdm-test: paused inside the checkpoint write of step {step}", file=sys.stderr, flush=True)
         time.sleep(float(seconds))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def is_complete(path: Path) -> bool:
@@ -163,15 +156,20 @@ def prune_checkpoints(root: Path, keep: int) -> None:
             shutil.rmtree(old)
 
 
+def read_manifest(path: Path) -> dict:
+    """The manifest (step, files, hashes, resolved config) of a complete checkpoint."""
+    if not is_complete(path):
+        raise CheckpointError(f"{path} is not a complete tdm checkpoint (missing or incomplete {STATE_FILE})")
+    return json.loads((path / STATE_FILE).read_text())
+
+
 def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                     base_fingerprint: str | None = None) -> tuple[int, dict[str, torch.Tensor], dict]:
     """Verify hashes and the base the weights belong to, then load weights and optimiser states in place;
     return (step, rng tensors, config)."""
-    if not is_complete(path):
-        raise CheckpointError(f"{path} is not a complete tdm checkpoint (missing or incomplete {STATE_FILE})")
-    manifest = json.loads((path / STATE_FILE).read_text())
+    manifest = read_manifest(path)
     for name, digest in manifest.get("sha256", {}).items():
-        if _sha256(path / name) != digest:
+        if sha256_file(path / name) != digest:
             raise CheckpointCorrupted(f"{path / name} is corrupted (its sha256 differs from {STATE_FILE})")
     if manifest.get("base_fingerprint") != base_fingerprint:
         raise CheckpointError(f"{path} was trained on another base model (base_fingerprint "

@@ -1,7 +1,9 @@
-"""Crash-safe file writes: every file tdm writes goes through a temporary name, is flushed, then renamed."""
+"""Crash-safe file writes (every file tdm writes goes through a temporary name, is flushed, then renamed)
+and file digests."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -26,3 +28,12 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
 
 def write_text_atomic(path: Path | str, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def sha256_file(path: Path | str) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from .files import atomic_write  # noqa: E402
 
@@ -32,13 +33,54 @@ def _save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def comparison_figure(panels: Sequence[tuple[str, torch.Tensor]], path: Path, nrow: int) -> None:
-    """Side-by-side grids, one per sampler, each titled (same seeds and classes in every panel)."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6), squeeze=False)
-    for ax, (title, images) in zip(axes[0], panels):
-        ax.imshow(image_grid(images, nrow), interpolation="nearest")
-        ax.set_title(title, fontsize=8)
-        ax.axis("off")
+def sampler_grid_figure(rows: Sequence[tuple[str, torch.Tensor]], path: Path,
+                        column_labels: Sequence[str] | None = None) -> None:
+    """One row of images per sampler, labelled on the left; column j holds the same condition and seed in
+    every row. `rows` are (label, images [N, C, H, W] in [0, 1]) with the same N."""
+    n, _, h, w = rows[0][1].shape
+    pad = max(1, h // 32)
+    mosaic = image_grid(torch.cat([images for _, images in rows]), nrow=n, pad=pad)
+    cell = 0.32 if h <= 16 else 0.9 if h <= 64 else 1.6  # inches per image
+    fig, ax = plt.subplots(figsize=(cell * n + 2.4, cell * len(rows) + 0.6))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_yticks([pad + r * (h + pad) + h / 2 for r in range(len(rows))], [label for label, _ in rows], fontsize=8)
+    if column_labels is not None:
+        ax.set_xticks([pad + c * (w + pad) + w / 2 for c in range(n)], list(column_labels), fontsize=7)
+    else:
+        ax.set_xticks([])
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    _save_figure(fig, path)
+
+
+def quality_cost_figure(rows: Sequence[dict], metric: str, metric_label: str, path: Path) -> None:
+    """`metric` against NFE and against wall time per sample, one labelled point per sampler (log x axes)."""
+    markers = {"teacher": ("s", "tab:blue"), "baseline": ("D", "tab:red"), "student": ("o", "tab:green")}
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, x_key, x_label in ((axes[0], "nfe", "network evaluations per sample (NFE)"),
+                               (axes[1], "ms_per_sample", "wall time per sample (ms)")):
+        for kind, (marker, color) in markers.items():
+            points = [(r[x_key], r[metric], r["sampler"]) for r in rows if r.get("kind") == kind and metric in r]
+            if not points:
+                continue
+            xs, ys, names = zip(*points)
+            ax.plot(xs, ys, marker=marker, color=color, lw=1 if kind == "student" else 0, label=kind)
+            for x, y, name in points:
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        if x_key == "nfe":
+            ax.set_xticks(sorted({r["nfe"] for r in rows}))
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(metric_label)
+        ax.grid(alpha=0.3, which="both")
+        values = [r[metric] for r in rows if metric in r]
+        if min(values) > 0 and max(values) > 20 * min(values):
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
     _save_figure(fig, path)
 
 

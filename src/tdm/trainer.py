@@ -34,11 +34,11 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, to_dict
-from .core.algorithm import TDM, make_grid
+from .core.algorithm import TDM
 from .core.sampling import cond_to
 from .diagnostics import Diagnostics, per_step_losses
 from .errors import TrainingAborted
-from .evaluate.compare import Sampler, draw_samples
+from .evaluate.compare import draw_samples, student_samplers
 from .files import write_text_atomic
 from .preemption import StopSignals
 from .report import image_grid
@@ -200,14 +200,9 @@ class Trainer:
         """The student to sample from: its EMA when one is kept, else the raw (unwrapped) weights."""
         return self.ema if self.ema is not None else self.accelerator.unwrap_model(self.student)
 
-    def student_sampler(self, num_steps: int | None = None, name: str | None = None) -> Sampler:
-        """The student sampling at K = num_steps (default: the training K, or the largest of tdm.num_steps_set)."""
-        K = num_steps or self.tdm.grid.num_steps
-        return Sampler(name or f"student{K}", self._student_view(self.student_for_sampling(), K),
-                       make_grid(self.config.tdm, self.backbone.schedule, K))
-
     def _evaluate(self, writer: SummaryWriter | None) -> dict:
-        student = self.student_sampler(name="student")
+        student = student_samplers(self.student_for_sampling(), self.config.tdm, self.backbone.schedule,
+                                   [self.tdm.grid.num_steps])[0]
         samples, cond, _ = draw_samples(self.backbone, student, self.config.train.eval_samples,
                                         self.config.train.seed, device=self.accelerator.device)
         metrics = {f"eval/{k}": v for k, v in self.backbone.metrics(samples, cond).items()}

@@ -30,6 +30,7 @@ class Backbone(ABC):
     time_embedding_module: str | None = None  # submodule of the network whose output is the timestep embedding
                                               # (where step conditioning adds its embedding; None = unsupported)
     lora_targets: tuple[str, ...] = ("attention",)  # train.roles=lora: layers adapted when train.lora_targets is ()
+    metrics_description: str = ""  # what the keys of `metrics` measure, one sentence for reports
 
     def initial_weights(self) -> nn.Module:
         return self.teacher
@@ -45,6 +46,10 @@ class Backbone(ABC):
     @abstractmethod
     def evaluation_conditions(self, num_samples: int) -> Cond:
         """Fixed, balanced conditions for evaluation and sample grids."""
+
+    def evaluation_prompts(self, num_samples: int) -> list[str] | None:
+        """The text of `evaluation_conditions(num_samples)`, for CLIP and preference scores (None: no text)."""
+        return None
 
     @abstractmethod
     def metrics(self, samples: Tensor, cond: Cond) -> dict[str, float]:

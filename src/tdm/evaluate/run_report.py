@@ -2,35 +2,29 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..config import to_dict
-from ..core.sampling import teacher_grid
 from ..files import write_text_atomic
-from ..report import comparison_figure, curves_figure, markdown_table
-from .compare import Sampler, compare
+from ..report import curves_figure
+from .compare import compare_to_reference, student_samplers, teacher_samplers
+from .comparison_report import write_comparison
 
 CURVES = ("fake/loss", "generator/loss", "generator/teacher_fake_gap", "generator/grad_norm",
           ("student/x0_std", "teacher/x0_std"), ("student/x0_mean", "teacher/x0_mean"), "student/saturation")
-GRID_SAMPLES = 50  # per panel of the comparison figure: the first 50 evaluation conditions and seeds
 
 
 def evaluate_distillation(trainer) -> dict:
     """Teacher at eval.teacher_steps and 4 steps (with the run's CFG) and the student at each eval.student_steps,
-    on the same conditions and seeds. Returns the metrics.json payload plus the samples per sampler."""
+    on the same conditions and seeds, with FD / KID in the backbone's features to the first teacher sampler.
+    Returns the metrics.json payload plus the samples per sampler."""
     cfg, backbone = trainer.config, trainer.backbone
-    schedule = backbone.schedule
-
-    scale = cfg.tdm.guidance_scale
-    n_ref = cfg.eval.teacher_steps
-    reference = Sampler(f"teacher{n_ref}", trainer.teacher, teacher_grid(schedule, n_ref), scale)
-    samplers = [reference, Sampler("teacher4", trainer.teacher, teacher_grid(schedule, 4), scale)]
-    samplers += [trainer.student_sampler(k) for k in cfg.eval.student_steps]
-    rows, samples = compare(backbone, samplers, reference, cfg.eval.num_samples, cfg.eval.seed,
-                            device=trainer.accelerator.device)
-    return {"rows": rows, "floor": backbone.floor_metrics(cfg.eval.num_samples), "reference": reference.name,
-            "iterations": trainer.step, "config": to_dict(cfg), "samples": samples,
+    samplers = teacher_samplers(trainer.teacher, backbone.schedule, (cfg.eval.teacher_steps, 4), cfg.tdm.guidance_scale)
+    samplers += student_samplers(trainer.student_for_sampling(), cfg.tdm, backbone.schedule, cfg.eval.student_steps)
+    result = compare_to_reference(backbone, samplers, cfg.eval.num_samples, cfg.eval.seed, backbone.features,
+                                  device=trainer.accelerator.device)
+    features = {"name": backbone.name, "description": backbone.features_description}
+    return {**result, "features": features, "iterations": trainer.step, "config": to_dict(cfg),
             "warnings": trainer.diagnostics.warnings}
 
 
@@ -40,39 +34,28 @@ def _trained_steps(tdm_config: dict) -> str:
 
 
 def write_report(out_dir: Path, result: dict, history: list[dict], backbone, command: str) -> None:
-    """report.md, metrics.json, samples.png (side-by-side grids) and curves.png under out_dir."""
+    """report.md, metrics.json, samples.png, quality.png and curves.png under out_dir."""
     out_dir = Path(out_dir)
-    samples = result.pop("samples")
-    write_text_atomic(out_dir / "metrics.json", json.dumps(result, indent=1))
-    if backbone.is_image:
-        panels = [(f"{r['sampler']} (NFE {r['nfe']})", backbone.to_images(samples[r["sampler"]][:GRID_SAMPLES]))
-                  for r in result["rows"]]
-        comparison_figure(panels, out_dir / "samples.png", nrow=10)
-    per_step = sorted({k for h in history for k in h if k.startswith("generator/loss_k")})
-    curves_figure(history, [*CURVES, per_step], out_dir / "curves.png")
-    metric_keys = [k for k in result["rows"][0] if k not in ("sampler", "steps", "nfe", "seconds_per_100")]
-    columns = [("sampler", "sampler", ""), ("nfe", "NFE", "d")] + [(k, k, ".4g") for k in metric_keys]
-    columns.append(("seconds_per_100", "seconds / 100 samples", ".3f"))
-    floor = {"sampler": "real data (floor)", "nfe": "", **result["floor"]}
-    n = result["config"]["eval"]["num_samples"]
+    cfg, n = result["config"], result["config"]["eval"]["num_samples"]
+    table, figures = write_comparison(out_dir, result, backbone)
     text = [
-        f"# tdm distillation report: {result['config']['backbone']['name']}",
+        f"# tdm distillation report: {cfg['backbone']['name']}",
         "",
         f"Command: `{command}`  ",
-        f"Iterations: {result['iterations']}; student K = {_trained_steps(result['config']['tdm'])}; "
-        f"teacher CFG = {result['config']['tdm']['guidance_scale']}; {n} samples per row, balanced classes, "
-        f"the same seeds (eval.seed = {result['config']['eval']['seed']}) in every row.",
+        f"Iterations: {result['iterations']}; student K = {_trained_steps(cfg['tdm'])}; "
+        f"teacher CFG = {cfg['tdm']['guidance_scale']}; {n} samples per row, balanced classes, "
+        f"the same seeds (eval.seed = {cfg['eval']['seed']}) in every row.",
         "",
-        markdown_table(result["rows"] + [floor], columns),
+        *table,
+        f"`fd_{result['reference']}` / `kid_{result['reference']}`: Frechet distance and KID to {n} samples of the "
+        f"reference teacher sampler drawn with other seeds (its own row is the teacher-vs-teacher floor), measured "
+        f"in {backbone.features_description}. {backbone.metrics_description or 'The floor row scores real data.'} "
+        "Times are wall-clock on this machine, over the whole set in batches of 1000.",
         "",
-        f"`fd_{result['reference']}`: Frechet distance to {n} samples of the reference teacher sampler drawn "
-        f"with other seeds (its own row is the teacher-vs-teacher floor), measured in "
-        f"{backbone.features_description}. The floor row scores real data in place of samples. "
-        "Times are wall-clock on this machine.",
-        "",
+        *figures,
     ]
-    if backbone.is_image:
-        text += ["## Samples (same seeds and classes in every panel)", "", "![samples](samples.png)", ""]
+    per_step = sorted({k for h in history for k in h if k.startswith("generator/loss_k")})
+    curves_figure(history, [*CURVES, per_step], out_dir / "curves.png")
     text += ["## Training curves", "", "![curves](curves.png)", "", "## Diagnostics", ""]
     warnings = result.get("warnings", [])
     text += [f"- iteration {w['step']}: **{w['condition']}**: {w['message']}" for w in warnings] or [

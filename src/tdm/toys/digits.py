@@ -333,6 +333,9 @@ class DigitsBackbone(Backbone):
     is_image = True
     features_description = "the digits classifier's penultimate layer (a classifier FD, not FID)"
     lora_targets = ("conv1", "conv2", "emb")  # every ResBlock's convolutions and embedding projection
+    metrics_description = ("`fd_train`, `fd_heldout`: classifier FD to the real training and held-out digits; "
+                           "`class_accuracy`: the classifier agrees with the requested class. The floor row "
+                           "scores real held-out digits.")
 
     def __init__(self, teacher_path: str | None = None):
         self.teacher = load_teacher(teacher_path)
@@ -353,6 +356,10 @@ class DigitsBackbone(Backbone):
     def evaluation_conditions(self, num_samples: int) -> Tensor:
         """Balanced labels 0, 1, ..., 9, 0, 1, ..."""
         return torch.arange(num_samples, device=self._device) % NUM_CLASSES
+
+    def evaluation_prompts(self, num_samples: int) -> list[str]:
+        """'a handwritten digit 0', ... for the balanced labels of `evaluation_conditions`."""
+        return [f"a handwritten digit {c}" for c in self.evaluation_conditions(num_samples).tolist()]
 
     @torch.no_grad()
     def features(self, samples: Tensor) -> Tensor:

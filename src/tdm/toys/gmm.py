@@ -269,6 +269,9 @@ class GMMBackbone(Backbone):
     name = "toy-gmm"
     time_embedding_module = "time_embedding"  # of ToyMLP, the student's and fake score's network
     sample_shape = (2,)
+    metrics_description = ("`nll`: mean negative log-likelihood under the true mixture; `energy_distance`: to true "
+                           "samples of the same labels; `mode_coverage`, `in_mode_fraction`: modes reached and "
+                           "samples within 3 stds of their label's modes. The floor row scores true samples.")
 
     def __init__(self, teacher: str = "exact", schedule: Schedule | None = None,
                  prediction: PredictionType | str = "epsilon", seed: int = 0, fit_steps: int = 2000,
