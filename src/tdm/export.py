@@ -48,10 +48,10 @@ def student_network(student_model: nn.Module) -> nn.Module:
 
 
 def _lora_config(student_model: nn.Module, network: nn.Module, adapter_name: str):
-    """The adapter's peft LoraConfig (rank, alpha, targets), held by the module peft injected it through: a LoRA
-    role's shared base (the tdm adapter around the network) or the network."""
-    holder = student_model.shared.base if isinstance(student_model, AdapterView) else network
-    return holder.peft_config[adapter_name]
+    """The adapter's peft LoraConfig (rank, alpha, targets), held by the module peft injected it through: the
+    network, the tdm adapter around it, or a LoRA role's shared base."""
+    holders = [network, student_model.shared.base if isinstance(student_model, AdapterView) else student_model]
+    return next(h.peft_config[adapter_name] for h in holders if adapter_name in getattr(h, "peft_config", {}))
 
 
 def _lora_layers(network: nn.Module, adapter_name: str) -> list[tuple[str, nn.Module]]:
