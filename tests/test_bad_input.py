@@ -24,6 +24,7 @@ SETS = [  # (preset, override, what the message must contain)
     ("digits-demo", "train.lora_rank=0", "train.lora_rank must be >= 1"),
     ("digits-demo", "train.lora_alpha=0", "train.lora_alpha must be > 0"),
     ("digits-demo", "train.lora_targets=['']", "train.lora_targets: entries must be non-empty"),
+    ("digits-demo", "backbone.gradient_checkpointing=true", "backbone.gradient_checkpointing: only the diffusers"),
     ("digits-demo", "tdm.num_steps=0", "tdm.num_steps must be >= 1"),
     ("digits-demo", "tdm.num_steps=2000", "tdm.num_steps must be <= tdm.total_steps"),
     ("digits-demo", "tdm.interval=sideways", "tdm.interval must be one of"),

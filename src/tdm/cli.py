@@ -45,24 +45,37 @@ def _distill(preset: str, overrides: list[str], out: str, resume: str | None, re
 
 def _export(checkpoint: str, out: str, overrides: list[str], merged: bool, ema: bool, lora_scale: float,
             overwrite: bool) -> Path:
-    """Rebuild the run's teacher from the checkpoint's own config, load the student into a copy, export it."""
+    """Rebuild the run's teacher and student from the checkpoint's own config, as the trainer builds them, load
+    the student's (or its EMA's) weights and export it."""
     import copy
+    import dataclasses
     import json
 
     from .backbones.diffusers_base import DiffusersBackbone
     from .backbones.registry import build_backbone
     from .checkpoint import STATE_FILE, CheckpointError, is_complete, load_checkpoint
     from .export import export_student
+    from .roles import Roles
 
     path = Path(checkpoint)
     if not is_complete(path):
         raise CheckpointError(f"--checkpoint {path}: not a complete tdm checkpoint (missing {STATE_FILE})")
     config = from_dict(json.loads((path / STATE_FILE).read_text())["config"], overrides)
-    backbone = build_backbone(config.backbone)
+    if config.tdm.num_steps_set:
+        raise ConfigError("tdm.num_steps_set: a TDM-unify student takes its step count through an embedding that "
+                          "stock pipelines cannot feed; only fixed-K students export")
+    if ema and not (path / "student_ema.safetensors").is_file():
+        raise CheckpointError(f"--ema: {path} holds no student EMA (the run had train.ema_decay = 0)")
+    # export runs no backward pass: no gradient checkpointing
+    backbone = build_backbone(dataclasses.replace(config.backbone, gradient_checkpointing=False))
     if not isinstance(backbone, DiffusersBackbone):
         raise ConfigError(f"backbone.name: only diffusers teachers export to a pipeline, got {config.backbone.name}")
-    student = copy.deepcopy(backbone.initial_weights())
-    load_checkpoint(path, {"student_ema" if ema else "student": student}, {})
+    if config.train.roles == "lora":  # adapters on the one teacher network, as in training
+        roles = Roles.from_config(config.train, backbone)
+        student, fingerprint = (roles.student_ema() if ema else roles.student), roles.base_fingerprint
+    else:
+        student, fingerprint = copy.deepcopy(backbone.initial_weights()), None
+    load_checkpoint(path, {"student_ema" if ema else "student": student}, {}, fingerprint)
     return export_student(backbone, student, out, tdm_config=config.tdm, merged=merged, lora_scale=lora_scale,
                           overwrite=overwrite)
 

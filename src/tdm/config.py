@@ -53,6 +53,8 @@ class BackboneConfig:
     dtype: str = "float32"     # weights of the frozen parts (teacher network, text encoders, VAE):
                                # float32 | bfloat16 | float16
     text_encoder_3: bool = True  # sd3: load the T5 text encoder; false = the two CLIP encoders only
+    gradient_checkpointing: bool = False  # diffusers families: recompute the network's blocks in the backward pass
+                                          # (less activation memory, about a third more time per iteration)
 
     def __post_init__(self):
         _require(self.dtype in DTYPES, f"backbone.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")

@@ -27,6 +27,7 @@ from .backbones.diffusers_base import DiffusersBackbone, DiffusersDenoiser, impo
 from .core.algorithm import TDMConfig, make_grid
 from .errors import TDMError
 from .files import write_text_atomic
+from .roles import AdapterView, adapter_weights
 
 RECIPE_FILE = "recipe.json"
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -39,8 +40,18 @@ class ExportError(TDMError, ValueError):
 
 
 def student_network(student_model: nn.Module) -> nn.Module:
-    """The diffusers network inside a student: a tdm adapter's `.model`, or the network itself."""
+    """The diffusers network inside a student: that of a LoRA role's shared base (`tdm.roles.AdapterView`), a tdm
+    adapter's `.model`, or the network itself."""
+    if isinstance(student_model, AdapterView):
+        student_model = student_model.shared.base
     return student_model.model if isinstance(student_model, DiffusersDenoiser) else student_model
+
+
+def _lora_config(student_model: nn.Module, network: nn.Module, adapter_name: str):
+    """The adapter's peft LoraConfig (rank, alpha, targets), held by the module peft injected it through: the
+    network, the tdm adapter around it, or a LoRA role's shared base."""
+    holders = [network, student_model.shared.base if isinstance(student_model, AdapterView) else student_model]
+    return next(h.peft_config[adapter_name] for h in holders if adapter_name in getattr(h, "peft_config", {}))
 
 
 def _lora_layers(network: nn.Module, adapter_name: str) -> list[tuple[str, nn.Module]]:
@@ -66,13 +77,10 @@ def merged_copy(network: nn.Module, adapter_name: str, scale: float = 1.0) -> nn
     return network
 
 
-def _save_lora(backbone: DiffusersBackbone, network: nn.Module, adapter_name: str, folder: Path) -> dict:
-    """Write the student adapter in the family's loadable format; return the recipe's `lora` entry."""
-    from peft.utils import get_peft_model_state_dict
-
-    state = {k: v.detach().cpu().contiguous() for k, v in
-             get_peft_model_state_dict(network, adapter_name=adapter_name).items()}
-    config = network.peft_config[adapter_name]
+def _save_lora(backbone: DiffusersBackbone, network: nn.Module, adapter_name: str, config, folder: Path) -> dict:
+    """Write the student adapter (peft `config`: its rank and alpha go along as metadata) in the family's loadable
+    format; return the recipe's `lora` entry."""
+    state = {k: v.detach().cpu().contiguous() for k, v in adapter_weights(network, adapter_name).items()}
     if backbone.lora_layers_kwarg is None:  # no diffusers loader for this family: peft files
         from safetensors.torch import save_file
 
@@ -105,14 +113,17 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
 
 def export_student(backbone: DiffusersBackbone, student_model: nn.Module, out_dir: str | Path, *,
                    tdm_config: TDMConfig | None = None, merged: bool = False, lora_scale: float = 1.0,
-                   adapter_name: str = "student", overwrite: bool = False) -> Path:
-    """Export `student_model` (a tdm adapter or diffusers network carrying the peft LoRA `adapter_name`, or a
-    fully fine-tuned one) trained on `tdm_config`'s grid against `backbone`'s teacher; returns the folder.
+                   adapter_name: str | None = None, overwrite: bool = False) -> Path:
+    """Export `student_model` trained on `tdm_config`'s grid against `backbone`'s teacher; returns the folder.
+    `student_model`: a LoRA role (`Roles.lora`'s student or EMA view), a tdm adapter or diffusers network carrying
+    the peft LoRA `adapter_name` (default: the view's adapter, else "student"), or a fully fine-tuned network.
 
     A LoRA student is written as a LoRA (plus merged weights if `merged`); a full student as full weights."""
     from .scheduler import TDMScheduler
 
     tdm_config = tdm_config or TDMConfig()
+    if adapter_name is None:
+        adapter_name = student_model.adapter if isinstance(student_model, AdapterView) else "student"
     network = student_network(student_model)
     is_lora = bool(_lora_layers(network, adapter_name))
     if not is_lora and getattr(network, "peft_config", None):
@@ -125,7 +136,8 @@ def export_student(backbone: DiffusersBackbone, student_model: nn.Module, out_di
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        lora = _save_lora(backbone, network, adapter_name, tmp) if is_lora else None
+        lora = (_save_lora(backbone, network, adapter_name, _lora_config(student_model, network, adapter_name), tmp)
+                if is_lora else None)
         weights = None
         if merged or not is_lora:
             plain = merged_copy(network, adapter_name, lora_scale) if is_lora else network

@@ -36,6 +36,7 @@ STUDENT, FAKE, STUDENT_EMA = "student", "fake", "student_ema"  # adapter names o
 # Named groups usable in train.lora_targets, next to plain module-name patterns.
 TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "attention": ("to_q", "to_k", "to_v", "to_out.0"),  # diffusers `Attention` projections (UNets and DiTs)
+    "joint_attention": ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),  # MMDiT (SD3) text-stream projections
     "feedforward": ("ff.net.0.proj", "ff.net.2"),       # diffusers `FeedForward`: GELU projection in, linear out
     "conv": ("conv1", "conv2", "conv_shortcut"),        # diffusers `ResnetBlock2D` convolutions
 }
@@ -63,6 +64,18 @@ def resolve_targets(module: nn.Module, targets: tuple[str, ...]) -> list[str]:
                           f"layer of {type(module).__name__} (groups: {sorted(TARGET_GROUPS)}; a pattern is a "
                           f"module name or its tail after a dot; layers here include: {examples})")
     return patterns
+
+
+def adapter_weights(module: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
+    """LoRA adapter `adapter`'s weights in `module`, keyed as in peft's `get_peft_model_state_dict(module,
+    adapter_name=adapter)`: parameter names with the adapter's name taken out."""
+    weights = {}
+    for name, p in module.named_parameters():
+        parts = name.split(".")  # e.g. to_q.lora_A.student.weight, emb.lora_embedding_A.student
+        i = next((i for i in range(1, len(parts)) if parts[i] == adapter and parts[i - 1].startswith("lora_")), None)
+        if i is not None:
+            weights[".".join(parts[:i] + parts[i + 1:])] = p
+    return weights
 
 
 def base_fingerprint(module: nn.Module) -> str:
@@ -117,14 +130,7 @@ class SharedBase:
 
     def adapter_weights(self, adapter: str) -> dict[str, nn.Parameter]:
         """Adapter `adapter`'s weights, keyed as in peft's `get_peft_model_state_dict(base, adapter_name=adapter)`."""
-        weights = {}
-        for name, p in self.base.named_parameters():
-            parts = name.split(".")  # e.g. to_q.lora_A.student.weight, emb.lora_embedding_A.student
-            i = next((i for i in range(1, len(parts)) if parts[i] == adapter and parts[i - 1].startswith("lora_")),
-                     None)
-            if i is not None:
-                weights[".".join(parts[:i] + parts[i + 1:])] = p
-        return weights
+        return adapter_weights(self.base, adapter)
 
     def activate(self, adapter: str | None) -> None:
         """Route every LoRA layer through `adapter`, or through none (None: the base alone, the teacher)."""

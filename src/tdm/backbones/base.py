@@ -29,7 +29,9 @@ class Backbone(ABC):
     features_description: str = "the raw samples"  # what `features` measures, for reports
     time_embedding_module: str | None = None  # submodule of the network whose output is the timestep embedding
                                               # (where step conditioning adds its embedding; None = unsupported)
-    lora_targets: tuple[str, ...] = ("attention",)  # train.roles=lora: layers adapted when train.lora_targets is ()
+    lora_targets: tuple[str, ...] = ("attention",)  # train.roles=lora: layers adapted when train.lora_targets is ();
+                                                    # attention: q, k, v and out projections, as diffusers' LoRA
+                                                    # scripts for SD1.5, SDXL and CogVideoX
     metrics_description: str = ""  # what the keys of `metrics` measure, one sentence for reports
 
     def initial_weights(self) -> nn.Module:

@@ -135,4 +135,10 @@ BACKBONES: dict[str, Callable[[BackboneConfig], Backbone]] = {
 def build_backbone(config: BackboneConfig) -> Backbone:
     if config.name not in BACKBONES:
         raise ConfigError(f"backbone.name must be one of {sorted(BACKBONES)}, got {config.name!r}")
-    return BACKBONES[config.name](config)
+    if config.gradient_checkpointing and config.name in ("toy-gmm", "digits"):
+        raise ConfigError(f"backbone.gradient_checkpointing: only the diffusers families support it, not "
+                          f"{config.name}")
+    backbone = BACKBONES[config.name](config)
+    if config.gradient_checkpointing:  # before the roles are built: LoRA roles route its recomputation (roles.py)
+        backbone.denoiser.enable_gradient_checkpointing()
+    return backbone

@@ -30,6 +30,8 @@ class SD3Backbone(DiffusersBackbone):
     time_embedding_module = "model.time_text_embed.timestep_embedder"
     denoiser_name = "transformer"
     lora_layers_kwarg = "transformer_lora_layers"
+    # both streams of each joint block, as diffusers' SD3 LoRA training script (train_dreambooth_lora_sd3.py)
+    lora_targets = ("attention", "joint_attention")
 
     def __init__(self, *args, text_encoder_3: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
