@@ -47,15 +47,14 @@ def _export(checkpoint: str, out: str, overrides: list[str], merged: bool, ema: 
             overwrite: bool) -> Path:
     """Rebuild the run's teacher and student from the checkpoint's own config, as the trainer builds them, load
     the student's (or its EMA's) weights and export it."""
-    import copy
     import dataclasses
     import json
 
     from .backbones.diffusers_base import DiffusersBackbone
     from .backbones.registry import build_backbone
-    from .checkpoint import STATE_FILE, CheckpointError, is_complete, load_checkpoint
+    from .checkpoint import STATE_FILE, CheckpointError, is_complete
     from .export import export_student
-    from .roles import Roles
+    from .roles import load_trained_student
 
     path = Path(checkpoint)
     if not is_complete(path):
@@ -70,12 +69,7 @@ def _export(checkpoint: str, out: str, overrides: list[str], merged: bool, ema: 
     backbone = build_backbone(dataclasses.replace(config.backbone, gradient_checkpointing=False))
     if not isinstance(backbone, DiffusersBackbone):
         raise ConfigError(f"backbone.name: only diffusers teachers export to a pipeline, got {config.backbone.name}")
-    if config.train.roles == "lora":  # adapters on the one teacher network, as in training
-        roles = Roles.from_config(config.train, backbone)
-        student, fingerprint = (roles.student_ema() if ema else roles.student), roles.base_fingerprint
-    else:
-        student, fingerprint = copy.deepcopy(backbone.initial_weights()), None
-    load_checkpoint(path, {"student_ema" if ema else "student": student}, {}, fingerprint)
+    student = load_trained_student(path, config, backbone, ema)
     return export_student(backbone, student, out, tdm_config=config.tdm, merged=merged, lora_scale=lora_scale,
                           overwrite=overwrite)
 

@@ -18,13 +18,14 @@ import hashlib
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from .config import ConfigError, TrainConfig
+from .config import Config, ConfigError, TrainConfig
 from .errors import TDMError
 from .step_conditioning import StepConditioned
 
@@ -258,3 +259,18 @@ class Roles:
         for m in (self.teacher, self.student, self.fake_score, *([self.shared.base] if self.shared else [])):
             m.to(device)
         return self
+
+
+def load_trained_student(checkpoint: Path, config: Config, backbone: Backbone, ema: bool = False) -> nn.Module:
+    """The student (or its EMA) of a checkpoint, rebuilt as the trainer built it from `config`: a full copy
+    (step-conditioned under TDM-unify) or the student adapter on the backbone's own network, frozen."""
+    from .checkpoint import load_checkpoint
+    from .step_conditioning import initial_network
+
+    if config.train.roles == "lora":  # the adapter on the one teacher network, as in training
+        roles = Roles.from_config(config.train, backbone)
+        student, fingerprint = (roles.student_ema() if ema else roles.student), roles.base_fingerprint
+    else:
+        student, fingerprint = copy.deepcopy(initial_network(backbone, config.tdm)), None
+    load_checkpoint(checkpoint, {"student_ema" if ema else "student": student}, {}, fingerprint)
+    return student.eval().requires_grad_(False)

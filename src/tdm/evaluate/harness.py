@@ -8,7 +8,6 @@ student at each `student_steps`. Columns: NFE, FD and KID to reference-teacher s
 
 from __future__ import annotations
 
-import copy
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -19,11 +18,11 @@ from torch import Tensor, nn
 
 from ..backbones.base import Backbone
 from ..backbones.registry import build_backbone
-from ..checkpoint import CheckpointError, is_complete, latest_checkpoint, load_checkpoint, read_manifest
+from ..checkpoint import CheckpointError, is_complete, latest_checkpoint, read_manifest
 from ..config import Config, from_dict, to_dict
 from ..errors import TDMError
 from ..files import sha256_file, write_text_atomic
-from ..step_conditioning import initial_network
+from ..roles import load_trained_student
 from .compare import SetScorer, compare_to_reference, student_samplers, teacher_samplers
 from .comparison_report import write_comparison
 from .features import (
@@ -68,9 +67,9 @@ def load_student(path: str | Path, backbone: Backbone | None = None) -> tuple[Lo
     checkpoint = find_checkpoint(path)
     config = from_dict(read_manifest(checkpoint)["config"])
     backbone = backbone or build_backbone(config.backbone)
-    student = copy.deepcopy(initial_network(backbone, config.tdm)).eval().requires_grad_(False)
     weights = "student_ema" if (checkpoint / "student_ema.safetensors").is_file() else "student"
-    iterations, _, _ = load_checkpoint(checkpoint, {weights: student}, {})
+    student = load_trained_student(checkpoint, config, backbone, ema=weights == "student_ema")
+    iterations = read_manifest(checkpoint)["step"]
     return LoadedStudent(checkpoint, config, iterations, weights, student), backbone
 
 
