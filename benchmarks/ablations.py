@@ -89,6 +89,9 @@ def _run(toy: str, variant: str, seed: int, backbone, ref_features, spec: dict) 
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(config, out, backbone=backbone)
         trainer.train()
+        if trainer.stopped_by:  # a stop signal: keep the finished runs, record nothing half-trained
+            trainer.close()
+            sys.exit(f"ablations: stopped by {trainer.stopped_by}; rerun the same command to continue")
         seconds = time.perf_counter() - tic
         result = {}
         for sampler in student_samplers(trainer.student_for_sampling(), config.tdm, backbone.schedule, STEPS):
