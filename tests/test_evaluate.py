@@ -1,13 +1,10 @@
 """`tdm evaluate` and its parts: FD and KID math, the Inception loader, CLIP score, reports, digits end to end."""
 
 import json
-import warnings
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 
 from tdm.cli import main
 from tdm.evaluate.features import (
@@ -99,32 +96,6 @@ def test_kid_rejects_features_of_different_width():
 # ------------------------------------------------------------------------------------------ Inception
 
 
-class LocalInception(nn.Module):
-    """A small network with the call interface of NVIDIA's `inception-2015-12-05.pt`: 3-channel images with
-    values 0..255 at any size, resized inside; `return_features=True` gives the pool features, else logits."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 16, 3, padding=1)
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, img: Tensor, return_features: bool = False) -> Tensor:
-        assert img.shape[1] == 3
-        x = F.interpolate(img.to(torch.float32), size=(16, 16), mode="bilinear", align_corners=False)
-        features = self.conv(x * (2 / 255) - 1).relu().mean((2, 3))
-        return features if return_features else self.fc(features)
-
-
-@pytest.fixture
-def inception_file(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / INCEPTION_FILE
-    with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13; the real FID network is one
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.script(LocalInception().eval()).save(str(path))
-    return path
-
-
 def test_inception_features_call_the_torchscript_net_on_8_bit_rgb(inception_file):
     extractor = InceptionFeatures(inception_file)
     images = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -167,39 +138,6 @@ def test_missing_inception_says_where_it_looked_and_how_to_get_it(tmp_path, monk
 
 
 # ------------------------------------------------------------------------------------ CLIP and preference
-
-
-def _clip_tokenizer(max_length: int = 32):
-    """CLIP's byte-level BPE with a vocabulary of single byte symbols (environment.md 2; no download)."""
-    from transformers import CLIPTokenizer
-
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:] + [256 + n for n in range(256 - len(bs))]
-    bs += [b for b in range(256) if b not in bs]
-    chars = [chr(c) for c in cs]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A tiny CLIPModel built from config and saved with its tokenizer, loaded back as a user would."""
-    from transformers import CLIPConfig, CLIPModel
-
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    tok = _clip_tokenizer()
-    torch.manual_seed(0)
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    vision = dict(image_size=24, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                  num_attention_heads=4)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def test_clip_score_is_100_times_the_clamped_cosine_of_each_pair(tiny_clip):
@@ -345,3 +283,27 @@ def test_evaluate_refuses_bad_input_in_one_line(digits_runs, tmp_path, capsys):
                  str(tmp_path)]) == 2
     assert "no images" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_on_a_tiny_sd_model_with_inception_and_clip(tiny_dirs, inception_file, tiny_clip, tmp_path):
+    """The same command on a diffusers teacher (a tiny SD1.5 pipeline, LoRA roles, random weights), offline."""
+    pytest.importorskip("diffusers")
+    from tiny_diffusers import PROMPTS, cli_sets, tiny_overrides
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    run = tmp_path / "run"
+    overrides = [*tiny_overrides("sd15", tiny_dirs), f"backbone.prompts={prompts}", "train.checkpoint_every=0"]
+    assert main(["distill", "--config", "sd15-lora", "--out", str(run), "--no-report", *cli_sets(overrides)]) == 0
+    out = tmp_path / "eval"
+    code = main(["evaluate", str(run), "--out", str(out), "--teacher-steps", "4", "2", "--student-steps", "1", "2",
+                 "--num-samples", "6", "--latency-repeats", "1", "--features", "inception", "--inception",
+                 str(inception_file), "--clip-model", str(tiny_clip)])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["sampler"] for r in metrics["rows"]] == ["teacher4", "teacher2", "student1", "student2"]
+    assert [r["nfe"] for r in metrics["rows"]] == [8, 4, 1, 2]  # the sd15-lora preset's CFG doubles teacher calls
+    for row in metrics["rows"]:
+        assert {"fd_teacher4", "kid_teacher4", "clip_score", "latency_ms"} <= set(row)
+    assert metrics["features"]["name"] == "inception"
+    assert {"report.md", "samples.png", "quality.png"} <= {p.name for p in out.iterdir()}

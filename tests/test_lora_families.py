@@ -22,11 +22,11 @@ from tdm.export import load_pipeline, load_student_lora, read_recipe  # noqa: E4
 from tdm.roles import TARGET_GROUPS  # noqa: E402
 from tdm.scheduler import TDMScheduler  # noqa: E402
 from tdm.trainer import Trainer  # noqa: E402
-from tiny_diffusers import BUILDERS, PROMPTS, TINY_FRAMES, TINY_SIZE, save_all  # noqa: E402
+from tiny_diffusers import BUILDERS, PROMPTS, cli_sets, save_all, tiny_overrides  # noqa: E402
 
 PRESETS = {"sd15": "sd15-lora", "sdxl": "sdxl-lora", "pixart-alpha": "pixart-alpha-1024", "sd3": "sd3-medium-lora",
            "cogvideox": "cogvideox-2b-lora"}
-ITERATIONS = 2
+ITERATIONS = 2  # = tiny_diffusers.ITERATIONS, the default of tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -34,23 +34,6 @@ def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     return save_all(root)
-
-
-def tiny_overrides(family: str, tiny_dirs: dict[str, Path], iterations: int = ITERATIONS) -> list[str]:
-    """The family's preset on its tiny pipeline: float32 throughout, batch 2, rank 4 with alpha 8 (LoRA scale 2,
-    which the export must carry), a student EMA, a checkpoint per iteration, and learning rates that move the
-    adapters visibly in two iterations. Gradient checkpointing stays on, as the preset sets it."""
-    folder, size = tiny_dirs[family], TINY_SIZE[family]
-    return [f"backbone.teacher={folder}", f"backbone.prompts={folder.parent / 'prompts.txt'}",
-            f"backbone.height={size}", f"backbone.width={size}", "backbone.dtype=float32",
-            *([f"backbone.frames={TINY_FRAMES}"] if family == "cogvideox" else []),
-            "train.mixed_precision=no", "train.batch_size=2", f"train.iterations={iterations}", "train.log_every=1",
-            "train.checkpoint_every=1", "train.keep_checkpoints=0", "train.ema_decay=0.5", "train.lora_rank=4",
-            "train.lora_alpha=8", "optim.generator_lr=1e-3", "optim.fake_lr=1e-3", "optim.warmup_steps=0"]
-
-
-def cli_sets(overrides: list[str]) -> list[str]:
-    return [a for s in overrides for a in ("--set", s)]
 
 
 def frozen_state(backbone) -> dict[str, torch.Tensor]:

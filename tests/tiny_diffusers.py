@@ -198,3 +198,23 @@ def load_backbone(family: str, folder: Path, **overrides):
     if not fields.get("prompts"):
         backbone.prompts = list(PROMPTS)
     return backbone
+
+
+ITERATIONS = 2
+
+
+def tiny_overrides(family: str, tiny_dirs: dict[str, Path], iterations: int = ITERATIONS) -> list[str]:
+    """The family's preset on its tiny pipeline: float32 throughout, batch 2, rank 4 with alpha 8 (LoRA scale 2,
+    which the export must carry), a student EMA, a checkpoint per iteration, and learning rates that move the
+    adapters visibly in two iterations. Gradient checkpointing stays on, as the preset sets it."""
+    folder, size = tiny_dirs[family], TINY_SIZE[family]
+    return [f"backbone.teacher={folder}", f"backbone.prompts={folder.parent / 'prompts.txt'}",
+            f"backbone.height={size}", f"backbone.width={size}", "backbone.dtype=float32",
+            *([f"backbone.frames={TINY_FRAMES}"] if family == "cogvideox" else []),
+            "train.mixed_precision=no", "train.batch_size=2", f"train.iterations={iterations}", "train.log_every=1",
+            "train.checkpoint_every=1", "train.keep_checkpoints=0", "train.ema_decay=0.5", "train.lora_rank=4",
+            "train.lora_alpha=8", "optim.generator_lr=1e-3", "optim.fake_lr=1e-3", "optim.warmup_steps=0"]
+
+
+def cli_sets(overrides: list[str]) -> list[str]:
+    return [a for s in overrides for a in ("--set", s)]
