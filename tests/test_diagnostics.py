@@ -2,8 +2,7 @@
 
 import torch
 
-from tdm.core.losses import prediction_statistics
-from tdm.diagnostics import PATIENCE, Diagnostics, per_step_losses
+from tdm.diagnostics import PATIENCE, Diagnostics, per_step_losses, sample_statistics
 
 
 def test_per_step_losses_average_each_step_index():
@@ -14,17 +13,17 @@ def test_per_step_losses_average_each_step_index():
                                                            "generator/loss_k4": 5.0}
 
 
-def test_prediction_statistics_measure_spread_shift_and_saturation():
+def test_sample_statistics_measure_spread_shift_and_saturation():
     teacher = torch.linspace(-1, 1, 1000)
-    stats = prediction_statistics(teacher * 1.5, teacher)
-    assert abs(float(stats["student/x0_std"]) / float(stats["teacher/x0_std"]) - 1.5) < 1e-5
-    assert abs(float(stats["student/saturation"]) - 1 / 3) < 0.01  # |1.5 x| > 1 on a third of [-1, 1]
-    assert float(prediction_statistics(teacher, teacher)["student/saturation"]) == 0.0
+    stats = sample_statistics(teacher * 1.5, teacher)
+    assert abs(stats["eval/student_std"] / stats["eval/teacher_std"] - 1.5) < 1e-5
+    assert abs(stats["eval/saturation"] - 1 / 3) < 0.01  # |1.5 x| > 1 on a third of [-1, 1]
+    assert sample_statistics(teacher, teacher)["eval/saturation"] == 0.0
 
 
 def _logs(student_std=1.0, student_mean=0.0, saturation=0.0):
-    return {"student/x0_std": student_std, "teacher/x0_std": 1.0, "student/x0_mean": student_mean,
-            "teacher/x0_mean": 0.0, "student/saturation": saturation}
+    return {"eval/student_std": student_std, "eval/teacher_std": 1.0, "eval/student_mean": student_mean,
+            "eval/teacher_mean": 0.0, "eval/saturation": saturation}
 
 
 def test_warnings_need_patience_fire_once_and_again_after_clearing():

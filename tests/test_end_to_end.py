@@ -38,6 +38,6 @@ def test_demo_writes_its_report(tmp_path):
     assert "## Diagnostics" in report and metrics["warnings"] == []
     history = json.loads((out / "history.json").read_text())
     logged = set().union(*history)
-    assert {"student/x0_std", "teacher/x0_std", "student/saturation", "fake/grad_norm"} <= logged
+    assert {"student/x0_std", "eval/student_std", "eval/teacher_std", "eval/saturation", "fake/grad_norm"} <= logged
     assert any(k.startswith("generator/loss_k") for k in logged)
     assert not [p for p in out.iterdir() if ".tmp" in p.name]

@@ -36,9 +36,9 @@ from .checkpoint import (
 from .config import Config, to_dict
 from .core.algorithm import TDM
 from .core.sampling import cond_to
-from .diagnostics import Diagnostics, per_step_losses
+from .diagnostics import Diagnostics, per_step_losses, sample_statistics
 from .errors import TrainingAborted
-from .evaluate.compare import draw_samples, student_samplers
+from .evaluate.compare import draw_samples, student_samplers, teacher_samplers
 from .files import write_text_atomic
 from .preemption import StopSignals
 from .report import image_grid
@@ -84,6 +84,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []  # logged scalars, for the end-of-run curves
         self.diagnostics = Diagnostics()  # drift and collapse warnings
+        self._teacher_samples: torch.Tensor | None = None  # the diagnostics' reference, drawn at the first eval
         self.nonfinite_in_a_row = {"fake_score": 0, "student": 0}
         self.skipped = {"fake_score": 0, "student": 0}
         self.last_finite_loss: dict[str, float | None] = {"fake_score": None, "student": None}
@@ -206,10 +207,22 @@ class Trainer:
         samples, cond, _ = draw_samples(self.backbone, student, self.config.train.eval_samples,
                                         self.config.train.seed, device=self.accelerator.device)
         metrics = {f"eval/{k}": v for k, v in self.backbone.metrics(samples, cond).items()}
+        metrics.update(sample_statistics(samples, self._teacher_reference()))
         if writer is not None and self.backbone.is_image:
             writer.add_image("eval/samples", image_grid(self.backbone.to_images(samples), nrow=10),
                              self.step, dataformats="HWC")
         return metrics
+
+    def _teacher_reference(self) -> torch.Tensor:
+        """The teacher's samples (eval.teacher_steps, the run's CFG) on the evaluation conditions, drawn once with
+        other seeds than the student's: what the drift and collapse diagnostics compare against."""
+        if self._teacher_samples is None:
+            cfg = self.config
+            teacher = teacher_samplers(self.teacher, self.backbone.schedule, [cfg.eval.teacher_steps],
+                                       cfg.tdm.guidance_scale)[0]
+            self._teacher_samples = draw_samples(self.backbone, teacher, cfg.train.eval_samples, cfg.train.seed + 1,
+                                                 device=self.accelerator.device)[0]
+        return self._teacher_samples
 
     def _warn(self, writer: SummaryWriter | None, logs: dict):
         """Drift and collapse warnings (diagnostics.py): a log line and a tensorboard text entry."""

@@ -11,7 +11,8 @@ from .compare import compare_to_reference, student_samplers, teacher_samplers
 from .comparison_report import write_comparison
 
 CURVES = ("fake/loss", "generator/loss", "generator/teacher_fake_gap", "generator/grad_norm",
-          ("student/x0_std", "teacher/x0_std"), ("student/x0_mean", "teacher/x0_mean"), "student/saturation")
+          ("student/x0_mean", "student/x0_std"), ("eval/student_std", "eval/teacher_std"),
+          ("eval/student_mean", "eval/teacher_mean"), "eval/saturation")
 
 
 def evaluate_distillation(trainer) -> dict:
@@ -59,6 +60,7 @@ def write_report(out_dir: Path, result: dict, history: list[dict], backbone, com
     text += ["## Training curves", "", "![curves](curves.png)", "", "## Diagnostics", ""]
     warnings = result.get("warnings", [])
     text += [f"- iteration {w['step']}: **{w['condition']}**: {w['message']}" for w in warnings] or [
-        "No drift or collapse warnings (student x0 statistics stayed within the thresholds of tdm.diagnostics)."]
+        "No drift or collapse warnings (the student's evaluation samples stayed within the thresholds of "
+        "tdm.diagnostics against the teacher's samples)."]
     text.append("")
     write_text_atomic(out_dir / "report.md", "\n".join(text))
