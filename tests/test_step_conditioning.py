@@ -63,7 +63,8 @@ def test_step_embeddings_change_the_output_only_while_they_are_passed(net_kind):
         by_index = wrapped(x, t, c, step_index=torch.full((6,), 2))
         assert not torch.allclose(one, four) and not torch.allclose(one, plain) and not torch.allclose(by_index, plain)
         assert torch.equal(net(x, t, c), plain)  # nothing lingers after a conditioned call
-        assert torch.equal(bind_steps(wrapped, 4)(x, t, c), four)
+        assert torch.equal(bind_steps(wrapped, TDMConfig(num_steps_set=(1, 4)), 4)(x, t, c), four)
+        assert bind_steps(wrapped, TDMConfig(), 4) is wrapped  # a fixed-K config passes nothing
     with pytest.raises(ValueError, match="step conditioning takes values"):
         wrapped(x, t, c, num_steps=torch.full((6,), 65))
 

@@ -67,9 +67,12 @@ class StepConditioned(nn.Module):
             self._extra = None
 
 
-def bind_steps(model: Model, num_steps: int | None = None, step_index: Tensor | None = None) -> Model:
-    """`model` as a plain `(x_t, t, cond)` callable that passes K (per call) and k (per sample) to a
-    step-conditioned model; returns `model` itself when there is nothing to pass."""
+def bind_steps(model: Model, config: TDMConfig, num_steps: int, step_index: Tensor | None = None) -> Model:
+    """`model` sampling with K = num_steps, as a plain `(x_t, t, cond)` callable: K is passed when the config
+    trains TDM-unify, the per-sample step index k when it makes the fake score step-aware; `model` itself when
+    there is nothing to pass."""
+    num_steps = num_steps if config.num_steps_set else None
+    step_index = step_index if config.fake_step_condition else None
     if num_steps is None and step_index is None:
         return model
 

@@ -94,14 +94,10 @@ class Trainer:
         self._tic = time.perf_counter()  # start of the current logging interval
 
     # ---- the parts of one iteration ----
-    def _fake_view(self, num_steps: int, draws) -> torch.nn.Module:
-        """The fake score as a (x_t, t, cond) model, given K under TDM-unify and k when it is step-aware."""
-        unify, step_aware = bool(self.config.tdm.num_steps_set), self.config.tdm.fake_step_condition
-        return bind_steps(self.fake_score, num_steps if unify else None, draws.k if step_aware else None)
-
     def fake_score_step(self, traj, draws, cond, num_steps: int) -> dict:
         with self.accelerator.autocast():
-            loss, logs = self.tdm.fake_score_loss(self._fake_view(num_steps, draws), traj, draws, cond)
+            loss, logs = self.tdm.fake_score_loss(bind_steps(self.fake_score, self.config.tdm, num_steps, draws.k),
+                                                  traj, draws, cond)
         self.opt_f.zero_grad(set_to_none=True)
         self.accelerator.backward(loss.mean())
         self._average_gradients(self.fake_score)
@@ -113,8 +109,10 @@ class Trainer:
 
     def generator_step(self, traj, draws, cond, uncond, num_steps: int) -> dict:
         with self.accelerator.autocast():
-            loss, logs = self.tdm.generator_loss(self._student_view(self.student, num_steps), self.teacher,
-                                                 self._fake_view(num_steps, draws), traj, draws, cond, uncond)
+            tdm_config = self.config.tdm
+            loss, logs = self.tdm.generator_loss(bind_steps(self.student, tdm_config, num_steps), self.teacher,
+                                                 bind_steps(self.fake_score, tdm_config, num_steps, draws.k), traj,
+                                                 draws, cond, uncond)
         self.opt_g.zero_grad(set_to_none=True)
         self.accelerator.backward(loss.mean())
         self._average_gradients(self.student)
@@ -175,7 +173,7 @@ class Trainer:
         fake_draws = [self.tdm.draw(shape, g, device, K) for _ in range(cfg.optim.fake_updates)]
         gen_draws = self.tdm.draw(shape, g, device, K)
         with self.accelerator.autocast():
-            traj = self.tdm.student_trajectory(self._student_view(self.student, K), noise, cond,
+            traj = self.tdm.student_trajectory(bind_steps(self.student, cfg.tdm, K), noise, cond,
                                                self.tdm.rollout_depth(fake_draws, gen_draws), K)
         logs = {}
         for d in fake_draws:
@@ -191,10 +189,6 @@ class Trainer:
         decay = self.config.train.ema_decay
         for e, p in zip(self.ema.parameters(), self.accelerator.unwrap_model(self.student).parameters()):
             e.lerp_(p.detach(), 1 - decay)
-
-    def _student_view(self, student: torch.nn.Module, num_steps: int):
-        """The student as a (x_t, t, cond) model sampling with K = num_steps (given as input under TDM-unify)."""
-        return bind_steps(student, num_steps if self.config.tdm.num_steps_set else None)
 
     # ---- sampling, evaluation, logging ----
     def student_for_sampling(self) -> torch.nn.Module:

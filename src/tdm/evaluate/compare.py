@@ -48,7 +48,7 @@ def student_samplers(student: Model, config: TDMConfig, schedule: Schedule, step
                      prefix: str = "student", label: str = "student", kind: str = "student") -> list[Sampler]:
     """The student at each step count, on its own grid at its trained K and the uniform grid otherwise;
     a TDM-unify student is given the step count as input."""
-    return [Sampler(f"{prefix}{k}", bind_steps(student, k if config.num_steps_set else None),
+    return [Sampler(f"{prefix}{k}", bind_steps(student, config, k),
                     make_grid(config, schedule, k), label=f"{label}, {k} step{'s' * (k > 1)}", kind=kind)
             for k in steps]
 
