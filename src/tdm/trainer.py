@@ -43,7 +43,7 @@ from .files import write_text_atomic
 from .preemption import StopSignals
 from .report import image_grid
 from .roles import Roles
-from .step_conditioning import bind_steps, initial_network
+from .step_conditioning import bind_steps
 
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
@@ -60,8 +60,7 @@ class Trainer:
                                        cpu=not torch.cuda.is_available())  # gloo DDP on CPU-only machines
         self.backbone = backbone or build_backbone(config.backbone)
         self.tdm = TDM(self.backbone.schedule, self.backbone.prediction, config.tdm)
-        initial = initial_network(self.backbone, config.tdm)  # step-conditioned under TDM-unify
-        self.roles = roles = Roles.from_config(config.train, self.backbone, initial).to(self.accelerator.device)
+        self.roles = roles = Roles.from_config(config, self.backbone).to(self.accelerator.device)
         self.teacher = roles.teacher
         self.ema = roles.student_ema() if config.train.ema_decay > 0 else None
         o = config.optim
