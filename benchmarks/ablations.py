@@ -64,7 +64,7 @@ def _same_as_preset(toy: str, overrides: list[str]) -> bool:
     return base == varied
 
 
-def _reference(backbone, config, samples: int):
+def reference(backbone, config, samples: int):
     """Features of the teacher's 50-step CFG samples (other seeds than the students'), and teacher rows."""
     scale = config.tdm.guidance_scale
     rows = {}
@@ -80,8 +80,9 @@ def _reference(backbone, config, samples: int):
     return ref_features, rows
 
 
-def _run(toy: str, variant: str, seed: int, backbone, ref_features, spec: dict) -> dict:
-    overrides = [*VARIANTS[variant][1], f"train.seed={seed}", f"train.iterations={spec['iterations']}",
+def train_and_sample(overrides: list[str], seed: int, backbone, ref_features, spec: dict) -> dict:
+    """Train the toy's preset plus `overrides` from `seed` for the spec's budget; sample at every K in STEPS."""
+    overrides = [*overrides, f"train.seed={seed}", f"train.iterations={spec['iterations']}",
                  f"train.batch_size={spec['batch_size']}",
                  "train.eval_every=0", "train.checkpoint_every=0", "train.log_every=50"]
     config = load_config(spec["preset"], overrides)
@@ -252,7 +253,7 @@ def main(argv=None):
                 **({"batch_size": args.batch_size} if args.batch_size else {})}
         results = data.setdefault(toy, {"settings": {**spec, "steps": STEPS, "eval_seed": EVAL_SEED}, "cells": {}})
         backbone = build_backbone(load_config(spec["preset"]).backbone)
-        ref_features, results["reference"] = _reference(backbone, load_config(spec["preset"]), spec["samples"])
+        ref_features, results["reference"] = reference(backbone, load_config(spec["preset"]), spec["samples"])
         for variant in args.variants.split(","):
             description, overrides = VARIANTS[variant]
             if variant != "preset" and _same_as_preset(toy, overrides):
@@ -262,7 +263,7 @@ def main(argv=None):
             for seed in seeds:
                 if any(r["seed"] == seed for r in cell["runs"]):
                     continue  # done in an earlier, interrupted invocation
-                run = {"seed": seed, **_run(toy, variant, seed, backbone, ref_features, spec)}
+                run = {"seed": seed, **train_and_sample(overrides, seed, backbone, ref_features, spec)}
                 cell["runs"].append(run)
                 data["command"] = command
                 write_text_atomic(path, json.dumps(data, indent=1))

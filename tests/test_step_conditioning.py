@@ -1,20 +1,26 @@
 """TDM-unify: the zero-initialised step embedding, the grid per K, and a short unify run on the digits toy."""
 
 import copy
+import subprocess
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from tdm.config import ConfigError, load_config
+from tdm.backbones.registry import build_backbone
+from tdm.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
+from tdm.config import ConfigError, load_config, to_dict
 from tdm.core.algorithm import TDM, TDMConfig
 from tdm.core.prediction import PredictionType
 from tdm.core.sampling import uniform_grid
 from tdm.core.schedules import DiscreteVP
 from tdm.evaluate.compare import student_samplers
+from tdm.roles import Roles, load_trained_student
 from tdm.step_conditioning import StepConditioned, bind_steps, initial_network
 from tdm.toys.digits import DigitsUNet
 from tdm.toys.gmm import ToyMLP
 from tdm.trainer import Trainer
+from test_reliability import ENV, _torchrun
 
 VP = DiscreteVP.from_betas("linear", 1000)
 
@@ -119,7 +125,10 @@ def test_step_conditioning_config_errors():
             return torch.nn.Linear(2, 2)
 
     with pytest.raises(ConfigError, match="does not name a timestep-embedding module"):
-        initial_network(NoHook(), TDMConfig(num_steps_set=(1, 2)))
+        initial_network(NoHook(), TDMConfig(num_steps_set=(1, 2)), "student")
+    config = load_config("digits-demo", ["train.roles=lora", "tdm.fake_step_condition=true"])
+    with pytest.raises(ConfigError, match="needs train.roles=separate"):
+        Roles.from_config(config, build_backbone(config.backbone))
 
 
 def test_unify_run_trains_every_k_and_samples_with_the_embedding(tmp_path):
@@ -149,6 +158,77 @@ def test_unify_run_trains_every_k_and_samples_with_the_embedding(tmp_path):
     trainer.close()
 
 
+# (overrides, step embeddings of the student, of the fake score); None: the role is not wrapped at all
+ROLE_EMBEDDINGS = [
+    ([], None, None),
+    (["tdm.num_steps_set=[1, 2, 4]"], {"num_steps"}, {"num_steps"}),
+    (["tdm.fake_step_condition=true"], None, {"step_index"}),
+    (["tdm.num_steps_set=[1, 2, 4]", "tdm.fake_step_condition=true"], {"num_steps"}, {"num_steps", "step_index"}),
+]
+
+
+def _embeddings(module) -> set[str] | None:
+    if not isinstance(module, StepConditioned):
+        return None
+    return {name.removesuffix("_embedding") for name, _ in module.named_children() if name.endswith("_embedding")}
+
+
+@pytest.mark.parametrize("overrides,student,fake", ROLE_EMBEDDINGS)
+def test_each_role_holds_exactly_the_step_embeddings_it_uses(overrides, student, fake, tmp_path):
+    """What DDP needs: after one iteration every trainable weight of both roles has a gradient."""
+    config = load_config("digits-demo", ["train.batch_size=8", "train.ema_decay=0", "optim.fake_updates=2",
+                                         *overrides])
+    trainer = Trainer(config, tmp_path)
+    assert (_embeddings(trainer.student), _embeddings(trainer.fake_score)) == (student, fake)
+    trainer.train_step()
+    for role in (trainer.student, trainer.fake_score):
+        unused = [name for name, p in role.named_parameters() if p.grad is None]
+        assert not unused, unused
+    loaded = load_trained_student(trainer.save(), config, trainer.backbone)  # what evaluate and export load
+    assert type(loaded) is type(trainer.student) and _embeddings(loaded) == student
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trainer.student.state_dict().values()))
+    trainer.close()
+
+
+@pytest.mark.parametrize("setting", ["tdm.num_steps_set=[1, 2, 4]", "tdm.fake_step_condition=true"])
+def test_a_student_saved_with_both_embeddings_still_loads(setting, tmp_path):
+    """Checkpoints written when every conditioned role held both embeddings: the unused one is all zeros."""
+    config = load_config("digits-demo", [setting])
+    backbone = build_backbone(config.backbone)
+    earlier = StepConditioned(copy.deepcopy(backbone.initial_weights()), backbone.time_embedding_module)
+    for p in earlier.model.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    if config.tdm.num_steps_set:  # the embedding it used was trained
+        torch.nn.init.normal_(earlier.num_steps_embedding.weight)
+    path = save_checkpoint(tmp_path, 5, {"student": earlier}, {}, {}, to_dict(config))
+    loaded = load_trained_student(path, config, backbone)
+    x, t, c = _inputs("digits")
+    with torch.no_grad():
+        assert torch.equal(bind_steps(loaded, config.tdm, 2)(x, t, c), bind_steps(earlier, config.tdm, 2)(x, t, c))
+    torch.nn.init.normal_(earlier.step_index_embedding.weight)  # a trained unused embedding is not dropped
+    path = save_checkpoint(tmp_path, 6, {"student": earlier}, {}, {}, to_dict(config))
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_trained_student(path, config, backbone)
+
+
+@pytest.mark.parametrize("setting,student,fake", [("tdm.num_steps_set=[1,2,4]", ["num_steps"], ["num_steps"]),
+                                                  ("tdm.fake_step_condition=true", [], ["step_index"])])
+def test_step_conditioned_runs_train_under_two_process_ddp(setting, student, fake, tmp_path):
+    """Before each role held only its own embeddings, DDP stopped at the second iteration ("Expected to have
+    finished reduction in the prior iteration...")."""
+    run = subprocess.run(_torchrun(tmp_path, "train.iterations=2", setting), env=ENV, capture_output=True,
+                         text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    checkpoint = latest_checkpoint(tmp_path / "checkpoints")
+    assert checkpoint.name == "step_0000002"
+    for role, embeddings in (("student", student), ("fake_score", fake)):
+        weights = load_file(checkpoint / f"{role}.safetensors")
+        held = [name for name in ("num_steps", "step_index") if f"{name}_embedding.weight" in weights]
+        assert held == embeddings
+        for name in embeddings:  # trained away from its zero initialisation
+            assert weights[f"{name}_embedding.weight"].abs().sum() > 0
+
+
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "pixart-alpha", "sd3", "cogvideox"])
 def test_step_conditioning_through_the_diffusers_adapters(family, tmp_path):
     """Each diffusers family names its timestep-embedding module; wrapped, the network starts as the teacher
@@ -157,7 +237,7 @@ def test_step_conditioning_through_the_diffusers_adapters(family, tmp_path):
     from tiny_diffusers import load_backbone, save_tiny
 
     backbone = load_backbone(family, save_tiny(family, tmp_path / family))
-    wrapped = initial_network(backbone, TDMConfig(num_steps_set=(1, 2, 4)))
+    wrapped = initial_network(backbone, TDMConfig(num_steps_set=(1, 2, 4)), "student")
     g = torch.Generator().manual_seed(0)
     x = torch.randn((2, *backbone.sample_shape), generator=g)
     t = torch.tensor([700.0, 300.0])

@@ -91,3 +91,35 @@ def test_two_processes_train_and_checkpoint(tmp_path):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step_0000004"
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_further_fake_updates_reuse_the_rollout_or_draw_fresh_ones(tmp_path, fresh):
+    """optim.fake_updates = 3: the generator's rollout (its own conditions and noise) feeds the first fake update;
+    the other two reuse it, or with optim.fresh_fake_rollouts each rolls out new conditions and noise."""
+    trainer = Trainer(load_config("digits-demo", [*SMALL, "optim.fake_updates=3",
+                                                  f"optim.fresh_fake_rollouts={str(fresh).lower()}"]), tmp_path)
+    rollouts, seen = [], []
+    rollout = trainer._rollout
+
+    def recording_rollout(noise, cond, num_steps, depth):
+        rollouts.append((noise, cond, rollout(noise, cond, num_steps, depth)))
+        return rollouts[-1][2]
+
+    def recording(step):
+        def record(traj, draws, cond, *rest):
+            seen.append((traj, cond))
+            return step(traj, draws, cond, *rest)
+        return record
+
+    trainer._rollout = recording_rollout
+    trainer.fake_score_step, trainer.generator_step = map(recording, (trainer.fake_score_step, trainer.generator_step))
+    trainer.train_step()
+    assert len(rollouts) == (3 if fresh else 1) and len(seen) == 4
+    (noise, cond, traj), generator = rollouts[0], seen[3]
+    assert generator[0] is traj and generator[1] is cond and seen[0][0] is traj  # consistent with its draws
+    for (fake_traj, fake_cond), rolled in zip(seen[1:3], rollouts[1:] if fresh else [rollouts[0]] * 2):
+        assert fake_traj is rolled[2] and fake_cond is rolled[1]
+        if fresh:
+            assert not torch.equal(rolled[0], noise) and not torch.equal(fake_traj.x0[4], traj.x0[4])
+    trainer.close()

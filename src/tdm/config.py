@@ -77,6 +77,8 @@ class OptimConfig:
     max_grad_norm: float = 1.0                # generator gradient clipping (0 = off)
     warmup_steps: int = 0                     # linear generator-lr warm-up
     fake_updates: int = 1                     # fake-score updates per generator update
+    fresh_fake_rollouts: bool = False         # each further fake update on a new student rollout (DMD2), not
+                                              # the generator's (docs/fake_rollouts.md)
 
     def __post_init__(self):
         _require(self.generator_lr > 0 and self.fake_lr > 0, "optim.generator_lr and optim.fake_lr must be > 0")

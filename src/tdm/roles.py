@@ -25,9 +25,10 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from .config import Config, ConfigError, TrainConfig
+from .config import Config, ConfigError
 from .errors import TDMError
-from .step_conditioning import StepConditioned
+from .step_conditioning import FAKE_SCORE, accept_earlier_layout, condition_for_role, initial_network
+from .step_conditioning import STUDENT as STUDENT_ROLE
 
 if TYPE_CHECKING:
     from .backbones.base import Backbone
@@ -226,17 +227,21 @@ class Roles:
         return cls(teacher, AdapterView(shared, STUDENT), AdapterView(shared, FAKE), shared)
 
     @classmethod
-    def from_config(cls, train: TrainConfig, backbone: Backbone, initial: nn.Module | None = None) -> Roles:
+    def from_config(cls, config: Config, backbone: Backbone) -> Roles:
         """The strategy train.roles names, with the backbone's default LoRA targets unless train.lora_targets.
-        `initial`: what student and fake score start from (default: the backbone's initial weights)."""
-        initial = backbone.initial_weights() if initial is None else initial
+        Student and fake score start from the backbone's initial weights; under TDM-unify each separate copy
+        is step-conditioned for exactly the step inputs its role is given (tdm.step_conditioning)."""
+        train, tdm = config.train, config.tdm
         if train.roles == "separate":
-            return cls.separate_copies(backbone.teacher, initial)
-        if isinstance(initial, StepConditioned):
+            roles = cls.separate_copies(backbone.teacher, backbone.initial_weights())
+            roles.student = condition_for_role(roles.student, backbone, tdm, STUDENT_ROLE)
+            roles.fake_score = condition_for_role(roles.fake_score, backbone, tdm, FAKE_SCORE)
+            return roles
+        if tdm.step_conditioned:
             raise ConfigError("train.roles=lora keeps one shared base network, which cannot hold a step embedding "
                               "per role: TDM-unify (tdm.num_steps_set, tdm.fake_step_condition) needs "
                               "train.roles=separate")
-        return cls.lora(backbone.teacher, initial, train.lora_rank, train.lora_alpha,
+        return cls.lora(backbone.teacher, backbone.initial_weights(), train.lora_rank, train.lora_alpha,
                         train.lora_targets or backbone.lora_targets, train.seed)
 
     @property
@@ -263,14 +268,15 @@ class Roles:
 
 def load_trained_student(checkpoint: Path, config: Config, backbone: Backbone, ema: bool = False) -> nn.Module:
     """The student (or its EMA) of a checkpoint, rebuilt as the trainer built it from `config`: a full copy
-    (step-conditioned under TDM-unify) or the student adapter on the backbone's own network, frozen."""
+    (step-conditioned as the student is, under TDM-unify) or the student adapter on the backbone's own network,
+    frozen."""
     from .checkpoint import load_checkpoint
-    from .step_conditioning import initial_network
 
     if config.train.roles == "lora":  # the adapter on the one teacher network, as in training
-        roles = Roles.from_config(config.train, backbone)
+        roles = Roles.from_config(config, backbone)
         student, fingerprint = (roles.student_ema() if ema else roles.student), roles.base_fingerprint
     else:
-        student, fingerprint = copy.deepcopy(initial_network(backbone, config.tdm)), None
+        student, fingerprint = initial_network(backbone, config.tdm, STUDENT_ROLE), None
+        accept_earlier_layout(student)  # TDM-unify students saved with an embedding they never used
     load_checkpoint(checkpoint, {"student_ema" if ema else "student": student}, {}, fingerprint)
     return student.eval().requires_grad_(False)

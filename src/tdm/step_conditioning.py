@@ -1,10 +1,12 @@
 """Step conditioning for TDM-unify (paper Sec. 3.3, method.md Decision 8).
 
-`StepConditioned` wraps a backbone network so that the number of sampling steps K (and, for a step-aware fake
-score, the step index k) enters through embeddings added to the output of the network's timestep-embedding
-module. Both embeddings start at zero, so a freshly wrapped network computes exactly what it wrapped (the
-student and the fake score start as the teacher). Any backbone works that names its timestep-embedding module
-(`Backbone.time_embedding_module`); the wrapper adds a forward hook there and nothing else.
+`StepConditioned` wraps a backbone network so that the number of sampling steps K and/or the step index k enter
+through embeddings added to the output of the network's timestep-embedding module. Each role holds an embedding
+for exactly the step inputs it is given (`step_inputs`): the student K under TDM-unify, the fake score K under
+TDM-unify and k when it is step-aware; a role given neither is not wrapped. (An embedding a role never uses gets
+no gradient, which multi-process DDP refuses.) The embeddings start at zero, so a freshly wrapped network computes
+exactly what it wrapped (the student and the fake score start as the teacher). Any backbone works that names its
+timestep-embedding module (`Backbone.time_embedding_module`); the wrapper adds a forward hook there and nothing else.
 """
 
 from __future__ import annotations
@@ -17,6 +19,19 @@ from torch import Tensor, nn
 from .config import ConfigError
 from .core.algorithm import MAX_STEPS, TDMConfig
 from .core.sampling import Cond, Model
+
+NUM_STEPS, STEP_INDEX = "num_steps", "step_index"  # the step inputs: K of the rollout, k of the sample's step
+STUDENT, FAKE_SCORE = "student", "fake_score"      # the trainable roles
+
+
+def step_inputs(config: TDMConfig, role: str) -> tuple[str, ...]:
+    """The step inputs `role` is given: K to student and fake score under TDM-unify (tdm.num_steps_set), the
+    step index k to the fake score when it is step-aware (tdm.fake_step_condition)."""
+    if role not in (STUDENT, FAKE_SCORE):
+        raise ValueError(f"role must be {STUDENT!r} or {FAKE_SCORE!r}, got {role!r}")
+    takes_k = bool(config.num_steps_set)
+    takes_index = config.fake_step_condition and role == FAKE_SCORE
+    return (NUM_STEPS,) * takes_k + (STEP_INDEX,) * takes_index
 
 
 def _embedding_width(module: nn.Module, name: str) -> int:
@@ -31,18 +46,21 @@ def _embedding_width(module: nn.Module, name: str) -> int:
 
 class StepConditioned(nn.Module):
     """`forward(x_t, t, cond, num_steps=None, step_index=None)`: the wrapped model, with zero-initialised
-    embeddings of K ([B] long) and k ([B] long) added to its timestep embedding."""
+    embeddings of K ([B] long) and/or k ([B] long) added to its timestep embedding. `inputs` names the step
+    inputs it holds an embedding for (attributes `num_steps_embedding`, `step_index_embedding`)."""
 
-    def __init__(self, model: nn.Module, time_embedding_module: str, max_steps: int = MAX_STEPS):
+    def __init__(self, model: nn.Module, time_embedding_module: str,
+                 inputs: tuple[str, ...] = (NUM_STEPS, STEP_INDEX), max_steps: int = MAX_STEPS):
         super().__init__()
-        self.model = model
-        self.max_steps = max_steps
+        if not inputs or not set(inputs) <= {NUM_STEPS, STEP_INDEX}:
+            raise ValueError(f"step inputs must be a non-empty subset of {(NUM_STEPS, STEP_INDEX)}, got {inputs}")
+        self.model, self.inputs, self.max_steps = model, tuple(inputs), max_steps
         target = model.get_submodule(time_embedding_module)
         width = _embedding_width(target, time_embedding_module)
-        self.num_steps_embedding = nn.Embedding(max_steps + 1, width)
-        self.step_index_embedding = nn.Embedding(max_steps + 1, width)
-        nn.init.zeros_(self.num_steps_embedding.weight)
-        nn.init.zeros_(self.step_index_embedding.weight)
+        for name in self.inputs:
+            embedding = nn.Embedding(max_steps + 1, width)
+            nn.init.zeros_(embedding.weight)
+            setattr(self, f"{name}_embedding", embedding)
         self._extra: Tensor | None = None  # the embedding to add during the current forward only
         target.register_forward_hook(self._add_step_embedding)  # a bound method: survives deepcopy correctly
 
@@ -52,13 +70,15 @@ class StepConditioned(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond, num_steps: Tensor | None = None,
                 step_index: Tensor | None = None) -> Tensor:
         extra = None
-        for index, embedding in ((num_steps, self.num_steps_embedding), (step_index, self.step_index_embedding)):
+        for name, index in ((NUM_STEPS, num_steps), (STEP_INDEX, step_index)):
             if index is None:
                 continue
+            if name not in self.inputs:
+                raise ValueError(f"this network holds embeddings for {list(self.inputs)} only, got {name}")
             if int(index.max()) > self.max_steps or int(index.min()) < 1:
                 raise ValueError(f"step conditioning takes values in [1, {self.max_steps}], "
                                  f"got {index.unique().tolist()}")
-            e = embedding(index.long().to(x_t.device))
+            e = getattr(self, f"{name}_embedding")(index.long().to(x_t.device))
             extra = e if extra is None else extra + e
         self._extra = extra
         try:
@@ -68,11 +88,12 @@ class StepConditioned(nn.Module):
 
 
 def bind_steps(model: Model, config: TDMConfig, num_steps: int, step_index: Tensor | None = None) -> Model:
-    """`model` sampling with K = num_steps, as a plain `(x_t, t, cond)` callable: K is passed when the config
-    trains TDM-unify, the per-sample step index k when it makes the fake score step-aware; `model` itself when
-    there is nothing to pass."""
-    num_steps = num_steps if config.num_steps_set else None
-    step_index = step_index if config.fake_step_condition else None
+    """`model` sampling with K = num_steps, as a plain `(x_t, t, cond)` callable, given the step inputs of its
+    role (`step_inputs`): `step_index` (the per-sample k) is passed for the fake score, None for the student.
+    `model` itself when there is nothing to pass."""
+    inputs = step_inputs(config, STUDENT if step_index is None else FAKE_SCORE)
+    num_steps = num_steps if NUM_STEPS in inputs else None
+    step_index = step_index if STEP_INDEX in inputs else None
     if num_steps is None and step_index is None:
         return model
 
@@ -83,13 +104,39 @@ def bind_steps(model: Model, config: TDMConfig, num_steps: int, step_index: Tens
     return bound
 
 
-def initial_network(backbone, config: TDMConfig) -> nn.Module:
-    """What the student and the fake score start from: the backbone's initial weights, wrapped in a fresh
-    `StepConditioned` when the TDM config conditions on steps (the backbone's own modules stay untouched)."""
-    initial = backbone.initial_weights()
-    if not config.step_conditioned:
-        return initial
+def condition_for_role(network: nn.Module, backbone, config: TDMConfig, role: str) -> nn.Module:
+    """`network` as `role` trains it: wrapped in a `StepConditioned` holding an embedding for each step input
+    the role is given, or `network` itself when it is given none. `network` must be the role's own copy: the
+    wrapper hooks its timestep-embedding module."""
+    inputs = step_inputs(config, role)
+    if not inputs:
+        return network
     if backbone.time_embedding_module is None:
         raise ConfigError(f"tdm.num_steps_set / tdm.fake_step_condition: backbone {backbone.name!r} does not name "
                           f"a timestep-embedding module to condition on")
-    return StepConditioned(copy.deepcopy(initial), backbone.time_embedding_module)
+    return StepConditioned(network, backbone.time_embedding_module, inputs)
+
+
+def initial_network(backbone, config: TDMConfig, role: str) -> nn.Module:
+    """What `role` starts from: its own copy of the backbone's initial weights, conditioned as the role is
+    (`condition_for_role`); the backbone's own modules stay untouched."""
+    return condition_for_role(copy.deepcopy(backbone.initial_weights()), backbone, config, role)
+
+
+def accept_earlier_layout(student: nn.Module) -> None:
+    """Let `student` load a checkpoint written when every step-conditioned role held both embeddings: the one
+    the student never used (all zeros: it never had a gradient) is dropped, and so is the wrapper of a student
+    that takes no step input. Any other difference still fails to load."""
+    held = getattr(student, "inputs", ())
+
+    def convert(module, state_dict, prefix, *args) -> None:
+        for name in (NUM_STEPS, STEP_INDEX):
+            key = f"{prefix}{name}_embedding.weight"
+            if name not in held and key in state_dict and not state_dict[key].any():
+                del state_dict[key]
+        inner = f"{prefix}model."
+        if not held and state_dict and all(key.startswith(inner) for key in state_dict):
+            for key in list(state_dict):
+                state_dict[prefix + key.removeprefix(inner)] = state_dict.pop(key)
+
+    student.register_load_state_dict_pre_hook(convert)

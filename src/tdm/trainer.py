@@ -43,7 +43,7 @@ from .files import write_text_atomic
 from .preemption import StopSignals
 from .report import image_grid
 from .roles import Roles
-from .step_conditioning import bind_steps, initial_network
+from .step_conditioning import bind_steps
 
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
@@ -60,8 +60,7 @@ class Trainer:
                                        cpu=not torch.cuda.is_available())  # gloo DDP on CPU-only machines
         self.backbone = backbone or build_backbone(config.backbone)
         self.tdm = TDM(self.backbone.schedule, self.backbone.prediction, config.tdm)
-        initial = initial_network(self.backbone, config.tdm)  # step-conditioned under TDM-unify
-        self.roles = roles = Roles.from_config(config.train, self.backbone, initial).to(self.accelerator.device)
+        self.roles = roles = Roles.from_config(config, self.backbone).to(self.accelerator.device)
         self.teacher = roles.teacher
         self.ema = roles.student_ema() if config.train.ema_decay > 0 else None
         o = config.optim
@@ -161,28 +160,46 @@ class Trainer:
         return False
 
     def train_step(self) -> dict:
-        """One TDM iteration: draws, one shared rollout, fake-score update(s), then the generator update."""
-        cfg, device = self.config, self.accelerator.device
+        """One TDM iteration: draws, the student's rollout(s), fake-score update(s), then the generator update.
+
+        The rollout the generator update differentiates from also feeds the first fake update. Further fake
+        updates (optim.fake_updates > 1) reuse it, or with optim.fresh_fake_rollouts each rolls out new
+        conditions and noise through the same student (DMD2's fresh samples; docs/fake_rollouts.md)."""
+        cfg = self.config
         g = step_generator(cfg.train.seed, self.accelerator.process_index, self.step)
-        batch = cfg.train.batch_size
-        shape = (batch, *self.backbone.sample_shape)
-        cond = cond_to(self.backbone.sample_conditions(batch, g), device)
-        uncond = cond_to(self.backbone.null_condition(batch), device)
-        noise = torch.randn(shape, generator=g).to(device)
+        cond, noise = self._batch(g)
+        uncond = cond_to(self.backbone.null_condition(cfg.train.batch_size), self.accelerator.device)
         K = self.tdm.draw_num_steps(g)  # TDM-unify: this iteration's K (no draw for a fixed K)
-        fake_draws = [self.tdm.draw(shape, g, device, K) for _ in range(cfg.optim.fake_updates)]
-        gen_draws = self.tdm.draw(shape, g, device, K)
-        with self.accelerator.autocast():
-            traj = self.tdm.student_trajectory(bind_steps(self.student, cfg.tdm, K), noise, cond,
-                                               self.tdm.rollout_depth(fake_draws, gen_draws), K)
-        logs = {}
-        for d in fake_draws:
-            logs = self.fake_score_step(traj, d, cond, K)
+        fake_draws = [self.tdm.draw(noise.shape, g, noise.device, K) for _ in range(cfg.optim.fake_updates)]
+        gen_draws = self.tdm.draw(noise.shape, g, noise.device, K)
+        fresh = cfg.optim.fresh_fake_rollouts
+        traj = self._rollout(noise, cond, K, self.tdm.rollout_depth(fake_draws[:1] if fresh else fake_draws,
+                                                                    gen_draws))
+        logs = self.fake_score_step(traj, fake_draws[0], cond, K)
+        for d in fake_draws[1:]:
+            if fresh:
+                fresh_cond, fresh_noise = self._batch(g)
+                logs = self.fake_score_step(self._rollout(fresh_noise, fresh_cond, K, self.tdm.rollout_depth([d])),
+                                            d, fresh_cond, K)
+            else:
+                logs = self.fake_score_step(traj, d, cond, K)
         logs.update(self.generator_step(traj, gen_draws, cond, uncond, K))
         logs.update({f"skipped/{role}": n for role, n in self.skipped.items()})
         logs["train/num_steps"] = K
         self.step += 1
         return {k: float(v) for k, v in logs.items()}
+
+    def _batch(self, g: torch.Generator) -> tuple:
+        """A training batch of conditions and initial noise, drawn with `g`, on the device."""
+        batch, device = self.config.train.batch_size, self.accelerator.device
+        cond = cond_to(self.backbone.sample_conditions(batch, g), device)
+        return cond, torch.randn((batch, *self.backbone.sample_shape), generator=g).to(device)
+
+    def _rollout(self, noise: torch.Tensor, cond, num_steps: int, depth: int):
+        """The current student's K-step rollout from `noise`, down to level `depth` (no gradient)."""
+        with self.accelerator.autocast():
+            return self.tdm.student_trajectory(bind_steps(self.student, self.config.tdm, num_steps), noise, cond,
+                                               depth, num_steps)
 
     @torch.no_grad()
     def _update_ema(self):

@@ -152,9 +152,11 @@ class TDM:
         return Draws(*(v.to(device) for v in (k, snap(t_k), snap(t_mid), snap(tau), noise)))
 
     @staticmethod
-    def rollout_depth(fake_draws: list[Draws], generator_draws: Draws) -> int:
-        """Deepest level this iteration needs: x0/eps at every fake k, the state at every generator k."""
-        need = [int(d.k.min()) for d in fake_draws] + [int(generator_draws.k.min()) + 1]
+    def rollout_depth(fake_draws: list[Draws], generator_draws: Draws | None = None) -> int:
+        """Deepest level a rollout needs: x0/eps at every fake k, the state at every generator k."""
+        need = [int(d.k.min()) for d in fake_draws]
+        if generator_draws is not None:
+            need.append(int(generator_draws.k.min()) + 1)
         return min(need)
 
     @torch.no_grad()
