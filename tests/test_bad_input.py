@@ -108,7 +108,23 @@ FILES = [  # (argv builder, what the message must contain)
      "student.safetensors does not match this run's student"),
     (lambda t: ["--config", "digits-demo", "--resume", str(_corrupted_checkpoint(t))],
      "student.safetensors is corrupted"),
+    (lambda t: ["--config", "sd15-lora", *_zero_snr_epsilon_teacher(t)],
+     "scheduler config: prediction_type='epsilon' on a table with zero terminal SNR, from rescale_betas_zero_snr"),
 ]
+
+
+def _zero_snr_epsilon_teacher(tmp_path):
+    """--set arguments for the tiny SD1.5 pipeline with its epsilon scheduler rescaled to zero terminal SNR."""
+    pytest.importorskip("diffusers")
+    from tiny_diffusers import PROMPTS, TINY_SIZE, save_tiny
+
+    folder = save_tiny("sd15", tmp_path / "zero-snr")
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "rescale_betas_zero_snr": True}))
+    prompts = _write(tmp_path / "prompts.txt", "\n".join(PROMPTS))
+    sets = [f"backbone.teacher={folder}", f"backbone.prompts={prompts}", f"backbone.height={TINY_SIZE['sd15']}",
+            f"backbone.width={TINY_SIZE['sd15']}", "train.mixed_precision=no"]
+    return [a for s in sets for a in ("--set", s)]
 
 
 def _write(path, text):

@@ -35,9 +35,11 @@ def test_vp_schedule_matches_diffusers_alphas_cumprod(name):
 
 
 def test_vp_schedule_from_json_dict_uses_class_defaults(tmp_path):
-    """A scheduler_config.json that leaves keys out gets its class's defaults (CogVideoX: scaled_linear, 3.0)."""
-    reference = diffusers.CogVideoXDDIMScheduler(rescale_betas_zero_snr=True)
-    schedule, _ = schedule_from_config({"_class_name": "CogVideoXDDIMScheduler", "rescale_betas_zero_snr": True})
+    """A scheduler_config.json that leaves keys out gets its class's defaults (CogVideoX: scaled_linear, 3.0).
+    (v_prediction: the class's default epsilon on a zero-terminal-SNR table is refused.)"""
+    reference = diffusers.CogVideoXDDIMScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    schedule, _ = schedule_from_config({"_class_name": "CogVideoXDDIMScheduler", "rescale_betas_zero_snr": True,
+                                        "prediction_type": "v_prediction"})
     assert torch.allclose(schedule.alphas_cumprod.double(), reference.alphas_cumprod.double(), atol=1e-6, rtol=0)
 
 

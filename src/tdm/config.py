@@ -51,7 +51,8 @@ class BackboneConfig:
     width: int = 0
     frames: int = 0            # cogvideox: frames per video in pixel space; 0 = the model's default (49)
     dtype: str = "float32"     # weights of the frozen parts (teacher network, text encoders, VAE):
-                               # float32 | bfloat16 | float16
+                               # float32 | bfloat16 | float16. Trained weights are float32 whatever this is
+                               # (separate copies, LoRA adapters, the EMA): a bf16 weight loses lr-1e-6 updates
     text_encoder_3: bool = True  # sd3: load the T5 text encoder; false = the two CLIP encoders only
     gradient_checkpointing: bool = False  # diffusers families: recompute the network's blocks in the backward pass
                                           # (less activation memory, about a third more time per iteration)
@@ -102,8 +103,9 @@ class TrainConfig:
     keep_checkpoints: int = 3     # newest complete checkpoints kept; 0 = keep all
     stop_signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1")  # checkpoint after this iteration, exit 0
     max_nonfinite: int = 10       # consecutive skipped updates (non-finite loss or gradient) before aborting
-    roles: str = "separate"       # separate: full copies of student and fake score; lora: two LoRA adapters on
-                                  # the one frozen teacher network (one copy of the backbone in memory)
+    roles: str = "separate"       # separate: full float32 copies of student and fake score (also on a bf16/fp16
+                                  # backbone.dtype); lora: two float32 LoRA adapters on the one frozen teacher
+                                  # network (one copy of the backbone in memory)
     lora_rank: int = 16           # roles=lora: rank r of both adapters
     lora_alpha: float = 16.0      # roles=lora: LoRA scale alpha / r
     lora_targets: tuple[str, ...] = ()  # roles=lora: layers to adapt, module-name patterns (a name or its tail

@@ -94,6 +94,11 @@ def base_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def trainable_copy(module: nn.Module) -> nn.Module:
+    """An independent copy of `module` to train: fp32 weights and buffers, train mode, gradients on."""
+    return copy.deepcopy(module).float().train().requires_grad_(True)
+
+
 class SharedBase:
     """One frozen backbone with named peft LoRA adapters, switched per call.
 
@@ -210,10 +215,14 @@ class Roles:
 
     @classmethod
     def separate_copies(cls, teacher: nn.Module, initial: nn.Module) -> Roles:
-        """Full fine-tuning: student and fake score are independent copies of `initial`."""
+        """Full fine-tuning: student and fake score are independent fp32 copies of `initial`, whatever its dtype.
+
+        accelerate keeps no fp32 master weights: an AdamW step of lr ~1e-6 is far below bf16's resolution (8
+        significant bits) and would round away, so a bf16 copy barely trains. The frozen teacher keeps its dtype;
+        diffusers denoisers cast their inputs to the network's dtype, so each role runs in its own."""
         teacher = teacher.eval().requires_grad_(False)
-        student = copy.deepcopy(initial).train().requires_grad_(True)
-        fake_score = copy.deepcopy(initial).train().requires_grad_(True)
+        student = trainable_copy(initial)
+        fake_score = trainable_copy(initial)
         return cls(teacher, student, fake_score)
 
     @classmethod

@@ -86,6 +86,7 @@ class Trainer:
         self._teacher_samples: torch.Tensor | None = None  # the diagnostics' reference, drawn at the first eval
         self.nonfinite_in_a_row = {"fake_score": 0, "student": 0}
         self.skipped = {"fake_score": 0, "student": 0}
+        self.overflows = {"fake_score": 0, "student": 0}  # fp16: updates the grad scaler skipped (it backed off)
         self.last_finite_loss: dict[str, float | None] = {"fake_score": None, "student": None}
         self.stopped_by: str | None = None  # the stop signal that ended train(), if any
         self.checkpoint_path: Path | None = None  # newest checkpoint written or loaded (rank 0 knows the path)
@@ -100,8 +101,7 @@ class Trainer:
         self.opt_f.zero_grad(set_to_none=True)
         self.accelerator.backward(loss.mean())
         self._average_gradients(self.fake_score)
-        if self._finite_update("fake_score", self.fake_score, loss):
-            self.opt_f.step()
+        self._update("fake_score", self.fake_score, self.opt_f, loss)
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.fake_score.parameters() if p.grad is not None])
         return {"fake/loss": loss.detach().mean(), "fake/grad_norm": grad_norm, **logs,
                 **per_step_losses(loss, draws.k, "fake")}
@@ -116,14 +116,17 @@ class Trainer:
         self.accelerator.backward(loss.mean())
         self._average_gradients(self.student)
         o = self.config.optim
-        grad_norm = (self.accelerator.clip_grad_norm_(self.student.parameters(), o.max_grad_norm)
-                     if o.max_grad_norm > 0 else torch.tensor(float("nan")))
+        grad_norm = torch.tensor(float("nan"))
+        if o.max_grad_norm > 0:
+            # Unscale (fp16) this optimiser's gradients only, as a plain fp16 loop does: accelerate's
+            # clip_grad_norm_ unscales every optimiser's, and the fake score's stale overflowed gradients would
+            # back the scale off a second time.
+            self.accelerator.unscale_gradients(self.opt_g)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), o.max_grad_norm)
         for group in self.opt_g.param_groups:  # linear warm-up, a pure function of the step
             group["lr"] = o.generator_lr * min(1.0, (self.step + 1) / max(o.warmup_steps, 1))
-        if self._finite_update("student", self.student, loss):
-            self.opt_g.step()
-            if self.ema is not None:
-                self._update_ema()
+        if self._update("student", self.student, self.opt_g, loss) and self.ema is not None:
+            self._update_ema()
         return {"generator/loss": loss.detach().mean(), "generator/grad_norm": grad_norm, **logs,
                 **per_step_losses(loss, draws.k, "generator")}
 
@@ -138,10 +141,28 @@ class Trainer:
         for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(mean.view_as(g))
 
-    def _finite_update(self, role: str, module: torch.nn.Module, loss: torch.Tensor) -> bool:
-        """True if the loss and (all-reduced) gradients are finite; else count a skipped update for `role`
-        and abort after `train.max_nonfinite` in a row. Gradients are synchronised, so all ranks agree."""
-        checks = [torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None]
+    def _update(self, role: str, module: torch.nn.Module, opt, loss: torch.Tensor) -> bool:
+        """Step `role`'s optimiser unless its update is non-finite; True if its weights changed.
+
+        Under fp16 with a grad scaler (accelerate on a GPU) the scaler judges the gradients, as in a plain fp16
+        loop: `opt.step()` runs `scaler.step`, which skips an overflowing update, and `scaler.update`, which backs
+        the scale off (skipping `opt.step()` would keep the scale too high forever). Only a non-finite loss then
+        counts toward train.max_nonfinite; without a scaler, non-finite gradients count too."""
+        scaler = self.accelerator.scaler
+        finite = self._finite_update(role, module if scaler is None else None, loss)
+        if scaler is None and not finite:
+            return False
+        opt.step()
+        overflow = scaler is not None and opt.step_was_skipped
+        self.overflows[role] += overflow
+        return not overflow
+
+    def _finite_update(self, role: str, module: torch.nn.Module | None, loss: torch.Tensor) -> bool:
+        """True if the loss and (all-reduced) gradients of `module` (None: the loss only) are finite; else count
+        a skipped update for `role` and abort after `train.max_nonfinite` in a row. Gradients are synchronised,
+        so all ranks agree."""
+        params = module.parameters() if module is not None else ()
+        checks = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
         if bool(torch.stack([*checks, torch.isfinite(loss).all()]).all()):  # one device sync
             self.nonfinite_in_a_row[role] = 0
             self.last_finite_loss[role] = float(loss.detach().mean())
@@ -185,6 +206,9 @@ class Trainer:
                 logs = self.fake_score_step(traj, d, cond, K)
         logs.update(self.generator_step(traj, gen_draws, cond, uncond, K))
         logs.update({f"skipped/{role}": n for role, n in self.skipped.items()})
+        if self.accelerator.scaler is not None:
+            logs.update({f"fp16/overflows_{role}": n for role, n in self.overflows.items()})
+            logs["fp16/loss_scale"] = self.accelerator.scaler.get_scale()
         logs["train/num_steps"] = K
         self.step += 1
         return {k: float(v) for k, v in logs.items()}

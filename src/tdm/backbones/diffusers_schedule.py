@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 
 from ..config import ConfigError
-from ..core.prediction import PredictionType
+from ..core.prediction import PredictionType, terminal_x0_undefined
 from ..core.schedules import DiscreteVP, FlowMatch, Schedule, beta_table, rescale_zero_terminal_snr
 
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
@@ -107,4 +107,12 @@ def schedule_from_config(config, kind: str | None = None) -> tuple[Schedule, Pre
     if prediction not in PREDICTIONS or prediction == "flow_prediction":
         raise ConfigError(f"scheduler config: prediction_type must be epsilon, v_prediction or sample for a "
                           f"VP schedule, got {prediction!r}")
-    return DiscreteVP(_vp_alphas_cumprod(config)), PREDICTIONS[prediction]
+    schedule = DiscreteVP(_vp_alphas_cumprod(config))
+    if terminal_x0_undefined(schedule, PREDICTIONS[prediction]):
+        cause = ("rescale_betas_zero_snr=True" if config.get("rescale_betas_zero_snr") else
+                 "its betas (alphas_cumprod = 0 at the last step)")
+        raise ConfigError(f"scheduler config: prediction_type='epsilon' on a table with zero terminal SNR, from "
+                          f"{cause}: x0 = (x_t - sigma eps) / alpha is NaN at t = {schedule.num_train_timesteps - 1}"
+                          f"; use prediction_type='v_prediction' (a v-prediction teacher), or a table without "
+                          f"zero terminal SNR (rescale_betas_zero_snr=false)")
+    return schedule, PREDICTIONS[prediction]

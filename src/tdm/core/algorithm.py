@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .losses import GENERATOR_LOSSES, IMPORTANCE_WEIGHTS, fake_score_loss, generator_loss, importance_weight
-from .prediction import PredictionType, to_x0, to_x0_eps
+from .prediction import PredictionType, terminal_x0_undefined, to_x0, to_x0_eps
 from .sampling import (
     Cond,
     Model,
@@ -121,6 +121,10 @@ class Draws:
 
 class TDM:
     def __init__(self, schedule: Schedule, prediction: PredictionType, config: TDMConfig):
+        if terminal_x0_undefined(schedule, prediction):
+            raise ValueError("an epsilon-prediction teacher on a schedule with zero terminal SNR (alpha = 0 at the "
+                             "noisiest level) has no x0 there (NaN): use a v_prediction teacher, or a schedule "
+                             "without zero terminal SNR")
         self.schedule, self.prediction, self.config = schedule, prediction, config
         self.grids = {K: make_grid(config, schedule, K) for K in config.training_num_steps}
         self.grid = self.grids[config.training_num_steps[-1]]  # the default sampling grid (largest trained K)

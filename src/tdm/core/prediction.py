@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from enum import Enum
 
+import torch
 from torch import Tensor
 
 from .schedules import Schedule, append_dims
@@ -30,6 +31,15 @@ class PredictionType(str, Enum):
             return cls(value)
         except ValueError:
             raise ValueError(f"prediction type must be one of {[p.value for p in cls]}, got {value!r}") from None
+
+
+def terminal_x0_undefined(schedule: Schedule, prediction: PredictionType) -> bool:
+    """Whether x0 = (x_t - sigma eps) / alpha divides by zero at the noisiest level: an epsilon prediction on a
+    schedule with zero terminal SNR (alpha = 0 at t = T-1; flow: t = T). The teacher's full-range sampler and
+    a grid reaching T-1 would give NaN there; v_prediction, sample and flow stay defined."""
+    T = schedule.num_train_timesteps
+    top = torch.tensor([float(T - 1 if schedule.discrete else T)])
+    return prediction is PredictionType.EPSILON and float(schedule.alpha(top)) == 0.0
 
 
 def _coefficients(schedule: Schedule, t: Tensor, ndim: int) -> tuple[Tensor, Tensor]:
