@@ -156,13 +156,18 @@ def test_a_second_run_on_the_same_folder_stops_at_once_and_the_first_finishes(tm
     run = tmp_path / "run"
     first = subprocess.Popen(_cmd(run, "train.iterations=100000"), env=ENV, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: list((run / "tensorboard").glob("events.*")))  # the first is training
+
+    def training():
+        return list((run / "tensorboard").glob("events.*"))
+
+    _wait_for(lambda: (run / ".tdm.lock").exists() or training())  # the first holds the folder
     second = subprocess.run(_cmd(run, "train.iterations=2"), env=ENV, capture_output=True, text=True, timeout=300)
     line = _error_line(second.stderr)
     assert second.returncode == 2
     assert f"--out {run} is in use by another tdm run (pid {first.pid}" in line, line
+    _wait_for(training)
     assert first.poll() is None, "the first run is still training"
-    first.send_signal(signal.SIGTERM)
+    first.send_signal(signal.SIGTERM)  # it stops after this iteration, with a checkpoint
     out, err = first.communicate(timeout=120)
     assert first.returncode == 0, err[-2000:]
     assert "stopped by SIGTERM" in out and latest_checkpoint(run / "checkpoints") is not None

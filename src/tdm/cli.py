@@ -10,12 +10,10 @@ import sys
 from pathlib import Path
 
 from .backbones.registry import PROMPT_ENCODERS  # diffusers/transformers are imported only when a model is loaded
-from .checkpoint import read_manifest
 from .config import DTYPES, ConfigError, from_dict, load_config
-from .config_change import check_config_change
 from .errors import TDMError, TrainingAborted
 from .evaluate.options import FEATURE_CHOICES, EvaluateOptions
-from .resume import check_resume
+from .resume import check_loaded, check_resume
 from .run_lock import RunLock
 
 
@@ -35,8 +33,7 @@ def _distill(preset: str, overrides: list[str], out: str, resume: str | None, re
         trainer = Trainer(config, out)
         if resume:
             path = trainer.resume(resume, start_fresh)
-            if path is not None and path != expected:  # the newest was damaged: check the config of the one loaded
-                check_config_change(path, read_manifest(path)["config"], config, allow_config_change)
+            check_loaded(path, expected, config, allow_config_change)
             print(f"resuming from {path} at iteration {trainer.step}" if path else
                   f"--resume {resume}: no complete checkpoint in {out}, starting from scratch")
         path = trainer.train()

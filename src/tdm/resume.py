@@ -62,6 +62,12 @@ def check_resume(out: Path, where: str | None, config: Config, allow_config_chan
     return path
 
 
+def check_loaded(path: Path | None, expected: Path | None, config: Config, allow_config_change: bool) -> None:
+    """Where --resume auto fell back past a damaged checkpoint to an older one, check that one's config too."""
+    if path is not None and path != expected:
+        check_config_change(path, read_manifest(path)["config"], config, allow_config_change)
+
+
 def load_newest(root: Path, load: Callable[[Path], T]) -> tuple[Path | None, T | None, list[tuple[Path, str]]]:
     """`load` the newest complete checkpoint under root whose hashes match, newest first. Returns its path,
     what `load` returned (None, None if none loaded) and every damaged checkpoint seen with the reason."""
