@@ -121,6 +121,8 @@ def test_resume_auto_skips_a_corrupted_checkpoint(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "skipping" in captured.err and "is corrupted" in captured.err
     assert "resuming from" in captured.out and "step_0000002" in captured.out
+    moved = tmp_path / "checkpoints" / "damaged" / newest.name / "fake_score.safetensors"
+    assert moved.read_bytes() == bytes(data), "the damaged checkpoint is moved aside, not written over"
 
 
 def _wait_for(predicate, timeout=120):

@@ -3,9 +3,10 @@
 Layout of `checkpoints/step_0000500/`: one `<role>.safetensors` per module (for train.roles=lora only that
 role's LoRA weights, in peft's key format), `<name>.optim.safetensors` (+ `.json` for its non-tensor state) per
 optimiser, `rng.safetensors` (one state per rank), and the manifest `state.json` (step, file sizes and sha256,
-config digest, config, the fingerprint of the frozen base for LoRA roles), written last. The folder is assembled
-under a temporary name, fsynced and renamed into place, so a crash never leaves a half-written checkpoint
-under a real name; a folder without a complete manifest is never loaded.
+config digest, config, the fingerprint of the frozen base for LoRA roles, the trainer's own bookkeeping), written
+last. The folder is assembled under a temporary name, fsynced and renamed into place, so a crash never leaves a
+half-written checkpoint under a real name; a folder without a complete manifest is never loaded. Damaged
+checkpoints are never deleted or written over: they move to `checkpoints/damaged/`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .errors import TDMError
 from .files import sha256_file
 
 STATE_FILE = "state.json"
+DAMAGED_DIR = "damaged"
 
 
 class CheckpointError(TDMError, ValueError):
@@ -64,19 +66,22 @@ def _optimizer_from_files(tensors: dict, meta: dict) -> dict:
 
 def save_checkpoint(root: Path, step: int, modules: dict[str, nn.Module],
                     optimizers: dict[str, torch.optim.Optimizer], rng: dict[str, torch.Tensor],
-                    config: dict, base_fingerprint: str | None = None) -> Path:
+                    config: dict, base_fingerprint: str | None = None, trainer_state: dict | None = None) -> Path:
     """Write a checkpoint atomically under root/step_XXXXXXX and return its path. `base_fingerprint` names the
-    frozen base that LoRA-only module weights belong to (tdm.roles.base_fingerprint)."""
+    frozen base that LoRA-only module weights belong to (tdm.roles.base_fingerprint); `trainer_state` is the
+    trainer's JSON bookkeeping (manifest key "trainer")."""
     final = root / checkpoint_name(step)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     try:
-        return _write_checkpoint(root, tmp, final, step, modules, optimizers, rng, config, base_fingerprint)
+        return _write_checkpoint(root, tmp, final, step, modules, optimizers, rng, config, base_fingerprint,
+                                 trainer_state)
     except (OSError, SafetensorError) as err:  # disk full, read-only target: earlier checkpoints stay intact
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write checkpoint {final}: {getattr(err, 'strerror', None) or err}") from None
 
 
-def _write_checkpoint(root, tmp, final, step, modules, optimizers, rng, config, base_fingerprint) -> Path:
+def _write_checkpoint(root, tmp, final, step, modules, optimizers, rng, config, base_fingerprint,
+                      trainer_state) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -93,11 +98,16 @@ def _write_checkpoint(root, tmp, final, step, modules, optimizers, rng, config, 
     hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
     config_digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     manifest = {"step": step, "files": files, "sha256": hashes, "config_digest": config_digest, "config": config,
-                "base_fingerprint": base_fingerprint}
+                "base_fingerprint": base_fingerprint, "trainer": trainer_state}
     (tmp / STATE_FILE).write_text(json.dumps(manifest, indent=1))
     for p in tmp.iterdir():  # flush file contents before the rename makes them visible
         with open(p, "rb") as fh:
             os.fsync(fh.fileno())
+    if final.exists():  # re-saving a step: a damaged copy is kept, out of the way
+        try:
+            verified_manifest(final)
+        except CheckpointError as err:
+            _set_aside(final, str(err))
     if final.exists():  # re-saving a step: move the old copy aside first, so one copy always exists
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)
@@ -140,9 +150,26 @@ def latest_checkpoint(root: Path) -> Path | None:
     return candidates[-1] if candidates else None
 
 
+def move_aside(path: Path) -> Path:
+    """Move a damaged checkpoint folder to <root>/damaged/ (never over an earlier one there); return where."""
+    folder = path.parent / DAMAGED_DIR
+    folder.mkdir(exist_ok=True)
+    dest, n = folder / path.name, 0
+    while dest.exists():
+        n += 1
+        dest = folder / f"{path.name}.{n}"
+    os.rename(path, dest)
+    return dest
+
+
+def _set_aside(path: Path, why: str) -> None:
+    print(f"tdm: warning: {why}; moved {path} to {move_aside(path)}", file=sys.stderr)
+
+
 def prune_checkpoints(root: Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints (keep = 0: keep all), incomplete step folders
-    older than the newest complete one, and temporary folders left by killed writers."""
+    """Delete all but the newest `keep` complete checkpoints (keep = 0: keep all) and temporary folders left by
+    killed writers (tdm's own half-writes); move incomplete step folders older than the newest complete one
+    aside (move_aside): something other than tdm's writer damaged them."""
     for stale in [*root.glob(".step_*.tmp-*"), *root.glob(".step_*.old-*")]:
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -150,7 +177,7 @@ def prune_checkpoints(root: Path, keep: int) -> None:
     if complete:
         for p in root.glob("step_*"):
             if p.is_dir() and p not in complete and p.name < complete[-1].name:
-                shutil.rmtree(p, ignore_errors=True)
+                _set_aside(p, f"{p} has no complete {STATE_FILE}")
     if keep > 0:
         for old in complete[:-keep]:
             shutil.rmtree(old)
@@ -163,14 +190,20 @@ def read_manifest(path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text())
 
 
-def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-                    base_fingerprint: str | None = None) -> tuple[int, dict[str, torch.Tensor], dict]:
-    """Verify hashes and the base the weights belong to, then load weights and optimiser states in place;
-    return (step, rng tensors, config)."""
+def verified_manifest(path: Path) -> dict:
+    """The manifest of a complete checkpoint whose files all have the sha256 it records."""
     manifest = read_manifest(path)
     for name, digest in manifest.get("sha256", {}).items():
         if sha256_file(path / name) != digest:
             raise CheckpointCorrupted(f"{path / name} is corrupted (its sha256 differs from {STATE_FILE})")
+    return manifest
+
+
+def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                    base_fingerprint: str | None = None) -> tuple[int, dict[str, torch.Tensor], dict]:
+    """Verify hashes and the base the weights belong to, then load weights and optimiser states in place;
+    return (step, rng tensors, config)."""
+    manifest = verified_manifest(path)
     if manifest.get("base_fingerprint") != base_fingerprint:
         raise CheckpointError(f"{path} was trained on another base model (base_fingerprint "
                               f"{manifest.get('base_fingerprint')} in {STATE_FILE}, this run's: {base_fingerprint})")

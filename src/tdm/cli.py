@@ -13,6 +13,8 @@ from .backbones.registry import PROMPT_ENCODERS  # diffusers/transformers are im
 from .config import DTYPES, ConfigError, from_dict, load_config
 from .errors import TDMError, TrainingAborted
 from .evaluate.options import FEATURE_CHOICES, EvaluateOptions
+from .resume import check_loaded, check_resume
+from .run_lock import RunLock
 
 
 def _command_line() -> str:
@@ -20,26 +22,30 @@ def _command_line() -> str:
     return "tdm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-def _distill(preset: str, overrides: list[str], out: str, resume: str | None, report: bool) -> Path:
+def _distill(preset: str, overrides: list[str], out: str, resume: str | None, report: bool,
+             allow_config_change: bool = False, start_fresh: bool = False) -> Path:
     from .evaluate.run_report import evaluate_distillation, write_report
     from .trainer import Trainer
 
     config = load_config(preset, overrides)  # validate before any heavy work
-    trainer = Trainer(config, out)
-    if resume:
-        path = trainer.resume(resume)
-        print(f"resuming from {path} at iteration {trainer.step}" if path else
-              f"--resume {resume}: no complete checkpoint in {out}, starting from scratch")
-    path = trainer.train()
-    if trainer.accelerator.is_main_process:
-        if trainer.stopped_by:
-            print(f"tdm: stopped by {trainer.stopped_by} after iteration {trainer.step}; checkpoint: {path}; "
-                  f"continue with --resume auto")
-        elif report and config.eval.num_samples > 0:
-            write_report(Path(out), evaluate_distillation(trainer), trainer.history, trainer.backbone,
-                         _command_line())
-            print(f"report: {Path(out) / 'report.md'}")
-    trainer.close()
+    with RunLock(out):  # one run per folder
+        expected = check_resume(Path(out), resume, config, allow_config_change, start_fresh)  # no model needed
+        trainer = Trainer(config, out)
+        if resume:
+            path = trainer.resume(resume, start_fresh)
+            check_loaded(path, expected, config, allow_config_change)
+            print(f"resuming from {path} at iteration {trainer.step}" if path else
+                  f"--resume {resume}: no complete checkpoint in {out}, starting from scratch")
+        path = trainer.train()
+        if trainer.accelerator.is_main_process:
+            if trainer.stopped_by:
+                print(f"tdm: stopped by {trainer.stopped_by} after iteration {trainer.step}; checkpoint: {path}; "
+                      f"continue with --resume auto")
+            elif report and config.eval.num_samples > 0:
+                write_report(Path(out), evaluate_distillation(trainer), trainer.history, trainer.backbone,
+                             _command_line())
+                print(f"report: {Path(out) / 'report.md'}")
+        trainer.close()
     return Path(out)
 
 
@@ -116,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE")
     distill.add_argument("--out", required=True, help="run folder (checkpoints, tensorboard, report)")
     distill.add_argument("--resume", help="checkpoint folder, or 'auto' for the newest complete one in --out")
+    distill.add_argument("--allow-config-change", action="store_true",
+                         help="with --resume: continue with this config even where it changes keys other than the "
+                              "run's length, cadences and evaluation settings (a warning names them)")
+    distill.add_argument("--start-fresh", action="store_true",
+                         help="with --resume auto: if every checkpoint in --out is damaged, move them to "
+                              "checkpoints/damaged/ and train from scratch (default: stop with an error)")
     distill.add_argument("--no-report", action="store_true", help="skip the end-of-run evaluation report")
 
     ev = sub.add_parser("evaluate", help="compare teacher, baseline and student: FD, KID, CLIP, timings, grids",
@@ -199,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "distill":
-            _distill(args.config, args.overrides, args.out, args.resume, not args.no_report)
+            _distill(args.config, args.overrides, args.out, args.resume, not args.no_report,
+                     args.allow_config_change, args.start_fresh)
         elif args.command == "evaluate":
             _evaluate(args)
         elif args.command == "demo":

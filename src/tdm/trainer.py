@@ -24,24 +24,18 @@ from tqdm.auto import tqdm
 
 from .backbones.base import Backbone
 from .backbones.registry import build_backbone
-from .checkpoint import (
-    STATE_FILE,
-    CheckpointCorrupted,
-    complete_checkpoints,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-)
+from .checkpoint import load_checkpoint, prune_checkpoints, read_manifest, save_checkpoint
 from .config import Config, to_dict
 from .core.algorithm import TDM
 from .core.sampling import cond_to
 from .diagnostics import Diagnostics, per_step_losses, sample_statistics
+from .divergence import DivergenceWatch
 from .errors import TrainingAborted
 from .evaluate.compare import draw_samples, student_samplers, teacher_samplers
 from .files import write_text_atomic
 from .preemption import StopSignals
 from .report import image_grid
+from .resume import load_newest, no_usable_checkpoint, set_aside
 from .roles import Roles
 from .step_conditioning import bind_steps
 
@@ -88,6 +82,7 @@ class Trainer:
         self.skipped = {"fake_score": 0, "student": 0}
         self.overflows = {"fake_score": 0, "student": 0}  # fp16: updates the grad scaler skipped (it backed off)
         self.last_finite_loss: dict[str, float | None] = {"fake_score": None, "student": None}
+        self.divergence = DivergenceWatch(config.train.max_nonfinite, verbose=self.accelerator.is_main_process)
         self.stopped_by: str | None = None  # the stop signal that ended train(), if any
         self.checkpoint_path: Path | None = None  # newest checkpoint written or loaded (rank 0 knows the path)
         self._checkpointed_step: int | None = None  # the step it holds, on every rank
@@ -152,7 +147,8 @@ class Trainer:
         finite = self._finite_update(role, module if scaler is None else None, loss)
         if scaler is None and not finite:
             return False
-        opt.step()
+        with self.divergence.watch(role, opt, self.step):
+            opt.step()
         overflow = scaler is not None and opt.step_was_skipped
         self.overflows[role] += overflow
         return not overflow
@@ -173,11 +169,12 @@ class Trainer:
             tqdm.write(f"tdm: warning: non-finite {role} loss or gradient at iteration {self.step}; update skipped",
                        file=sys.stderr)
         if self.nonfinite_in_a_row[role] >= self.config.train.max_nonfinite:
-            last = latest_checkpoint(self.out_dir / "checkpoints")
+            last = self.divergence.last_good_checkpoint(self.out_dir / "checkpoints", self.step)
+            began = self.step if self.divergence.began is None else self.divergence.began
             raise TrainingAborted(
                 f"{role}: {self.nonfinite_in_a_row[role]} non-finite updates in a row (train.max_nonfinite), "
                 f"last at iteration {self.step}; last finite {role} loss: {self.last_finite_loss[role]}; "
-                f"last good checkpoint: {last or 'none'}")
+                f"last good checkpoint (before the divergence that began at iteration {began}): {last or 'none'}")
         return False
 
     def train_step(self) -> dict:
@@ -210,6 +207,7 @@ class Trainer:
             logs.update({f"fp16/overflows_{role}": n for role, n in self.overflows.items()})
             logs["fp16/loss_scale"] = self.accelerator.scaler.get_scale()
         logs["train/num_steps"] = K
+        self.divergence.end_iteration(self.step, sum(self.skipped.values()))
         self.step += 1
         return {k: float(v) for k, v in logs.items()}
 
@@ -289,33 +287,41 @@ class Trainer:
         self.checkpoint_path = path = save_checkpoint(self.out_dir / "checkpoints", self.step, self._modules(),
                                {"generator": self.opt_g, "fake_score": self.opt_f},
                                {f"torch_rank{r}": state for r, state in enumerate(rng_states)},
-                               to_dict(self.config), self.roles.base_fingerprint)
-        prune_checkpoints(self.out_dir / "checkpoints", self.config.train.keep_checkpoints)
+                               to_dict(self.config), self.roles.base_fingerprint,
+                               {"divergence": self.divergence.state_dict()})
+        if self.divergence.began is None:  # while diverging, keep the good checkpoints from before it
+            prune_checkpoints(self.out_dir / "checkpoints", self.config.train.keep_checkpoints)
         write_text_atomic(self.out_dir / "history.json", json.dumps(self.history))
         return path
 
-    def resume(self, where: str) -> Path | None:
-        """Resume from a checkpoint folder, or 'auto' for the newest complete one in this run (None if there
-        is none yet: a first run under a scheduler that always passes --resume auto starts from scratch)."""
+    def resume(self, where: str, start_fresh: bool = False) -> Path | None:
+        """Resume from a checkpoint folder, or 'auto' for the newest one in this run that loads (None if there
+        is none yet: a first run under a scheduler that always passes --resume auto starts from scratch).
+        'auto' moves damaged checkpoints aside (resume.py); if some exist and none loads it raises, unless
+        `start_fresh`."""
         optimizers = {"generator": self.opt_g, "fake_score": self.opt_f}
+
+        def load(path: Path):
+            return load_checkpoint(path, self._modules(), optimizers, self.roles.base_fingerprint)
+
         if where != "auto":
             path = Path(where)
-            self.step, rng, _ = load_checkpoint(path, self._modules(), optimizers, self.roles.base_fingerprint)
-        else:  # newest valid checkpoint; incomplete or corrupted ones are skipped with a warning
+            self.step, rng, _ = load(path)
+        else:
             root = self.out_dir / "checkpoints"
-            complete = complete_checkpoints(root)
-            for partial in sorted(set(root.glob("step_*")) - set(complete)):
-                print(f"tdm: warning: skipping {partial}: no complete {STATE_FILE}", file=sys.stderr)
-            for path in reversed(complete):
-                try:
-                    self.step, rng, _ = load_checkpoint(path, self._modules(), optimizers,
-                                                        self.roles.base_fingerprint)
-                    break
-                except CheckpointCorrupted as err:
-                    print(f"tdm: warning: skipping {path}: {err}", file=sys.stderr)
-            else:
+            path, loaded, damaged = load_newest(root, load)
+            if path is None and damaged and not start_fresh:
+                raise no_usable_checkpoint(root, damaged)
+            self.accelerator.wait_for_everyone()  # every rank has looked at them before they move
+            if self.accelerator.is_main_process:
+                set_aside(damaged)
+            if path is None:
                 return None
+            self.step, rng, _ = loaded
         self.checkpoint_path, self._checkpointed_step = path, self.step
+        trainer_state = read_manifest(path).get("trainer") or {}
+        if "divergence" in trainer_state:
+            self.divergence.load_state_dict(trainer_state["divergence"])
         rank_state = rng.get(f"torch_rank{self.accelerator.process_index}")
         if rank_state is not None:  # absent when resuming on more processes than saved the checkpoint
             torch.set_rng_state(rank_state)
