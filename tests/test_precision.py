@@ -219,3 +219,35 @@ def test_epsilon_on_a_zero_terminal_snr_schedule_is_refused_by_tdm():
         TDM(zero_snr, PredictionType.EPSILON, TDMConfig())
     TDM(zero_snr, PredictionType.V_PREDICTION, TDMConfig())
     TDM(DiscreteVP.from_betas("scaled_linear", 1000, 0.00085, 0.012), PredictionType.EPSILON, TDMConfig())
+
+
+# ---- item: the generator's signal (fake - teacher) in float32 under bf16 autocast ----
+
+@pytest.mark.parametrize("fp32_signal", [False, True])
+def test_fp32_signal_runs_teacher_and_fake_score_without_autocast(tmp_path, fresh_accelerate_state, fp32_signal):
+    """Under train.mixed_precision=bf16 the generator step's teacher and fake-score forwards compute in bf16,
+    unless train.fp32_signal; the student's forward stays under autocast either way."""
+    config = load_config("digits-demo", ["train.mixed_precision=bf16", "train.batch_size=2", "train.eval_every=0",
+                                         f"train.fp32_signal={str(fp32_signal).lower()}"])
+    trainer = Trainer(config, tmp_path)
+    trainer.train_step()  # the fake score's own step runs under autocast: record the generator step only
+    seen = {}  # the output dtype of each role's first convolution: bf16 where it computes under autocast
+    roles = {"teacher": trainer.teacher, "fake": trainer.fake_score, "student": trainer.student}
+    first_convs = {role: next(m for m in module.modules() if isinstance(m, nn.Conv2d))
+                   for role, module in roles.items()}
+    hooks = [conv.register_forward_hook(lambda m, i, out, role=role: seen.setdefault(role, set()).add(out.dtype))
+             for role, conv in first_convs.items()]
+    traj = trainer.tdm.student_trajectory(trainer.student, torch.randn(2, 1, 8, 8), torch.arange(2), 4)
+    seen.clear()
+    draws = trainer.tdm.draw((2, 1, 8, 8), torch.Generator().manual_seed(0))
+    trainer.generator_step(traj, draws, torch.arange(2), trainer.backbone.null_condition(2), 4)
+    for h in hooks:
+        h.remove()
+    signal = torch.float32 if fp32_signal else torch.bfloat16
+    assert seen == {"teacher": {signal}, "fake": {signal}, "student": {torch.bfloat16}}
+    trainer.close()
+
+
+def test_fp32_signal_needs_a_float32_teacher():
+    with pytest.raises(ConfigError, match="train.fp32_signal needs backbone.dtype=float32"):
+        load_config("sd15-lora", ["train.fp32_signal=true"])

@@ -103,6 +103,9 @@ class TrainConfig:
     keep_checkpoints: int = 3     # newest complete checkpoints kept; 0 = keep all
     stop_signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1")  # checkpoint after this iteration, exit 0
     max_nonfinite: int = 10       # consecutive skipped updates (non-finite loss or gradient) before aborting
+    fp32_signal: bool = False     # generator step: teacher and fake score forwards with autocast off, so float32
+                                  # weights compute their x0 difference in float32 (under mixed_precision=bf16 its
+                                  # rounding error is ~0.5x the difference itself: benchmarks/bf16_signal.py)
     roles: str = "separate"       # separate: full float32 copies of student and fake score (also on a bf16/fp16
                                   # backbone.dtype); lora: two float32 LoRA adapters on the one frozen teacher
                                   # network (one copy of the backbone in memory)
@@ -148,6 +151,11 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        _require(not self.train.fp32_signal or self.backbone.dtype == "float32",
+                 f"train.fp32_signal needs backbone.dtype=float32 (the teacher computes in its weights' dtype), "
+                 f"got {self.backbone.dtype}")
 
 
 def _suggest(key: str, valid: typing.Iterable[str]) -> str:

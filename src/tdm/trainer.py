@@ -46,6 +46,18 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))  # manual_seed takes < 2**63
 
 
+def autocast_off(model: torch.nn.Module):
+    """`model` called with autocast disabled (train.fp32_signal): float32 weights compute in float32. accelerate
+    runs a prepared model's forward under its own autocast; its `_original_forward` is the forward without."""
+    forward = getattr(model, "_original_forward", model)
+
+    def call(x_t: torch.Tensor, t: torch.Tensor, cond, **kwargs):
+        with torch.autocast(x_t.device.type, enabled=False):
+            return forward(x_t.float(), t, cond, **kwargs)
+
+    return call
+
+
 class Trainer:
     def __init__(self, config: Config, out_dir: str | Path, backbone: Backbone | None = None):
         """`backbone`: an already built `config.backbone` (benchmarks reuse one across runs); None builds it."""
@@ -102,11 +114,14 @@ class Trainer:
                 **per_step_losses(loss, draws.k, "fake")}
 
     def generator_step(self, traj, draws, cond, uncond, num_steps: int) -> dict:
+        tdm_config = self.config.tdm
+        teacher, fake = self.teacher, self.fake_score
+        if self.config.train.fp32_signal:  # no gradient flows through either: the unwrapped fake score will do
+            teacher, fake = autocast_off(teacher), autocast_off(self.accelerator.unwrap_model(fake))
         with self.accelerator.autocast():
-            tdm_config = self.config.tdm
-            loss, logs = self.tdm.generator_loss(bind_steps(self.student, tdm_config, num_steps), self.teacher,
-                                                 bind_steps(self.fake_score, tdm_config, num_steps, draws.k), traj,
-                                                 draws, cond, uncond)
+            loss, logs = self.tdm.generator_loss(bind_steps(self.student, tdm_config, num_steps), teacher,
+                                                 bind_steps(fake, tdm_config, num_steps, draws.k), traj, draws, cond,
+                                                 uncond)
         self.opt_g.zero_grad(set_to_none=True)
         self.accelerator.backward(loss.mean())
         self._average_gradients(self.student)
