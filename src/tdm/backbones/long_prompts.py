@@ -63,6 +63,6 @@ class LongPromptWarning:
         truncated, limit = count_truncated(pipeline, prompts, settings)
         if truncated:
             self.given = True
-            print(f"tdm: warning: {truncated} of {len(set(prompts))} prompts are longer than the text encoder takes "
-                  f"({limit} tokens) and are truncated, as the stock pipeline truncates them (reported once)",
-                  file=sys.stderr)
+            print(f"tdm: warning: {truncated} prompt(s) longer than the text encoder takes ({limit} tokens) are "
+                  f"truncated, as the stock pipeline truncates them ({len(set(prompts))} distinct prompts checked; "
+                  f"reported once)", file=sys.stderr)
