@@ -1,6 +1,8 @@
 """Bad input costs seconds: one clear line naming the field or file, exit code 2, nothing half-written."""
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,8 +63,8 @@ def _assert_clear(code, err, out, expected):
     assert len(lines) == 1 and lines[0].startswith("tdm: error: "), err
     assert expected in lines[0], lines[0]
     assert "Traceback" not in err
-    leftovers = [p for p in out.rglob("*")] if out.exists() else []
-    assert not [p for p in leftovers if p.is_file() and not p.name.startswith("events.")], leftovers
+    leftovers = [p for p in out.rglob("*")] if out.is_dir() else []
+    assert not [p for p in leftovers if p.is_file()], leftovers  # no tensorboard event file either
 
 
 @pytest.mark.parametrize("preset, override, expected", SETS, ids=[s[1] for s in SETS])
@@ -101,6 +103,13 @@ FILES = [  # (argv builder, what the message must contain)
     (lambda t: ["--config", str(_write(t / "bad.yaml", "train: [1, 2\n"))], "bad.yaml: not valid YAML"),
     (lambda t: ["--config", str(_write(t / "list.yaml", "- 1\n- 2\n"))], "list.yaml: expected a mapping"),
     (lambda t: ["--config", str(_write(t / "off.yaml", "tdm:\n  importance_weight: off\n"))], "quote the value"),
+    (lambda t: ["--config", str(_write(t / "twice.yaml", "train:\n  iterations: 5\ntrain:\n  batch_size: 2\n"))],
+     "twice.yaml:3: duplicate key 'train' (first at line 1)"),
+    (lambda t: ["--config", str(_write(t / "key.yaml", "train:\n  iterations: 5\n  seed: 1\n  iterations: 6\n"))],
+     "key.yaml:4: duplicate key 'train.iterations' (first at line 2)"),
+    (lambda t: ["--config", str(_write(t / "empty.yaml", "# nothing yet\n"))], "empty.yaml: the file is empty"),
+    (lambda t: ["--config", str(_write(t / "group.yaml", "train: 5\n")), "--set", "train.iterations=2"],
+     "group.yaml:1: train: expected a group of train.* keys (a mapping), got 5"),
     (lambda t: ["--config", "digits-demo", "--set", f"backbone.teacher={_garbage(t)}"],
      "backbone.teacher: cannot load"),
     (lambda t: ["--config", "digits-demo", "--resume", str(t / "nowhere")], "nowhere is not a complete tdm checkpoint"),
@@ -147,3 +156,117 @@ def test_nothing_is_ever_unpickled():
         text = path.read_text()
         for banned in ("torch.load(", "pickle", "yaml.load(", "yaml.unsafe_load", "weights_only=False"):
             assert banned not in text, f"{path.name} uses {banned}"
+
+
+# ---- output paths: checked before any heavy work (a missing teacher, run or checkpoint is never reached)
+
+def _unwritable_folder(tmp_path):
+    """A folder no file can be created in: read-only permission bits, or where those do not stop this user
+    (root), /sys, which refuses new files even to root. Skipped where neither fails."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys")):
+        try:
+            tempfile.TemporaryFile(dir=candidate).close()
+        except OSError:
+            return candidate
+    pytest.skip("no unwritable folder here: permissions do not stop this user and /sys is writable")
+
+
+COMMANDS = {  # command -> argv before --out; every other input is missing, so the --out check must come first
+    "distill": lambda t: ["distill", "--config", "sd15-lora", "--set", f"backbone.teacher={t / 'no-teacher'}",
+                          "--set", f"backbone.prompts={t / 'no-prompts.txt'}"],
+    "demo": lambda t: ["demo"],
+    "evaluate": lambda t: ["evaluate", str(t / "no-run")],
+    "export": lambda t: ["export", "--checkpoint", str(t / "no-checkpoint")],
+    "generate": lambda t: ["generate", "--model", str(t / "no-export"), "--prompt", "a cat"],
+    "cache-prompts": lambda t: ["cache-prompts", "--prompts", str(t / "no-prompts.txt"), "--model", "no-model",
+                                "--family", "clip"],
+}
+OUTS = {  # kind of bad --out -> (its path, what the message must contain)
+    "a file": (lambda t: _write(t / "taken", "a file"), "taken is a file (expected a folder"),
+    "under a file": (lambda t: _write(t / "taken", "a file") / "run", "cannot create a folder under the file"),
+    "unwritable": (lambda t: _unwritable_folder(t) / "run", "cannot write in"),
+}
+
+
+@pytest.mark.parametrize("kind", OUTS)
+@pytest.mark.parametrize("command", COMMANDS)
+def test_bad_out_is_refused_before_any_heavy_work(tmp_path, capsys, command, kind):
+    make_out, expected = OUTS[kind]
+    out = make_out(tmp_path)
+    code = main([*COMMANDS[command](tmp_path), "--out", str(out)])
+    _assert_clear(code, capsys.readouterr().err.strip(), out, expected)
+
+
+# ---- folders tdm did not create are never written into
+
+@pytest.mark.parametrize("command", ["distill", "demo", "evaluate"])
+def test_a_folder_of_someone_elses_files_is_refused(tmp_path, capsys, command):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.md").write_text("my notes")
+    (out / "metrics.json").write_text("{}")
+    argv = {"distill": ["distill", "--config", "digits-demo"], "demo": ["demo", "--set", "train.iterations=1"],
+            "evaluate": ["evaluate", str(tmp_path / "no-run")]}[command]
+    code = main([*argv, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not empty (metrics.json, report.md) and is not a tdm run folder" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "report.md"]
+    assert (out / "report.md").read_text() == "my notes"
+
+
+def test_tdm_run_folders_are_accepted(tmp_path):
+    from tdm.checkpoint import STATE_FILE
+    from tdm.output_dirs import MARKER, check_run_dir, claim_run_dir
+
+    new, empty, marked, old, locked = (tmp_path / n for n in ("new", "empty", "marked", "old", "locked"))
+    empty.mkdir()
+    claim_run_dir(marked, "tdm distill ...")
+    (marked / "report.md").write_text("written by tdm")
+    (old / "checkpoints" / "step_0000002").mkdir(parents=True)  # a run from before the marker
+    (old / "checkpoints" / "step_0000002" / STATE_FILE).write_text("{}")
+    locked.mkdir()
+    (locked / ".tdm.lock").write_text("")  # names starting with .tdm are tdm's own
+    for folder in (new, empty, marked, old, locked):
+        assert check_run_dir(folder) == folder
+    assert not new.exists()  # checking creates nothing
+    assert json.loads((marked / MARKER).read_text())["command"] == "tdm distill ..."
+
+
+def test_distill_marks_its_run_folder_and_accepts_it_again(tmp_path, capsys):
+    from tdm.output_dirs import MARKER
+
+    sets = [a for s in ("train.iterations=1", "train.batch_size=4", "train.eval_every=0") for a in ("--set", s)]
+    out = tmp_path / "run"
+    assert main(["distill", "--config", "digits-demo", "--out", str(out), "--no-report", *sets]) == 0
+    assert (out / MARKER).is_file()
+    assert main(["distill", "--config", "digits-demo", "--out", str(out), "--no-report", *sets,
+                 "--resume", "auto"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+
+
+# ---- diffusers teachers (tiny pipelines)
+
+def _prompts_file(tmp_path):
+    return _write(tmp_path / "prompts.txt", "a red cat\ntwo dogs\n")
+
+
+DIFFUSERS_CASES = [  # (preset, teacher family folder, extra overrides, what the message must contain)
+    ("sd15-lora", "sdxl", [], "is a StableDiffusionXLPipeline, but backbone.name=sd15 expects a "
+                              "StableDiffusionPipeline; for it set backbone.name=sdxl"),
+    ("pixart-alpha-512", "sd15", [], "is a StableDiffusionPipeline, but backbone.name=pixart-alpha expects a "
+                                     "PixArtAlphaPipeline; for it set backbone.name=sd15"),
+    ("sd15-lora", "sd15", ["backbone.prompts="], "backbone.prompts: training the sd15 teacher needs prompts"),
+]
+
+
+@pytest.mark.parametrize("preset, family, extra, expected", DIFFUSERS_CASES, ids=[c[3][:40] for c in DIFFUSERS_CASES])
+def test_bad_diffusers_teacher_inputs(tmp_path, capsys, tiny_dirs, preset, family, extra, expected):
+    sets = [f"backbone.teacher={tiny_dirs[family]}", f"backbone.prompts={_prompts_file(tmp_path)}",
+            "backbone.height=16", "backbone.width=16", "backbone.dtype=float32", "train.mixed_precision=no",
+            "train.batch_size=2", "train.iterations=1", *extra]
+    code, err, out = _run(tmp_path, capsys, ["distill", "--config", preset, *[a for s in sets for a in ("--set", s)]])
+    _assert_clear(code, err, out, expected)
+    assert not out.exists()  # nothing was created: no tensorboard folder, no marker

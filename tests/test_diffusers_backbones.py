@@ -173,6 +173,23 @@ def test_prompts_file_and_missing_prompts(tiny_dirs, tmp_path):
         backbone.sample_conditions(2, torch.Generator())
 
 
+def test_long_prompts_are_truncated_with_one_warning(tiny_dirs, tmp_path, capfd):
+    """Prompts far beyond the text encoder's length: one tdm warning with their count, instead of the libraries'
+    logs at every encoding, which repeat the whole cut-off tail (megabytes for a 1 MB prompt)."""
+    long = "cat " * 2000
+    path = tmp_path / "prompts.txt"
+    path.write_text(f"a cat\n{long}\n{long}dog\n")
+    backbone = build_backbone(BackboneConfig(name="sd15", teacher=str(tiny_dirs["sd15"]), prompts=str(path),
+                                             height=16, width=16))
+    for seed in range(3):
+        backbone.sample_conditions(3, torch.Generator().manual_seed(seed))
+    backbone.evaluation_conditions(3)
+    err = capfd.readouterr().err
+    assert "truncated because" not in err and "Token indices" not in err, err[:300]
+    assert err.count("tdm: warning:") == 1
+    assert "2 prompt(s) longer than the text encoder takes (16 tokens) are truncated" in err
+
+
 PRESETS = {"sd15-lora": ("sd15", 512, 512), "sdxl-lora": ("sdxl", 1024, 1024),
            "pixart-alpha-512": ("pixart-alpha", 512, 512), "pixart-alpha-1024": ("pixart-alpha", 1024, 1024),
            "sd3-medium-lora": ("sd3", 1024, 1024), "cogvideox-2b-lora": ("cogvideox", 480, 720)}

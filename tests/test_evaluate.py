@@ -1,6 +1,10 @@
 """`tdm evaluate` and its parts: FD and KID math, the Inception loader, CLIP score, reports, digits end to end."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -283,6 +287,24 @@ def test_evaluate_refuses_bad_input_in_one_line(digits_runs, tmp_path, capsys):
                  str(tmp_path)]) == 2
     assert "no images" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_during_evaluate_is_one_line_and_writes_nothing(digits_runs, tmp_path):
+    """SIGINT in the middle of a long evaluation: exit code 130 (128 + SIGINT), one line, no traceback, no files."""
+    out = tmp_path / "eval"
+    start = "import sys, tdm.cli; print('ready', flush=True); sys.exit(tdm.cli.main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", start, "evaluate", str(digits_runs / "k4"), "--out", str(out),
+                             "--num-samples", "200000", "--latency-repeats", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"  # imports done: main() is running
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("tdm:")] == [
+        "tdm: interrupted: tdm evaluate stopped by Ctrl-C; files are written complete or not at all"]
+    assert not out.exists()
 
 
 def test_evaluate_on_a_tiny_sd_model_with_inception_and_clip(tiny_dirs, inception_file, tiny_clip, tmp_path):

@@ -3,6 +3,7 @@ student equals the stock diffusers pipeline with the exported LoRA and TDMSchedu
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -223,3 +224,33 @@ def test_generate_video_as_gif(tiny_dirs, tmp_path):
     (path,) = generate(out, ["a cat"], tmp_path / "samples", device="cpu")
     gif = Image.open(path)
     assert path.suffix == ".gif" and gif.n_frames == TINY_FRAMES and gif.size == (TINY_SIZE["cogvideox"],) * 2
+
+
+@pytest.fixture(scope="module")
+def sd15_export(tiny_dirs, tmp_path_factory):
+    backbone = load_backbone("sd15", tiny_dirs["sd15"])
+    return export_student(backbone, lora_student(backbone), tmp_path_factory.mktemp("sd15") / "export",
+                          tdm_config=TRAINED["sd15"])
+
+
+@pytest.mark.parametrize("steps", ["-1", "0"])
+def test_generate_refuses_fewer_than_one_step(sd15_export, tmp_path, capsys, steps):
+    from test_bad_input import _assert_clear
+
+    out = tmp_path / "samples"
+    code = main(["generate", "--model", str(sd15_export), "--prompt", "a cat", "--steps", steps, "--out", str(out)])
+    _assert_clear(code, capsys.readouterr().err, out, f"--steps must be >= 1, got {steps}")
+
+
+@pytest.mark.parametrize("other", ["sdxl", "sd3"])  # sdxl: its LoRA's shapes differ; sd3: none of its layers exist
+def test_generate_names_a_lora_made_for_another_model(sd15_export, tiny_dirs, tmp_path, capsys, other):
+    from test_bad_input import _assert_clear
+
+    backbone = load_backbone(other, tiny_dirs[other])
+    foreign = export_student(backbone, lora_student(backbone), tmp_path / other, tdm_config=TRAINED[other])
+    mixed = shutil.copytree(sd15_export, tmp_path / "mixed")  # an sd15 export holding the other model's LoRA
+    shutil.copy(foreign / "pytorch_lora_weights.safetensors", mixed)
+    out = tmp_path / "samples"
+    code = main(["generate", "--model", str(mixed), "--prompt", "a cat", "--out", str(out)])
+    _assert_clear(code, capsys.readouterr().err, out, "pytorch_lora_weights.safetensors: this LoRA does not fit the "
+                  "unet of")

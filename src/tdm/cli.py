@@ -13,6 +13,7 @@ from .backbones.registry import PROMPT_ENCODERS  # diffusers/transformers are im
 from .config import DTYPES, ConfigError, from_dict, load_config
 from .errors import TDMError, TrainingAborted
 from .evaluate.options import FEATURE_CHOICES, EvaluateOptions
+from .output_dirs import check_output_dir, check_run_dir, claim_run_dir
 from .resume import check_loaded, check_resume
 from .run_lock import RunLock
 
@@ -28,6 +29,7 @@ def _distill(preset: str, overrides: list[str], out: str, resume: str | None, re
     from .trainer import Trainer
 
     config = load_config(preset, overrides)  # validate before any heavy work
+    check_run_dir(out)  # before the lock, which creates --out
     with RunLock(out):  # one run per folder
         expected = check_resume(Path(out), resume, config, allow_config_change, start_fresh)  # no model needed
         trainer = Trainer(config, out)
@@ -36,6 +38,8 @@ def _distill(preset: str, overrides: list[str], out: str, resume: str | None, re
             check_loaded(path, expected, config, allow_config_change)
             print(f"resuming from {path} at iteration {trainer.step}" if path else
                   f"--resume {resume}: no complete checkpoint in {out}, starting from scratch")
+        if trainer.accelerator.is_main_process:
+            claim_run_dir(out, _command_line())
         path = trainer.train()
         if trainer.accelerator.is_main_process:
             if trainer.stopped_by:
@@ -59,9 +63,11 @@ def _export(checkpoint: str, out: str, overrides: list[str], merged: bool, ema: 
     from .backbones.diffusers_base import DiffusersBackbone
     from .backbones.registry import build_backbone
     from .checkpoint import STATE_FILE, CheckpointError, is_complete
-    from .export import export_student
+    from .export import export_student, refuse_non_empty
     from .roles import load_trained_student
 
+    check_output_dir(out)
+    refuse_non_empty(Path(out), overwrite)
     path = Path(checkpoint)
     if not is_complete(path):
         raise CheckpointError(f"--checkpoint {path}: not a complete tdm checkpoint (missing {STATE_FILE})")
@@ -86,6 +92,7 @@ def _cache_prompts(args: argparse.Namespace) -> None:
     from .data import cache_prompts, drop_duplicates, read_prompts
     from .data.text_encoders import resolve_model
 
+    check_output_dir(args.out)
     prompts = read_prompts(args.prompts, column=args.column)
     prompts, dropped = (prompts, 0) if args.keep_duplicates else drop_duplicates(prompts)
     family, dtype = PROMPT_ENCODERS[args.family], getattr(torch, args.dtype)
@@ -105,7 +112,9 @@ def _evaluate(args: argparse.Namespace) -> Path:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateOptions)
              if getattr(args, f.name, None) is not None}
     options = EvaluateOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+    check_run_dir(args.out)
     result, backbone = evaluate(args.run, args.baseline, options)
+    claim_run_dir(args.out, _command_line())
     report = write_evaluation(args.out, result, backbone, _command_line())
     print(comparison_table(result["rows"], result["floor"]))
     print(f"report: {report}")
@@ -233,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
             from .toys import digits
 
             digits.main([args.command, *args.options])
+    except KeyboardInterrupt:  # Ctrl-C outside training (training checkpoints and exits 0 on SIGINT)
+        if args.debug:
+            raise
+        print(f"tdm: interrupted: tdm {args.command} stopped by Ctrl-C; files are written complete or not at all",
+              file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
     except TDMError as err:
         if args.debug:
             raise

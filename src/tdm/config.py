@@ -265,17 +265,55 @@ def resolve_preset(name_or_path: str) -> Path:
     return preset
 
 
+def _repeated_key(node: yaml.Node, prefix: str = "") -> tuple[str, int, int] | None:
+    """(dotted key, first line, repeated line) of the first key given twice in one mapping, or None. Plain YAML
+    keeps the last silently: a repeated group would drop the first one's keys."""
+    if isinstance(node, yaml.MappingNode):
+        first: dict = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in first:
+                return f"{prefix}{key}", first[key], key_node.start_mark.line + 1
+            first[key] = key_node.start_mark.line + 1
+            found = _repeated_key(value_node, f"{prefix}{key}.")
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            found = _repeated_key(item, prefix)
+            if found:
+                return found
+    return None
+
+
+def read_config_file(path: Path) -> dict:
+    """The groups of a YAML config file, strictly: valid YAML, not empty, a mapping of groups each of which is a
+    mapping, no key given twice. Errors name the file (and the key and line)."""
+    groups = [f.name for f in dataclasses.fields(Config)]
+    try:
+        text = path.read_text()
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if root is None:
+        raise ConfigError(f"{path}: the file is empty (expected a mapping of config groups: {', '.join(groups)})")
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of config groups at the top level")
+    repeated = _repeated_key(root)
+    if repeated:
+        key, first, line = repeated
+        raise ConfigError(f"{path}:{line}: duplicate key {key!r} (first at line {first}); give each key once")
+    for key_node, value_node in root.value:
+        if not isinstance(value_node, yaml.MappingNode) and key_node.value in groups:
+            raise ConfigError(f"{path}:{key_node.start_mark.line + 1}: {key_node.value}: expected a group of "
+                              f"{key_node.value}.* keys (a mapping), got {tree[key_node.value]!r}")
+    return tree
+
+
 def load_config(preset: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults, then the preset's YAML, then each `group.key=value` override, validated together."""
-    tree: dict = {}
-    if preset is not None:
-        path = resolve_preset(preset)
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: expected a mapping of config groups at the top level")
+    tree = read_config_file(resolve_preset(preset)) if preset is not None else {}
     return from_dict(tree, overrides)
 
 

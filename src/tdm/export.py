@@ -101,9 +101,14 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
+def refuse_non_empty(out: Path, overwrite: bool) -> None:
+    """An export replaces a non-empty folder only when asked to."""
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} exists and is not empty (pass overwrite / --overwrite to replace it)")
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    refuse_non_empty(out, overwrite)
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         os.replace(out, old)
@@ -220,7 +225,14 @@ def load_pipeline(export_dir: str | Path, *, merged: bool = False, base: str | N
     pipe = getattr(diffusers, recipe["pipeline_class"]).from_pretrained(base or recipe["base"], dtype=dtype,
                                                                         **kwargs)
     if not use_weights:
-        load_student_lora(pipe, export_dir, recipe)
+        try:
+            load_student_lora(pipe, export_dir, recipe)
+        except (RuntimeError, ValueError, KeyError) as err:  # shapes or names of another architecture
+            lines = str(err).strip().splitlines() or [type(err).__name__]
+            detail = next((line.strip() for line in lines if "size mismatch" in line), lines[0])[:300]
+            raise ExportError(f"{export_dir / recipe['lora']['file']}: this LoRA does not fit the "
+                              f"{recipe['denoiser']} of {base or recipe['base']} ({recipe['pipeline_class']}); "
+                              f"was it made for another model? ({detail})") from None
     pipe.scheduler = TDMScheduler.from_config(recipe["scheduler"])
     return pipe.to(device), recipe
 

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .export import load_pipeline
+from .backbones.long_prompts import LongPromptWarning, quiet_truncation
+from .export import ExportError, load_pipeline
 from .files import atomic_write, write_text_atomic
+from .output_dirs import check_output_dir
 
 
 def save_media(item, path: Path, fps: int = 8) -> Path:
@@ -27,15 +29,20 @@ def save_media(item, path: Path, fps: int = 8) -> Path:
 def generate(model_dir: str | Path, prompts: list[str], out_dir: str | Path, *, steps: int | None = None,
              seed: int = 0, merged: bool = False, dtype: str = "float32", device: str | None = None) -> list[Path]:
     """Sample one image (or video) per prompt with seeds seed, seed + 1, ...; returns the written files."""
+    if steps is not None and steps < 1:
+        raise ExportError(f"--steps must be >= 1, got {steps}")
+    check_output_dir(out_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe, recipe = load_pipeline(model_dir, merged=merged, dtype=getattr(torch, dtype), device=device)
     pipe.set_progress_bar_config(disable=True)
-    steps = steps or recipe["num_inference_steps"]
+    steps = recipe["num_inference_steps"] if steps is None else steps
     out_dir = Path(out_dir)
     written, index = [], []
+    LongPromptWarning().check(pipe, prompts, recipe["pipeline_kwargs"])
     for i, prompt in enumerate(prompts):
-        result = pipe(prompt, num_inference_steps=steps, guidance_scale=recipe["guidance_scale"],
-                      generator=torch.Generator().manual_seed(seed + i), **recipe["pipeline_kwargs"])
+        with quiet_truncation(pipe):
+            result = pipe(prompt, num_inference_steps=steps, guidance_scale=recipe["guidance_scale"],
+                          generator=torch.Generator().manual_seed(seed + i), **recipe["pipeline_kwargs"])
         path = save_media(result[0][0], out_dir / f"{i:04d}")
         written.append(path)
         index.append({"file": path.name, "prompt": prompt, "seed": seed + i, "steps": steps})

@@ -23,7 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from .backbones.base import Backbone
-from .backbones.registry import build_backbone
+from .backbones.registry import build_backbone, check_training_inputs
 from .checkpoint import load_checkpoint, prune_checkpoints, read_manifest, save_checkpoint
 from .config import Config, to_dict
 from .core.algorithm import TDM
@@ -58,9 +58,28 @@ def autocast_off(model: torch.nn.Module):
     return call
 
 
+class LazySummaryWriter:
+    """A tensorboard writer that creates its event file at the first write: a run that fails before it logs
+    anything leaves no file behind."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir, self._writer = log_dir, None
+
+    def __getattr__(self, name: str):  # add_scalar, add_image, add_text
+        if self._writer is None:
+            self._writer = SummaryWriter(str(self.log_dir))
+        return getattr(self._writer, name)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
 class Trainer:
     def __init__(self, config: Config, out_dir: str | Path, backbone: Backbone | None = None):
         """`backbone`: an already built `config.backbone` (benchmarks reuse one across runs); None builds it."""
+        if backbone is None:
+            check_training_inputs(config.backbone)  # before loading anything
         self.config, self.out_dir = config, Path(out_dir)
         self.accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
                                        cpu=not torch.cuda.is_available())  # gloo DDP on CPU-only machines
@@ -348,7 +367,7 @@ class Trainer:
     # ---- the loop ----
     def train(self) -> Path | None:
         cfg, acc = self.config.train, self.accelerator
-        writer = SummaryWriter(str(self.out_dir / "tensorboard")) if acc.is_main_process else None
+        writer = LazySummaryWriter(self.out_dir / "tensorboard") if acc.is_main_process else None
         bar = tqdm(total=cfg.iterations, initial=self.step, disable=not acc.is_main_process, desc="distill",
                    mininterval=2.0)
         self._tic = time.perf_counter()

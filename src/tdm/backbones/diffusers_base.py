@@ -14,7 +14,6 @@ diffusers, transformers and peft are imported here lazily: `import tdm` works wi
 
 from __future__ import annotations
 
-import functools
 import gc
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,6 +31,7 @@ from ..data.fingerprint import model_fingerprint
 from ..errors import MissingExtra
 from .base import Backbone
 from .diffusers_schedule import schedule_from_config
+from .long_prompts import LongPromptWarning, quiet_truncation
 
 
 def import_diffusers():
@@ -104,6 +104,7 @@ class DiffusersBackbone(Backbone):
                                   f"(VAE factor x patch size), got {size}")
         self._vae = None
         self._null: dict[str, Tensor] | None = None
+        self.long_prompts = LongPromptWarning()
 
     # ---- construction ----
     @classmethod
@@ -118,6 +119,7 @@ class DiffusersBackbone(Backbone):
         encoders released. `kwargs` go to the family's constructor (e.g. `frames`, `text_encoder_3`) or else to
         the pipeline's `from_pretrained` (e.g. `variant`, `revision`)."""
         diffusers = import_diffusers()
+        cls.check_pipeline_class(source, revision=kwargs.get("revision"))
         own = {k: kwargs.pop(k) for k in cls.init_kwargs() if k in kwargs}
         pipeline_cls = getattr(diffusers, cls.pipeline_class)
         load = {**cls.pipeline_load_kwargs, **cls.extra_load_kwargs(own), **kwargs}
@@ -135,9 +137,26 @@ class DiffusersBackbone(Backbone):
                 module.requires_grad_(False)  # frozen parts: text encoders
         backbone = cls(pipeline, dict(vae_config), source, prompts=prompts, height=height, width=width,
                        negative_prompt=negative_prompt, dtype=dtype, device=device, prompt_cache=cache, **own)
+        if backbone.text_encoders_loaded:  # every prompt it will encode, checked once
+            backbone.long_prompts.check(pipeline, [*backbone.prompts, backbone.null_prompt],
+                                        cls.text_settings(backbone.denoiser.config, own))
         if cache is not None:
             backbone.cache_prompts([*backbone.prompts, backbone.null_prompt])
         return backbone
+
+    @classmethod
+    def check_pipeline_class(cls, source: str, revision: str | None = None) -> None:
+        """Refuse a pipeline of another family (its model_index.json `_class_name`) before loading it: diffusers
+        would load the components this family's pipeline knows and the run would fail at its first iteration."""
+        found = import_diffusers().DiffusionPipeline.load_config(source, revision=revision).get("_class_name")
+        if found == cls.pipeline_class:
+            return
+        from .registry import family_of_pipeline
+
+        fits = family_of_pipeline(found)
+        hint = f"; for it set backbone.name={fits}" if fits else "; no tdm family loads it"
+        raise ConfigError(f"backbone.teacher: {source} is a {found}, but backbone.name={cls.name} expects a "
+                          f"{cls.pipeline_class}{hint}")
 
     @classmethod
     def pipeline_folder(cls, source: str, **load) -> Path:
@@ -235,9 +254,15 @@ class DiffusersBackbone(Backbone):
         """`encode_text` on the text parts of the pipeline in `folder`, with the family's default arguments:
         what `tdm cache-prompts --family NAME` runs, so it fills the cache a backbone with defaults reads."""
         pipeline = cls.load_text_parts(folder, dtype, {}).to(device)
-        encode = functools.partial(cls.encode_text, pipeline, device=torch.device(device),
-                                   settings=cls.text_settings(cls.denoiser_config(folder), {}))
-        return torch.no_grad()(encode)
+        settings, long_prompts = cls.text_settings(cls.denoiser_config(folder), {}), LongPromptWarning()
+
+        @torch.no_grad()
+        def encode(prompts: list[str]) -> dict[str, Tensor]:
+            long_prompts.check(pipeline, prompts, settings)
+            with quiet_truncation(pipeline):
+                return cls.encode_text(pipeline, prompts, torch.device(device), settings)
+
+        return encode
 
     @classmethod
     def fetch_text_parts(cls, model: str) -> Path:
@@ -285,7 +310,8 @@ class DiffusersBackbone(Backbone):
     @torch.no_grad()
     def _encode_text(self, prompts: list[str]) -> dict[str, Tensor]:
         settings = self.text_settings(self.denoiser.config, self.family_arguments())
-        return self.encode_text(self.pipeline, prompts, self.device, settings)
+        with quiet_truncation(self.pipeline):  # counted once, at loading (`long_prompts`)
+            return self.encode_text(self.pipeline, prompts, self.device, settings)
 
     def text_embeddings(self, prompts: list[str]) -> dict[str, Tensor]:
         """`encode_text` of `prompts` on `self.device`: read from the prompt cache (its misses encoded into it

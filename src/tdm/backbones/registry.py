@@ -62,6 +62,11 @@ def diffusers_family(name: str) -> type[DiffusersBackbone]:
     return getattr(importlib.import_module(f"{__package__}.{module}"), cls)
 
 
+def family_of_pipeline(pipeline_class: str | None) -> str | None:
+    """The backbone.name whose stock pipeline is `pipeline_class`, if any."""
+    return next((name for name in DIFFUSERS_FAMILIES if diffusers_family(name).pipeline_class == pipeline_class), None)
+
+
 def _training_prompts(config: BackboneConfig) -> list[str]:
     if not config.prompts:
         return []
@@ -123,6 +128,13 @@ def _pipeline_prompt_encoder(name: str) -> TextEncoderFamily:
 # what `tdm cache-prompts --family` accepts: the plain CLIP encoder of tdm.data and every diffusers family
 PROMPT_ENCODERS: dict[str, TextEncoderFamily] = {
     **TEXT_ENCODERS, **{name: _pipeline_prompt_encoder(name) for name in DIFFUSERS_FAMILIES}}
+
+
+def check_training_inputs(config: BackboneConfig) -> None:
+    """What training needs beyond what loading the teacher does, checked before anything loads."""
+    if config.name in DIFFUSERS_FAMILIES and not config.prompts:
+        raise ConfigError(f"backbone.prompts: training the {config.name} teacher needs prompts (a .txt file, one per "
+                          f"line, a .jsonl / .csv / .parquet table or a folder of them)")
 
 
 BACKBONES: dict[str, Callable[[BackboneConfig], Backbone]] = {
