@@ -278,8 +278,10 @@ def test_distill_cli_checkpoints_only_the_adapters_and_refuses_another_base(tmp_
     save_file(other.state_dict(), other_path)
     other_path.with_suffix(".json").write_text((WEIGHTS_DIR / TEACHER_FILE).with_suffix(".json").read_text())
     capsys.readouterr()
-    code = main(["distill", "--config", "digits-demo", "--out", str(run), "--no-report", *sets,
-                 "--set", f"backbone.teacher={other_path}", "--resume", str(ckpt)])
+    resume = ["distill", "--config", "digits-demo", "--out", str(run), "--no-report", *sets,
+              "--set", f"backbone.teacher={other_path}", "--resume", str(ckpt)]
+    assert main(resume) == 2 and "backbone.teacher" in capsys.readouterr().err  # a changed config is refused first
+    code = main([*resume, "--allow-config-change"])  # even when the change is allowed, the base is checked
     err = capsys.readouterr().err
     assert code == 2 and "was trained on another base model" in err, err
 

@@ -130,6 +130,8 @@ def accept_earlier_layout(student: nn.Module) -> None:
     held = getattr(student, "inputs", ())
 
     def convert(module, state_dict, prefix, *args) -> None:
+        if f"{prefix}{STEP_INDEX}_embedding.weight" not in state_dict:  # students never hold k: not that layout
+            return
         for name in (NUM_STEPS, STEP_INDEX):
             key = f"{prefix}{name}_embedding.weight"
             if name not in held and key in state_dict and not state_dict[key].any():
