@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from tdm.backbones.registry import build_backbone
 from tdm.config import load_config
 from tdm.core.sampling import teacher_grid
-from tdm.evaluate.compare import Sampler, draw_samples, student_samplers
-from tdm.evaluate.metrics import frechet_distance
 from tdm.files import write_text_atomic
+from tdm.metrics import frechet_distance
+from tdm.registry import build_backbone
+from tdm.samplers import Sampler, draw_samples, student_samplers
 from tdm.trainer import Trainer
 
 # name -> (description, overrides). Overrides equal to a toy's preset make that variant the preset itself.

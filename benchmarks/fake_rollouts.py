@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from ablations import SEEDS, TOYS, reference, summarise, train_and_sample
-from tdm.backbones.registry import build_backbone
 from tdm.config import load_config
 from tdm.files import write_text_atomic
+from tdm.registry import build_backbone
 
 TOY = "toy-gmm"
 METRICS = ("energy_distance", "nll", "in_mode_fraction")

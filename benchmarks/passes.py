@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tdm.backbones.registry import build_backbone
 from tdm.config import BackboneConfig
 from tdm.core.algorithm import TDM, TDMConfig
 from tdm.core.prediction import to_x0_eps
 from tdm.core.sampling import Trajectory
 from tdm.files import write_text_atomic
+from tdm.registry import build_backbone
 from tdm.roles import Roles
 
 

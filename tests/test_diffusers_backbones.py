@@ -68,9 +68,9 @@ def test_unsupported_scheduler_config_names_the_key(config, key):
 
 # ---------------------------------------------------------------- adapters on tiny real pipelines
 
-from tdm.backbones.registry import build_backbone  # noqa: E402
 from tdm.config import BackboneConfig  # noqa: E402
 from tdm.core.sampling import concat_batch  # noqa: E402
+from tdm.registry import build_backbone  # noqa: E402
 from tiny_diffusers import BUILDERS, PROMPTS, TINY_FRAMES, TINY_SIZE, load_backbone  # noqa: E402
 
 FAMILIES = list(BUILDERS)
@@ -197,8 +197,8 @@ PRESETS = {"sd15-lora": ("sd15", 512, 512), "sdxl-lora": ("sdxl", 1024, 1024),
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_load(preset):
-    from tdm.backbones.registry import BACKBONES
     from tdm.config import load_config
+    from tdm.registry import BACKBONES
 
     config = load_config(preset)
     family, height, width = PRESETS[preset]

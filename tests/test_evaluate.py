@@ -11,15 +11,14 @@ import pytest
 import torch
 
 from tdm.cli import main
+from tdm.errors import MissingModel, MissingPackage
 from tdm.evaluate.features import (
     INCEPTION_FILE,
     InceptionFeatures,
-    MissingModel,
-    MissingPackage,
     find_inception,
     load_preference_scorer,
 )
-from tdm.evaluate.metrics import frechet_distance, frechet_distance_from_stats, kernel_distance, polynomial_mmd2
+from tdm.metrics import frechet_distance, frechet_distance_from_stats, kernel_distance, polynomial_mmd2
 
 # ------------------------------------------------------------------------------------------------ metrics
 

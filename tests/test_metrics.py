@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import linalg
 
-from tdm.evaluate.metrics import energy_distance, frechet_distance, frechet_distance_from_stats
+from tdm.metrics import energy_distance, frechet_distance, frechet_distance_from_stats
 
 
 def test_frechet_distance_of_two_gaussians_matches_the_closed_form():

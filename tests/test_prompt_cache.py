@@ -203,8 +203,8 @@ def test_prompt_sources_and_their_errors(tiny_dirs, tmp_path):
     table = tmp_path / "prompts.jsonl"
     table.write_text('{"id": 1, "caption": "a cat"}\n{"id": 2, "caption": " a  dog"}\n{"id": 3, "caption": "a cat"}\n')
     load = dict(teacher=str(tiny_dirs["sd15"]), height=16, width=16, prompts=str(table))
-    from tdm.backbones.registry import build_backbone
     from tdm.config import BackboneConfig
+    from tdm.registry import build_backbone
 
     assert build_backbone(BackboneConfig(name="sd15", **load)).prompts == ["a cat", "a dog"]
     kept = build_backbone(BackboneConfig(name="sd15", keep_duplicate_prompts=True, **load))

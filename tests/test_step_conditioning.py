@@ -7,15 +7,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tdm.backbones.registry import build_backbone
 from tdm.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
 from tdm.config import ConfigError, load_config, to_dict
 from tdm.core.algorithm import TDM, TDMConfig
 from tdm.core.prediction import PredictionType
 from tdm.core.sampling import uniform_grid
 from tdm.core.schedules import DiscreteVP
-from tdm.evaluate.compare import student_samplers
+from tdm.registry import build_backbone
 from tdm.roles import Roles, load_trained_student
+from tdm.samplers import student_samplers
 from tdm.step_conditioning import StepConditioned, bind_steps, initial_network
 from tdm.toys.digits import DigitsUNet
 from tdm.toys.gmm import ToyMLP

@@ -188,8 +188,8 @@ def save_all(root: Path) -> dict[str, Path]:
 def load_backbone(family: str, folder: Path, **overrides):
     """The family's backbone on a saved tiny pipeline, through the registry (the path `tdm distill` takes),
     at the tiny size, with `PROMPTS` as its training prompts unless the override `prompts` names a file."""
-    from tdm.backbones.registry import build_backbone
     from tdm.config import BackboneConfig
+    from tdm.registry import build_backbone
 
     size = TINY_SIZE[family]
     fields = {"name": family, "teacher": str(folder), "height": size, "width": size,

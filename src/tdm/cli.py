@@ -9,11 +9,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from .backbones.registry import PROMPT_ENCODERS  # diffusers/transformers are imported only when a model is loaded
-from .config import DTYPES, ConfigError, from_dict, load_config
-from .errors import TDMError, TrainingAborted
+from .config import DTYPES, from_dict, load_config
+from .errors import ConfigError, TDMError, TrainingAborted
 from .evaluate.options import FEATURE_CHOICES, EvaluateOptions
 from .output_dirs import check_output_dir, check_run_dir, claim_run_dir
+from .registry import PROMPT_ENCODERS  # diffusers/transformers are imported only when a model is loaded
 from .resume import check_loaded, check_resume
 from .run_lock import RunLock
 
@@ -61,9 +61,9 @@ def _export(checkpoint: str, out: str, overrides: list[str], merged: bool, ema: 
     import json
 
     from .backbones.diffusers_base import DiffusersBackbone
-    from .backbones.registry import build_backbone
     from .checkpoint import STATE_FILE, CheckpointError, is_complete
     from .export import export_student, refuse_non_empty
+    from .registry import build_backbone
     from .roles import load_trained_student
 
     check_output_dir(out)

@@ -18,21 +18,16 @@ from pathlib import Path
 import yaml
 
 from .core.algorithm import TDMConfig
-from .errors import TDMError
+from .errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "configs"
-
-
-class ConfigError(TDMError, ValueError):
-    """A bad configuration value, file or key; the message names it."""
-
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    name: str = "digits"  # teacher family, a key of tdm.backbones.registry:
+    name: str = "digits"  # teacher family, a key of tdm.registry:
                           # toy-gmm | digits | sd15 | sdxl | pixart-alpha | sd3 | cogvideox
     teacher: str = ""     # where the teacher comes from; "" = the family's default. toy-gmm: exact | mlp;
                           # digits: path to a teacher .safetensors ("" = the shipped one);

@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, from_dict, to_dict
-from .errors import TDMError
+from .config import Config, from_dict, to_dict
+from .errors import ConfigError, TDMError
 
 MAY_CHANGE_ON_RESUME = {
     "train.iterations": "where the run ends",

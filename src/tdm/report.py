@@ -1,19 +1,18 @@
-"""Pictures and tables for runs and evaluations: image grids, labelled comparisons, training curves, markdown."""
+"""Pictures and tables for runs and evaluations: image grids, labelled comparisons, training curves, markdown.
+
+matplotlib is imported only when a figure is drawn (`_pyplot`), so importing this module (the trainer does, for
+`image_grid`) selects no plotting backend.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
-
-from .files import atomic_write  # noqa: E402
+from .files import atomic_write
 
 
 def image_grid(images: torch.Tensor, nrow: int, pad: int = 1) -> np.ndarray:
@@ -28,9 +27,19 @@ def image_grid(images: torch.Tensor, nrow: int, pad: int = 1) -> np.ndarray:
     return (hwc.numpy() * 255).round().astype(np.uint8)
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _save_figure(fig, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def sampler_grid_figure(rows: Sequence[tuple[str, torch.Tensor]], path: Path,
@@ -41,7 +50,7 @@ def sampler_grid_figure(rows: Sequence[tuple[str, torch.Tensor]], path: Path,
     pad = max(1, h // 32)
     mosaic = image_grid(torch.cat([images for _, images in rows]), nrow=n, pad=pad)
     cell = 0.32 if h <= 16 else 0.9 if h <= 64 else 1.6  # inches per image
-    fig, ax = plt.subplots(figsize=(cell * n + 2.4, cell * len(rows) + 0.6))
+    fig, ax = _pyplot().subplots(figsize=(cell * n + 2.4, cell * len(rows) + 0.6))
     ax.imshow(mosaic, interpolation="nearest")
     ax.set_yticks([pad + r * (h + pad) + h / 2 for r in range(len(rows))], [label for label, _ in rows], fontsize=8)
     if column_labels is not None:
@@ -56,8 +65,10 @@ def sampler_grid_figure(rows: Sequence[tuple[str, torch.Tensor]], path: Path,
 
 def quality_cost_figure(rows: Sequence[dict], metric: str, metric_label: str, path: Path) -> None:
     """`metric` against NFE and against wall time per sample, one labelled point per sampler (log x axes)."""
+    from matplotlib.ticker import FuncFormatter
+
     markers = {"teacher": ("s", "tab:blue"), "baseline": ("D", "tab:red"), "student": ("o", "tab:green")}
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, axes = _pyplot().subplots(1, 2, figsize=(9, 3.4))
     for ax, x_key, x_label in ((axes[0], "nfe", "network evaluations per sample (NFE)"),
                                (axes[1], "ms_per_sample", "wall time per sample (ms)")):
         for kind, (marker, color) in markers.items():
@@ -89,9 +100,8 @@ def curves_figure(history: list[dict], panels: Sequence[str | Sequence[str]], pa
     groups = [[p] if isinstance(p, str) else list(p) for p in panels]
     groups = [[k for k in g if any(k in h for h in history)] for g in groups]
     groups = [g for g in groups if g]
-    rows = -(-len(groups) // columns)
-    fig, axes = plt.subplots(rows, min(columns, len(groups)), figsize=(3.4 * min(columns, len(groups)), 2.8 * rows),
-                             squeeze=False)
+    rows, cols = -(-len(groups) // columns), min(columns, len(groups))
+    fig, axes = _pyplot().subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
     for ax, group in zip(axes.flat, groups):
         for key in group:
             points = [(h["step"], h[key]) for h in history if key in h]

@@ -25,8 +25,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from .config import Config, ConfigError
-from .errors import TDMError
+from .config import Config
+from .errors import ConfigError, TDMError
 from .step_conditioning import FAKE_SCORE, accept_earlier_layout, condition_for_role, initial_network
 from .step_conditioning import STUDENT as STUDENT_ROLE
 

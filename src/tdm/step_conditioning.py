@@ -16,9 +16,9 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError
 from .core.algorithm import MAX_STEPS, TDMConfig
 from .core.sampling import Cond, Model
+from .errors import ConfigError
 
 NUM_STEPS, STEP_INDEX = "num_steps", "step_index"  # the step inputs: K of the rollout, k of the sample's step
 STUDENT, FAKE_SCORE = "student", "fake_score"      # the trainable roles

@@ -23,7 +23,6 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from .backbones.base import Backbone
-from .backbones.registry import build_backbone, check_training_inputs
 from .checkpoint import load_checkpoint, prune_checkpoints, read_manifest, save_checkpoint
 from .config import Config, to_dict
 from .core.algorithm import TDM
@@ -31,12 +30,13 @@ from .core.sampling import cond_to
 from .diagnostics import Diagnostics, per_step_losses, sample_statistics
 from .divergence import DivergenceWatch
 from .errors import TrainingAborted
-from .evaluate.compare import draw_samples, student_samplers, teacher_samplers
 from .files import write_text_atomic
 from .preemption import StopSignals
+from .registry import build_backbone, check_training_inputs
 from .report import image_grid
 from .resume import load_newest, no_usable_checkpoint, set_aside
 from .roles import Roles
+from .samplers import draw_samples, student_samplers, teacher_samplers
 from .step_conditioning import bind_steps
 
 

@@ -1,1 +1,1 @@
-"""Teacher families: one adapter per family behind the `Backbone` interface; see `registry`."""
+"""Teacher families: one adapter per family behind the `Backbone` interface; `tdm.registry` maps a config to one."""

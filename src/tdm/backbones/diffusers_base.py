@@ -23,27 +23,31 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError
 from ..core.sampling import Cond, cond_to, map_cond
 from ..core.schedules import Schedule
 from ..data.cache import EmbeddingCache, EncodeFn
 from ..data.fingerprint import model_fingerprint
-from ..errors import MissingExtra
+from ..errors import ConfigError
+from ..optional import require
 from .base import Backbone
 from .diffusers_schedule import schedule_from_config
 from .long_prompts import LongPromptWarning, quiet_truncation
 
 
 def import_diffusers():
-    """The diffusers module, or a clear error saying which extra to install."""
-    try:
-        import diffusers
-        import peft  # noqa: F401  (the student and fake score are peft LoRA adapters)
-        import transformers  # noqa: F401
-    except ImportError as err:
-        raise MissingExtra(f"diffusers teachers need the [diffusers] extra (pip install 'tdm[diffusers]'): "
-                           f"{err}") from None
+    """The diffusers module, or a clear error saying which extra to install (peft: the student and fake score are
+    LoRA adapters; transformers: the text encoders)."""
+    diffusers, *_ = (require(module, "a diffusers teacher", install="'tdm[diffusers]'")
+                     for module in ("diffusers", "peft", "transformers"))
     return diffusers
+
+
+class OtherFamilyPipeline(ConfigError):
+    """The teacher is a pipeline of another family (`found`: its class name); the registry names the family."""
+
+    def __init__(self, message: str, found: str | None):
+        super().__init__(message)
+        self.found = found
 
 
 class DiffusersDenoiser(nn.Module):
@@ -149,14 +153,9 @@ class DiffusersBackbone(Backbone):
         """Refuse a pipeline of another family (its model_index.json `_class_name`) before loading it: diffusers
         would load the components this family's pipeline knows and the run would fail at its first iteration."""
         found = import_diffusers().DiffusionPipeline.load_config(source, revision=revision).get("_class_name")
-        if found == cls.pipeline_class:
-            return
-        from .registry import family_of_pipeline
-
-        fits = family_of_pipeline(found)
-        hint = f"; for it set backbone.name={fits}" if fits else "; no tdm family loads it"
-        raise ConfigError(f"backbone.teacher: {source} is a {found}, but backbone.name={cls.name} expects a "
-                          f"{cls.pipeline_class}{hint}")
+        if found != cls.pipeline_class:
+            raise OtherFamilyPipeline(f"backbone.teacher: {source} is a {found}, but backbone.name={cls.name} "
+                                      f"expects a {cls.pipeline_class}", found)
 
     @classmethod
     def pipeline_folder(cls, source: str, **load) -> Path:

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 
 import torch
 
-from ..config import ConfigError
 from ..core.prediction import PredictionType, terminal_x0_undefined
 from ..core.schedules import DiscreteVP, FlowMatch, Schedule, beta_table, rescale_zero_terminal_snr
+from ..errors import ConfigError
 
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")

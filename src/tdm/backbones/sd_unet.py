@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .diffusers_base import DiffusersBackbone, DiffusersDenoiser
 
 

@@ -10,7 +10,6 @@ went. The unconditional / negative prompt is not read from the file: it is a sep
 from __future__ import annotations
 
 import csv
-import importlib
 import io
 import json
 import unicodedata
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TDMError
+from ..optional import require
 
 PROMPT_COLUMNS = ("prompt", "caption", "text")  # tried in this order when no column is given
 SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
@@ -155,23 +155,16 @@ def _read_csv(path: Path, text: str, column: str | None) -> list[str | None]:
     return [row[column] for row in reader]  # None where a row is short: dropped as blank
 
 
-def _optional_package(module: str, package: str, path: Path, what: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise PromptSourceError(f"prompts: reading {path} ({what}) needs the `{package}` package, which is not "
-                                f"installed: pip install {package}") from None
-
-
 def _read_parquet(path: Path, column: str | None) -> list[str | None]:
-    pq = _optional_package("pyarrow.parquet", "pyarrow", path, "a parquet file")
+    pq = require("pyarrow.parquet", f"prompts: reading {path} (a parquet file)", error=PromptSourceError)
     column = _pick_column(str(path), pq.read_schema(path).names, column)
     values = pq.read_table(path, columns=[column]).column(column).to_pylist()
     return [_string_or_none(path, f" row {i}", v) for i, v in enumerate(values)]
 
 
 def _read_hf_dataset(path: Path, column: str | None) -> list[str | None]:
-    datasets = _optional_package("datasets", "datasets", path, "a Hugging Face dataset folder")
+    datasets = require("datasets", f"prompts: reading {path} (a Hugging Face dataset folder)",
+                       error=PromptSourceError)
     dataset = datasets.load_from_disk(str(path))
     if isinstance(dataset, datasets.DatasetDict):
         splits = list(dataset)

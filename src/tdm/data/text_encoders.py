@@ -2,7 +2,7 @@
 
 "clip" is a CLIP text model with its tokenizer, as SD 1.x encodes prompts (padded to the tokenizer's max length,
 last hidden state). The diffusers teacher families add their own entries, built on their pipelines' prompt
-encoding (`tdm.backbones.registry.PROMPT_ENCODERS`). transformers and huggingface_hub are imported lazily.
+encoding (`tdm.registry.PROMPT_ENCODERS`). transformers and huggingface_hub are imported lazily.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""Metrics and evaluation of students against their teachers."""
+"""Evaluation of students against their teachers: feature networks, scores, comparisons and reports."""

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .features import MissingModel, require
+from ..errors import MissingModel
+from ..optional import require
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP (also used by the LAION / open_clip models)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -39,7 +40,7 @@ class CLIPScorer:
     """A transformers `CLIPModel` and its tokenizer; `tokenizer` defaults to the model's own folder or id."""
 
     def __init__(self, model: str, device="cpu", tokenizer: str | None = None, batch_size: int = 64):
-        transformers = require("transformers", "transformers", "the CLIP score")
+        transformers = require("transformers", "the CLIP score")
         try:
             self.model = transformers.CLIPModel.from_pretrained(model).eval().to(device)
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer or model)

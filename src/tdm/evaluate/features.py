@@ -6,7 +6,6 @@ label the report's columns and say which network measured them. Nothing here dow
 
 from __future__ import annotations
 
-import importlib
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -16,19 +15,12 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from ..errors import TDMError
+from ..errors import MissingModel, TDMError
+from ..optional import require
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
 INCEPTION_ENV = "TDM_INCEPTION"
-
-
-class MissingModel(TDMError, FileNotFoundError):
-    """A metric network that is not on this machine; the message says where tdm looked and how to get it."""
-
-
-class MissingPackage(TDMError, ImportError):
-    """An optional metric package that is not installed; the message says what to install."""
 
 
 class FeatureExtractor(Protocol):
@@ -120,15 +112,6 @@ class DigitsClassifierFeatures:
 
 # --------------------------------------------------------------------------- human-preference scorers
 
-def require(module: str, pip_name: str, what: str):
-    """Import an optional package, or raise `MissingPackage` saying what to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise MissingPackage(f"{what} needs the {module!r} package, which is not installed: "
-                             f"pip install {pip_name}") from None
-
-
 def to_pil(images: Tensor) -> list:
     """[N, C, H, W] in [0, 1] -> PIL images (RGB)."""
     from PIL import Image
@@ -143,7 +126,7 @@ PreferenceScorer = Callable[[Tensor, Sequence[str]], Tensor]  # (images [N,C,H,W
 
 
 def _hpsv2(model: str | None, device) -> PreferenceScorer:
-    hpsv2 = require("hpsv2", "hpsv2", "the HPSv2 score")
+    hpsv2 = require("hpsv2", "the HPSv2 score")
 
     def score(images: Tensor, prompts: Sequence[str]) -> Tensor:
         pil, out = to_pil(images), torch.empty(len(prompts))
@@ -157,8 +140,8 @@ def _hpsv2(model: str | None, device) -> PreferenceScorer:
 
 
 def _image_reward(model: str | None, device) -> PreferenceScorer:
-    reward_model = require("ImageReward", "image-reward", "ImageReward").load(model or "ImageReward-v1.0",
-                                                                              device=str(device))
+    reward_model = require("ImageReward", "ImageReward", install="image-reward").load(model or "ImageReward-v1.0",
+                                                                                      device=str(device))
 
     def score(images: Tensor, prompts: Sequence[str]) -> Tensor:
         with torch.no_grad():

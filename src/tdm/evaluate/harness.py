@@ -17,19 +17,19 @@ import torch
 from torch import Tensor, nn
 
 from ..backbones.base import Backbone
-from ..backbones.registry import build_backbone
 from ..checkpoint import CheckpointError, is_complete, latest_checkpoint, read_manifest
 from ..config import Config, from_dict, to_dict
-from ..errors import TDMError
+from ..errors import MissingModel, TDMError
 from ..files import sha256_file, write_text_atomic
+from ..registry import build_backbone
 from ..roles import load_trained_student
-from .compare import SetScorer, compare_to_reference, student_samplers, teacher_samplers
+from ..samplers import student_samplers, teacher_samplers
+from .compare import SetScorer, compare_to_reference
 from .comparison_report import write_comparison
 from .features import (
     DigitsClassifierFeatures,
     FeatureExtractor,
     InceptionFeatures,
-    MissingModel,
     load_preference_scorer,
 )
 from .image_folder import load_image_folder

@@ -7,7 +7,8 @@ from pathlib import Path
 from ..config import to_dict
 from ..files import write_text_atomic
 from ..report import curves_figure
-from .compare import compare_to_reference, student_samplers, teacher_samplers
+from ..samplers import student_samplers, teacher_samplers
+from .compare import compare_to_reference
 from .comparison_report import write_comparison
 
 CURVES = ("fake/loss", "generator/loss", "generator/teacher_fake_gap", "generator/grad_norm",

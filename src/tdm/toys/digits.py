@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from ..backbones.base import Backbone
 from ..core.prediction import PredictionType
 from ..core.schedules import DiscreteVP
-from ..evaluate.metrics import frechet_distance
 from ..files import atomic_write, write_text_atomic
+from ..metrics import frechet_distance
 
 NUM_CLASSES = 10
 NULL_CLASS = 10  # the extra label of the unconditional branch

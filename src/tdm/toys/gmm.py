@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..backbones.base import Backbone
 from ..core.prediction import PredictionType, from_x0_eps
 from ..core.schedules import DiscreteVP, Schedule
-from ..evaluate.metrics import energy_distance
+from ..metrics import energy_distance
 
 NULL_CLASS = 4        # label of the unconditional model: all modes
 NUM_CLASSES = 4       # classes 0..3; class c owns modes j with j % NUM_CLASSES == c

@@ -1,4 +1,5 @@
-"""The explicit map from a config's `backbone.name` to the family that builds it."""
+"""The explicit map from a config's `backbone.name` to the family that builds it: above the families and the toys,
+which know nothing of it (nor of the config)."""
 
 from __future__ import annotations
 
@@ -10,19 +11,20 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import SafetensorError
 
-from ..config import BackboneConfig, ConfigError
-from ..core.prediction import PredictionType
-from ..data import EmbeddingCacheError, PromptSourceError, load_prompts
-from ..data.text_encoders import TEXT_ENCODERS, TextEncoderError, TextEncoderFamily
-from ..errors import TDMError
-from .base import Backbone
+from .backbones.base import Backbone
+from .backbones.diffusers_base import OtherFamilyPipeline
+from .config import BackboneConfig
+from .core.prediction import PredictionType
+from .data import EmbeddingCacheError, PromptSourceError, load_prompts
+from .data.text_encoders import TEXT_ENCODERS, TextEncoderError, TextEncoderFamily
+from .errors import ConfigError, TDMError
 
 if TYPE_CHECKING:
-    from .diffusers_base import DiffusersBackbone
+    from .backbones.diffusers_base import DiffusersBackbone
 
 
 def _toy_gmm(config: BackboneConfig) -> Backbone:
-    from ..toys.gmm import GMMBackbone
+    from .toys.gmm import GMMBackbone
 
     if config.teacher not in ("", "exact", "mlp"):
         raise ConfigError(f"backbone.teacher: toy-gmm takes exact or mlp, got {config.teacher!r}")
@@ -33,7 +35,7 @@ def _toy_gmm(config: BackboneConfig) -> Backbone:
 
 
 def _digits(config: BackboneConfig) -> Backbone:
-    from ..toys.digits import DigitsBackbone
+    from .toys.digits import DigitsBackbone
 
     if config.prediction not in ("", "epsilon"):
         raise ConfigError(f"backbone.prediction: the digits teacher predicts epsilon, got {config.prediction!r}")
@@ -59,7 +61,7 @@ DIFFUSERS_FAMILIES: dict[str, tuple[str, str]] = {
 
 def diffusers_family(name: str) -> type[DiffusersBackbone]:
     module, cls = DIFFUSERS_FAMILIES[name]
-    return getattr(importlib.import_module(f"{__package__}.{module}"), cls)
+    return getattr(importlib.import_module(f"{__package__}.backbones.{module}"), cls)
 
 
 def family_of_pipeline(pipeline_class: str | None) -> str | None:
@@ -98,6 +100,10 @@ def _load_diffusers(config: BackboneConfig) -> Backbone:
                                    **{key: getattr(config, key) for key in cls.init_kwargs()})
     except EmbeddingCacheError as err:
         raise ConfigError(f"backbone.prompt_cache: {err}") from None
+    except OtherFamilyPipeline as err:  # the family knows what it expects; the registry knows who loads it
+        fits = family_of_pipeline(err.found)
+        hint = f"for it set backbone.name={fits}" if fits else "no tdm family loads it"
+        raise ConfigError(f"{err}; {hint}") from None
     except TDMError:
         raise
     except (OSError, ValueError) as err:
