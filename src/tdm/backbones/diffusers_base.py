@@ -199,12 +199,15 @@ class DiffusersBackbone(Backbone):
     @classmethod
     def text_encoding(cls, own: dict) -> TextEncoding:
         """How this family's pipeline encodes prompts, given family arguments `own`."""
-        skip = {"vae": None, cls.denoiser_name: None, **cls.pipeline_load_kwargs}
-        return TextEncoding(
-            family=cls.name, parts=cls.text_parts(own), settings_of=lambda config: cls.text_settings(config, own),
-            encode=cls.encode_text, denoiser_name=cls.denoiser_name, download=lambda model: cls.pipeline_folder(
-                model, **skip), load_pipeline=lambda source, dtype: getattr(import_diffusers(), cls.pipeline_class)
-            .from_pretrained(source, dtype=dtype, **skip, **cls.extra_load_kwargs(own)))
+        skip = {"vae": None, cls.denoiser_name: None, **cls.pipeline_load_kwargs}  # loads text parts and scheduler
+
+        def load_pipeline(source: str | Path, dtype: torch.dtype):
+            pipeline_cls = getattr(import_diffusers(), cls.pipeline_class)
+            return pipeline_cls.from_pretrained(source, dtype=dtype, **skip, **cls.extra_load_kwargs(own))
+
+        return TextEncoding(family=cls.name, parts=cls.text_parts(own), denoiser_name=cls.denoiser_name,
+                            settings_of=lambda config: cls.text_settings(config, own), encode=cls.encode_text,
+                            load_pipeline=load_pipeline, download=lambda model: cls.pipeline_folder(model, **skip))
 
     @classmethod
     def text_parts(cls, own: dict) -> tuple[str, ...]:
