@@ -48,7 +48,7 @@ def encoded_together(memory, prompts):
     """`conditions` as `memory` (no cache) gives them when every prompt's text embedding is taken from one batch
     encoding `prompts`, as the cache encodes its misses. Encoding in other batches can differ in the last bits
     (BLAS kernels vary with the batch size), in memory as well; the cache itself adds nothing."""
-    rows = memory.text_embeddings(prompts)
+    rows = memory.conditioner.encode(prompts)
 
     def text(chosen):
         return {key: value[[prompts.index(p) for p in chosen]] for key, value in rows.items()}
@@ -97,7 +97,7 @@ def test_cached_conditioning_is_bit_identical_to_encoding_in_memory(family, tiny
     torch.testing.assert_close(conditions(memory), expected)  # batching noise only
 
     cold = build(family, tiny_dirs[family], prompts, cache)  # encodes the prompts and "" into the cache
-    assert not cold.text_encoders_loaded and cold.pipeline.text_encoder is None  # released after encoding
+    assert not cold.conditioner.loaded and cold.pipeline.text_encoder is None  # released after encoding
     written = cache_files(cache)
     assert_identical(conditions(cold), expected)
 
@@ -106,7 +106,7 @@ def test_cached_conditioning_is_bit_identical_to_encoding_in_memory(family, tiny
         assert_identical(conditions(warm), expected)
         with pytest.raises(AssertionError, match="loaded a"):  # the check above could fail
             build(family, tiny_dirs[family], prompts)
-    assert not warm.text_encoders_loaded and cache_files(cache) == written
+    assert not warm.conditioner.loaded and cache_files(cache) == written
 
     cond = expected["sample"]
     if family == "sdxl":  # pooled embeddings cached; time_ids (H, W, 0, 0, H, W) computed
@@ -140,7 +140,7 @@ def test_cache_prompts_command_fills_the_cache_the_backbone_reads(family, tiny_d
         backbone = build(family, tiny_dirs[family], prompts, cache)
         produced = conditions(backbone)
     assert backbone.prompts == PROMPTS
-    assert not backbone.text_encoders_loaded and cache_files(cache) == written  # nothing encoded, nothing written
+    assert not backbone.conditioner.loaded and cache_files(cache) == written  # nothing encoded, nothing written
     assert_identical(produced, encoded_together(build(family, tiny_dirs[family], prompts), [*PROMPTS, ""]))
 
     assert main(args) == 0
@@ -162,12 +162,12 @@ def test_only_new_prompts_are_encoded(tiny_dirs, tmp_path):
     assert shard_prompts(cache) == [[*PROMPTS, ""], ["a green frog"]]  # only the miss was encoded
     after = cache_files(cache)
     assert [after[k] == v for k, v in before.items()] == [not k.endswith("index.json") for k in before]
-    assert not backbone.text_encoders_loaded
+    assert not backbone.conditioner.loaded
     memory = build("sd15", tiny_dirs["sd15"], prompts)
     assert_identical(backbone.encode_prompts(["a green frog"]), memory.encode_prompts(["a green frog"]))  # alone
 
     late = backbone.encode_prompts(["a late prompt"])  # a miss after release: encoders loaded again, released
-    assert not backbone.text_encoders_loaded and "a late prompt" in backbone.prompt_cache
+    assert not backbone.conditioner.loaded and "a late prompt" in backbone.conditioner.cache
     assert_identical(late, memory.encode_prompts(["a late prompt"]))
 
 
@@ -186,10 +186,10 @@ def test_changed_text_encoder_is_a_miss_and_old_entries_stay(tiny_dirs, tmp_path
 
     new = build("sd15", pipeline, prompts, cache)
     folders = sorted(p.name for p in cache.iterdir() if p.is_dir())
-    assert len(folders) == 2 and new.prompt_cache.fingerprint != old.prompt_cache.fingerprint
-    assert {k: v for k, v in cache_files(cache).items() if k.split("/")[0] == old.prompt_cache.fingerprint} == {
+    assert len(folders) == 2 and new.conditioner.cache.fingerprint != old.conditioner.cache.fingerprint
+    assert {k: v for k, v in cache_files(cache).items() if k.split("/")[0] == old.conditioner.cache.fingerprint} == {
         k: v for k, v in old_files.items() if "/" in k}  # the old encoder's entries untouched
-    assert len(new.prompt_cache) == len(PROMPTS) + 1  # every prompt re-encoded with the new weights
+    assert len(new.conditioner.cache) == len(PROMPTS) + 1  # every prompt re-encoded with the new weights
     new_conditions = conditions(new)
     assert_identical(new_conditions, encoded_together(build("sd15", pipeline, prompts), [*PROMPTS, ""]))
     assert not torch.equal(new_conditions["sample"]["prompt_embeds"], old_conditions["sample"]["prompt_embeds"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .backbones.long_prompts import LongPromptWarning, quiet_truncation
+from .data.long_prompts import LongPromptWarning, quiet_truncation
 from .export import ExportError, load_pipeline
 from .files import atomic_write, write_text_atomic
 from .output_dirs import check_output_dir

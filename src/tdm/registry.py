@@ -16,6 +16,7 @@ from .backbones.diffusers_base import OtherFamilyPipeline
 from .config import BackboneConfig
 from .core.prediction import PredictionType
 from .data import EmbeddingCacheError, PromptSourceError, load_prompts
+from .data.conditioning import prompt_encoder
 from .data.text_encoders import TEXT_ENCODERS, TextEncoderError, TextEncoderFamily
 from .errors import ConfigError, TDMError
 
@@ -114,21 +115,21 @@ def _load_diffusers(config: BackboneConfig) -> Backbone:
 
 def _pipeline_prompt_encoder(name: str) -> TextEncoderFamily:
     """`tdm cache-prompts --family NAME`: the family's own prompt encoding, so the cache is the one its backbone
-    reads (same `text_fingerprint`), for the family's default arguments (SD3: with T5)."""
+    reads (same `TextEncoding.fingerprint`), for the family's default arguments (SD3: with T5)."""
 
     def on_pipeline(folder: Path, read: Callable):
         try:
-            return read(diffusers_family(name))
+            return read(diffusers_family(name).text_encoding({}))
         except (OSError, ValueError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise TextEncoderError(f"--model {folder}: cannot read the text encoders of a {name} pipeline "
                                    f"folder: {first}") from None
 
     return TextEncoderFamily(
-        fetch=lambda model: diffusers_family(name).fetch_text_parts(model),
-        fingerprint=lambda folder, dtype: on_pipeline(folder, lambda cls: cls.text_fingerprint(folder, dtype, {})),
+        fetch=lambda model: diffusers_family(name).text_encoding({}).fetch(model),
+        fingerprint=lambda folder, dtype: on_pipeline(folder, lambda text: text.fingerprint(folder, dtype)),
         load=lambda folder, device, dtype: on_pipeline(
-            folder, lambda cls: cls.load_prompt_encoder(folder, device, dtype)))
+            folder, lambda text: prompt_encoder(text, folder, device, dtype)))
 
 
 # what `tdm cache-prompts --family` accepts: the plain CLIP encoder of tdm.data and every diffusers family

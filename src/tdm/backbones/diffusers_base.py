@@ -1,37 +1,33 @@
-"""What every diffusers teacher family shares: loading, prompt encoding by the stock pipeline, lazy VAE decoding.
+"""What every diffusers teacher family shares: loading, the denoiser call, the sample shape, lazy VAE decoding.
 
 A family file (sd_unet.py, sdxl.py, pixart.py, sd3.py, cogvideox.py) subclasses `DiffusersDenoiser` (how to
 call its network: timestep scaling, added conditions, learned-sigma split; method.md Decision 2) and
 `DiffusersBackbone` (which pipeline, how it encodes prompts, its latent layout). Prompts are encoded by the
 pipeline's own `encode_prompt`, so the conditioning is bit for bit what the stock pipeline feeds its network.
 
-A condition is the family's text embeddings (`encode_text`: fixed shapes per prompt, the part the on-disk prompt
-cache of tdm.data stores, keyed by `text_fingerprint`) plus size conditions computed from height and width
-(`add_conditions`: SDXL time_ids, PixArt-1024 resolution and aspect ratio; never cached). With a prompt cache the
-text encoders are loaded only to encode prompts the cache lacks, and released right after.
-diffusers, transformers and peft are imported here lazily: `import tdm` works without them.
+A condition is the family's text embeddings (`encode_text`: fixed shapes per prompt, what `conditioner`, a
+tdm.data.conditioning.PromptConditioner, encodes or reads from the on-disk prompt cache) plus size conditions
+computed from height and width (`add_conditions`: SDXL time_ids, PixArt-1024 resolution and aspect ratio; never
+cached). diffusers, transformers and peft are imported here lazily: `import tdm` works without them.
 """
 
 from __future__ import annotations
 
-import gc
-import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..core.sampling import Cond, cond_to, map_cond
+from ..core.sampling import Cond, map_cond
 from ..core.schedules import Schedule
-from ..data.cache import EmbeddingCache, EncodeFn
-from ..data.fingerprint import model_fingerprint
+from ..data.cache import EmbeddingCache
+from ..data.conditioning import PromptConditioner, TextEncoding
 from ..errors import ConfigError
 from ..optional import require
 from .base import Backbone
 from .diffusers_schedule import schedule_from_config
-from .long_prompts import LongPromptWarning, quiet_truncation
 
 
 def import_diffusers():
@@ -74,10 +70,9 @@ class DiffusersDenoiser(nn.Module):
 
 class DiffusersBackbone(Backbone):
     """A text-conditioned diffusers teacher: `teacher`, schedule and prediction from its scheduler config,
-    prompts encoded by its pipeline, samples decoded by its VAE (loaded on first use).
+    prompts encoded by its pipeline (`conditioner`), samples decoded by its VAE (loaded on first use).
 
     Conditions are dicts of tensors on `self.device`, batched along dim 0 (`cond_keys` of each family).
-    `prompt_cache`: the on-disk cache of this family's text embeddings (None: encode in memory).
     """
 
     pipeline_class: ClassVar[str]            # the stock diffusers pipeline of the family
@@ -88,14 +83,12 @@ class DiffusersBackbone(Backbone):
     is_image = True
     features_description = "the raw latents (no image metric is built in for diffusers teachers)"
 
-    def __init__(self, pipeline, vae_config: dict, source: str, *, prompts: Sequence[str] = (), height: int = 0,
-                 width: int = 0, negative_prompt: str | None = None, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", prompt_cache: EmbeddingCache | None = None):
-        self.pipeline, self.vae_config, self.source = pipeline, vae_config, source
-        self.prompt_cache = prompt_cache
+    def __init__(self, pipeline, vae_config: dict, conditioner: PromptConditioner, *, prompts: Sequence[str] = (),
+                 height: int = 0, width: int = 0, negative_prompt: str | None = None):
+        self.pipeline, self.vae_config, self.conditioner = pipeline, vae_config, conditioner
+        self.source, self.dtype, self.device = conditioner.source, conditioner.dtype, conditioner.device
         self.prompts = list(prompts)
         self.negative_prompt = negative_prompt or None  # None: the pipeline's own default
-        self.dtype, self.device = dtype, torch.device(device)
         self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
         self.schedule, self.prediction = schedule_from_config(pipeline.scheduler)
         self.teacher = self.denoiser_class(self.denoiser, self.schedule)
@@ -108,7 +101,6 @@ class DiffusersBackbone(Backbone):
                                   f"(VAE factor x patch size), got {size}")
         self._vae = None
         self._null: dict[str, Tensor] | None = None
-        self.long_prompts = LongPromptWarning()
 
     # ---- construction ----
     @classmethod
@@ -125,27 +117,24 @@ class DiffusersBackbone(Backbone):
         diffusers = import_diffusers()
         cls.check_pipeline_class(source, revision=kwargs.get("revision"))
         own = {k: kwargs.pop(k) for k in cls.init_kwargs() if k in kwargs}
-        pipeline_cls = getattr(diffusers, cls.pipeline_class)
-        load = {**cls.pipeline_load_kwargs, **cls.extra_load_kwargs(own), **kwargs}
+        text, load = cls.text_encoding(own), {**cls.pipeline_load_kwargs, **cls.extra_load_kwargs(own), **kwargs}
         cache = None
         if prompt_cache:
-            folder = cls.pipeline_folder(source, vae=None, **load)
-            cache = EmbeddingCache(prompt_cache, cls.text_fingerprint(folder, dtype, own))
+            cache = EmbeddingCache(prompt_cache, text.fingerprint(cls.pipeline_folder(source, vae=None, **load), dtype))
             if not cache.missing([*prompts, negative_prompt or ""]):
-                load.update(dict.fromkeys(cls.text_parts(own)))  # all cached: the text encoders are not loaded
-        pipeline = pipeline_cls.from_pretrained(source, vae=None, dtype=dtype, **load)
+                load.update(dict.fromkeys(text.parts))  # all cached: the text encoders are not loaded
+        pipeline = getattr(diffusers, cls.pipeline_class).from_pretrained(source, vae=None, dtype=dtype, **load)
         vae_config = diffusers.AutoencoderKL.load_config(source, subfolder="vae", revision=kwargs.get("revision"))
         pipeline.to(device)
         for name, module in pipeline.components.items():
             if isinstance(module, nn.Module) and name != cls.denoiser_name:
                 module.requires_grad_(False)  # frozen parts: text encoders
-        backbone = cls(pipeline, dict(vae_config), source, prompts=prompts, height=height, width=width,
-                       negative_prompt=negative_prompt, dtype=dtype, device=device, prompt_cache=cache, **own)
-        if backbone.text_encoders_loaded:  # every prompt it will encode, checked once
-            backbone.long_prompts.check(pipeline, [*backbone.prompts, backbone.null_prompt],
-                                        cls.text_settings(backbone.denoiser.config, own))
-        if cache is not None:
-            backbone.cache_prompts([*backbone.prompts, backbone.null_prompt])
+        settings = text.settings_of(getattr(pipeline, cls.denoiser_name).config)
+        conditioner = PromptConditioner(pipeline, text, settings, source=source, dtype=dtype, device=device,
+                                        cache=cache)
+        backbone = cls(pipeline, dict(vae_config), conditioner, prompts=prompts, height=height, width=width,
+                       negative_prompt=negative_prompt, **own)
+        conditioner.prepare([*backbone.prompts, backbone.null_prompt])
         return backbone
 
     @classmethod
@@ -175,13 +164,9 @@ class DiffusersBackbone(Backbone):
         """Pipeline `from_pretrained` kwargs that depend on family arguments (SD3: skip T5)."""
         return {}
 
-    def family_arguments(self) -> dict[str, Any]:
-        """This backbone's values of `init_kwargs()`."""
-        return {k: getattr(self, k) for k in self.init_kwargs()}
-
     def component_overrides(self) -> dict:
         """Pipeline components this backbone was loaded without (JSON-safe), for loading the pipeline again."""
-        return self.extra_load_kwargs(self.family_arguments())
+        return self.extra_load_kwargs({k: getattr(self, k) for k in self.init_kwargs()})
 
     @property
     def denoiser(self) -> nn.Module:
@@ -202,14 +187,27 @@ class DiffusersBackbone(Backbone):
 
     def to(self, device: torch.device | str) -> DiffusersBackbone:
         """Move the pipeline (network, text encoders) and a loaded VAE to `device`; conditions follow."""
-        self.device = torch.device(device)
+        self.device = self.conditioner.device = torch.device(device)
         self.pipeline.to(self.device)
         if self._vae is not None:
             self._vae.to(self.device)
         self._null = None
         return self
 
-    # ---- prompt encoding: the family's text embeddings (cacheable) ----
+    # ---- prompt encoding: the family's text embeddings (cacheable; run by tdm.data.conditioning) ----
+    @classmethod
+    def text_encoding(cls, own: dict) -> TextEncoding:
+        """How this family's pipeline encodes prompts, given family arguments `own`."""
+        skip = {"vae": None, cls.denoiser_name: None, **cls.pipeline_load_kwargs}  # loads text parts and scheduler
+
+        def load_pipeline(source: str | Path, dtype: torch.dtype):
+            pipeline_cls = getattr(import_diffusers(), cls.pipeline_class)
+            return pipeline_cls.from_pretrained(source, dtype=dtype, **skip, **cls.extra_load_kwargs(own))
+
+        return TextEncoding(family=cls.name, parts=cls.text_parts(own), denoiser_name=cls.denoiser_name,
+                            settings_of=lambda config: cls.text_settings(config, own), encode=cls.encode_text,
+                            load_pipeline=load_pipeline, download=lambda model: cls.pipeline_folder(model, **skip))
+
     @classmethod
     def text_parts(cls, own: dict) -> tuple[str, ...]:
         """The pipeline components that encode prompts (text encoders, tokenizers), given family arguments `own`."""
@@ -224,101 +222,6 @@ class DiffusersBackbone(Backbone):
     def encode_text(cls, pipeline, prompts: list[str], device: torch.device, settings: dict) -> dict[str, Tensor]:
         """The pipeline's `encode_prompt` on `prompts`, without CFG: each key [B, ...], one fixed shape per prompt."""
         raise NotImplementedError
-
-    @classmethod
-    def text_fingerprint(cls, folder: Path, dtype: torch.dtype, own: dict) -> str:
-        """The cache key of this family's text embeddings for the pipeline in `folder`: the text parts' files, the
-        family, dtype and `text_settings` (reads files; loads nothing)."""
-        return model_fingerprint(*(folder / part for part in cls.text_parts(own)), family=cls.name,
-                                 dtype=str(dtype), **cls.text_settings(cls.denoiser_config(folder), own))
-
-    @classmethod
-    def denoiser_config(cls, folder: Path) -> dict[str, Any]:
-        """The network's config.json in the pipeline folder `folder` (read, not loaded)."""
-        return json.loads((Path(folder) / cls.denoiser_name / "config.json").read_text())
-
-    @classmethod
-    def load_text_parts(cls, source: str | Path, dtype: torch.dtype, own: dict):
-        """The family's pipeline with only its text parts (and scheduler) loaded, frozen, on the CPU."""
-        pipeline_cls = getattr(import_diffusers(), cls.pipeline_class)
-        pipeline = pipeline_cls.from_pretrained(source, vae=None, dtype=dtype, **{cls.denoiser_name: None},
-                                                **cls.pipeline_load_kwargs, **cls.extra_load_kwargs(own))
-        for part in cls.text_parts(own):
-            if isinstance(getattr(pipeline, part), nn.Module):
-                getattr(pipeline, part).requires_grad_(False)
-        return pipeline
-
-    @classmethod
-    def load_prompt_encoder(cls, folder: Path, device: torch.device | str, dtype: torch.dtype) -> EncodeFn:
-        """`encode_text` on the text parts of the pipeline in `folder`, with the family's default arguments:
-        what `tdm cache-prompts --family NAME` runs, so it fills the cache a backbone with defaults reads."""
-        pipeline = cls.load_text_parts(folder, dtype, {}).to(device)
-        settings, long_prompts = cls.text_settings(cls.denoiser_config(folder), {}), LongPromptWarning()
-
-        @torch.no_grad()
-        def encode(prompts: list[str]) -> dict[str, Tensor]:
-            long_prompts.check(pipeline, prompts, settings)
-            with quiet_truncation(pipeline):
-                return cls.encode_text(pipeline, prompts, torch.device(device), settings)
-
-        return encode
-
-    @classmethod
-    def fetch_text_parts(cls, model: str) -> Path:
-        """The pipeline folder of hub id `model` with its text parts, scheduler and configs, not the weights of
-        its network or VAE (downloaded, or found in the hub cache)."""
-        from huggingface_hub import hf_hub_download
-
-        folder = cls.pipeline_folder(model, vae=None, **{cls.denoiser_name: None}, **cls.pipeline_load_kwargs)
-        hf_hub_download(model, "config.json", subfolder=cls.denoiser_name)  # text_settings read it
-        return folder
-
-    @property
-    def text_encoders_loaded(self) -> bool:
-        return all(getattr(self.pipeline, part, None) is not None for part in self.text_parts(self.family_arguments()))
-
-    def load_text_encoders(self) -> None:
-        """Load the text parts released after caching, onto the pipeline, on `self.device`."""
-        own = self.family_arguments()
-        text = self.load_text_parts(self.source, self.dtype, own)
-        for part in self.text_parts(own):
-            module = getattr(text, part)
-            setattr(self.pipeline, part, module.to(self.device) if isinstance(module, nn.Module) else module)
-
-    def release_text_encoders(self) -> None:
-        """Drop the text parts from the pipeline and free their memory (training reads the prompt cache)."""
-        for part in self.text_parts(self.family_arguments()):
-            setattr(self.pipeline, part, None)
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    def cache_prompts(self, prompts: Iterable[str]) -> int:
-        """Encode the prompts the prompt cache lacks into it (loading the text encoders for that, if released, and
-        releasing them after). Returns how many were encoded."""
-        missing = self.prompt_cache.missing(prompts)
-        if not missing:
-            return 0
-        if not self.text_encoders_loaded:
-            self.load_text_encoders()
-        try:
-            return self.prompt_cache.encode_missing(missing, self._encode_text)
-        finally:
-            self.release_text_encoders()
-
-    @torch.no_grad()
-    def _encode_text(self, prompts: list[str]) -> dict[str, Tensor]:
-        settings = self.text_settings(self.denoiser.config, self.family_arguments())
-        with quiet_truncation(self.pipeline):  # counted once, at loading (`long_prompts`)
-            return self.encode_text(self.pipeline, prompts, self.device, settings)
-
-    def text_embeddings(self, prompts: list[str]) -> dict[str, Tensor]:
-        """`encode_text` of `prompts` on `self.device`: read from the prompt cache (its misses encoded into it
-        first), or encoded in memory without one."""
-        if self.prompt_cache is None:
-            return self._encode_text(prompts)
-        self.cache_prompts(prompts)
-        return cond_to(self.prompt_cache.embeddings(prompts).batch(range(len(prompts))), self.device)
 
     # ---- conditioning ----
     def pipeline_kwargs(self) -> dict[str, Any]:
@@ -342,12 +245,12 @@ class DiffusersBackbone(Backbone):
         """Conditioning for `prompts`, exactly as the stock pipeline encodes them."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError("encode_prompts takes a list of strings")
-        return self.add_conditions(self.text_embeddings(list(prompts)))
+        return self.add_conditions(self.conditioner.encode(list(prompts)))
 
     def null_condition(self, batch: int) -> dict[str, Tensor]:
         """The negative-prompt conditioning the pipeline uses for CFG, repeated `batch` times (encoded once)."""
         if self._null is None:
-            self._null = self.add_conditions(self.null_text(self.text_embeddings([self.null_prompt])))
+            self._null = self.add_conditions(self.null_text(self.conditioner.encode([self.null_prompt])))
         return map_cond(lambda v: v.expand(batch, *v.shape[1:]).contiguous(), self._null)
 
     def sample_conditions(self, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
@@ -365,8 +268,7 @@ class DiffusersBackbone(Backbone):
 
     def evaluation_conditions(self, num_samples: int, chunk: int = 64) -> dict[str, Tensor]:
         prompts = self.evaluation_prompts(num_samples)
-        if self.prompt_cache is not None:
-            self.cache_prompts(prompts)  # all misses in one go, not one encoder load per chunk
+        self.conditioner.fill(prompts)  # all cache misses in one go, not one encoder load per chunk
         parts = [self.encode_prompts(prompts[i:i + chunk]) for i in range(0, num_samples, chunk)]
         return map_cond(lambda *vs: torch.cat(vs), *parts)
 

@@ -5,6 +5,9 @@
     cache_prompts(prompts, encode_fn, fingerprint, "cache/", negative_prompt="")      # once, or `tdm cache-prompts`
     emb = EmbeddingCache("cache/", fingerprint).embeddings(prompts, negative_prompt="")  # at training: no encoder
     cond, uncond = emb.sample(batch, generator), emb.null(batch)
+
+A diffusers teacher's text embeddings go through the same cache: `conditioning.PromptConditioner` encodes with the
+family's pipeline (`TextEncoding`), encoding only cache misses and releasing the text encoders after.
 """
 
 from .cache import EmbeddingCache, EmbeddingCacheError, EncodeFn, PromptEmbeddings, cache_prompts
