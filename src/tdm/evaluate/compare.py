@@ -16,10 +16,9 @@ import torch
 from torch import Tensor
 
 from ..backbones.base import Backbone
-from ..core.algorithm import TDMConfig, make_grid
+from ..core.algorithm import TDMConfig, bind_steps, make_grid
 from ..core.sampling import Cond, Model, StudentGrid, cond_to, guided, map_cond, rollout, teacher_grid
 from ..core.schedules import Schedule
-from ..step_conditioning import bind_steps
 from .metrics import frechet_distance, kernel_distance
 
 SetScorer = Callable[[Tensor, Cond], dict[str, float]]  # (samples [N, ...], their conditions) -> metrics
