@@ -135,7 +135,7 @@ def test_importance_weight_is_one_for_unit_rms_eps_on_a_wide_band():
     def draws(t_mid, tau):
         n = d_shape[0]
         return Draws(torch.ones(n, dtype=torch.long), torch.full((n,), 224), torch.full((n,), t_mid),
-                     torch.full((n,), tau), torch.randn(d_shape, generator=g))
+                     torch.full((n,), tau), torch.randn(d_shape, generator=g), 4)
 
     d = draws(0, 600)
     _, mixed = tdm._diffuse(x0, eps, d)

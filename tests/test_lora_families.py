@@ -74,7 +74,7 @@ def trained(request, tiny_dirs, tmp_path_factory):
 
 def test_distillation_moves_only_the_student_and_fake_adapters(trained):
     trainer, backbone = trained.trainer, trained.trainer.backbone
-    assert trainer.config.train.roles == "lora" and trainer.step == ITERATIONS
+    assert trainer.config.train.roles == "lora" and trainer.state.step == ITERATIONS
     after = frozen_state(backbone)
     assert after.keys() == trained.frozen_before.keys()
     changed = [k for k, v in trained.frozen_before.items() if not torch.equal(v, after[k])]

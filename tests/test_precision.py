@@ -190,8 +190,8 @@ def test_fp16_overflow_backs_the_scale_off_as_a_plain_loop_and_training_goes_on(
     assert generator_overflows[:2] == [True, True] and not all(generator_overflows)  # >= max_nonfinite in a row
     assert scales == plain_loop_scales(overflows, init_scale, growth_interval)
     assert student_moved == ema_moved == [not o for o in generator_overflows]
-    assert trainer.overflows["student"] == sum(generator_overflows)
-    assert trainer.skipped == {"fake_score": 0, "student": 0}  # overflow is not a non-finite update
+    assert trainer.state.overflows["student"] == sum(generator_overflows)
+    assert trainer.state.skipped == {"fake_score": 0, "student": 0}  # overflow is not a non-finite update
     trainer.close()
 
 
@@ -240,7 +240,7 @@ def test_fp32_signal_runs_teacher_and_fake_score_without_autocast(tmp_path, fres
     traj = trainer.tdm.student_trajectory(trainer.student, torch.randn(2, 1, 8, 8), torch.arange(2), 4)
     seen.clear()
     draws = trainer.tdm.draw((2, 1, 8, 8), torch.Generator().manual_seed(0))
-    trainer.generator_step(traj, draws, torch.arange(2), trainer.backbone.null_condition(2), 4)
+    trainer.generator_step(traj, draws, torch.arange(2), trainer.backbone.null_condition(2))
     for h in hooks:
         h.remove()
     signal = torch.float32 if fp32_signal else torch.bfloat16

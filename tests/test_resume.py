@@ -152,6 +152,30 @@ def test_an_abort_names_the_last_checkpoint_from_before_the_weights_blew_up(tmp_
     assert all(torch.isfinite(v).all() and v.abs().max() < 100 for v in weights.values())
 
 
+def test_a_fault_streak_in_progress_continues_exactly_after_resume(tmp_path, capsys):
+    """Generator lr 1e30: iteration 0's update blows the student up and every later update is non-finite, so
+    train.max_nonfinite=3 aborts at iteration 3. A run that ends after iteration 2 (its checkpoint holds a streak
+    of 2) and resumes with --resume auto aborts at the same iteration with the same message, after the same
+    warnings. (When the streak was not checkpointed, the resumed run counted from 0 and aborted at iteration 5
+    without the last finite loss.)"""
+    faulty = ("optim.generator_lr=1e30", "train.max_nonfinite=3")
+
+    def run(out, iterations, flags=()):
+        code = _distill(out, *faulty, f"train.iterations={iterations}", flags=flags)
+        err = capsys.readouterr().err
+        return code, [line.replace(str(out), "<run>") for line in re.findall(r"tdm: [^\r\n]*", err)]  # not the bar
+
+    code, straight = run(tmp_path / "straight", 10)
+    assert code == 3 and "3 non-finite updates in a row" in straight[-1] and "last at iteration 3;" in straight[-1]
+    assert "last finite fake_score loss: None" not in straight[-1]
+    interrupted = tmp_path / "interrupted"
+    code, first = run(interrupted, 3)
+    assert code == 0 and latest_checkpoint(interrupted / "checkpoints").name == "step_0000003"
+    code, resumed = run(interrupted, 10, ["--resume", "auto"])
+    assert code == 3
+    assert first + resumed == straight
+
+
 def test_a_second_run_on_the_same_folder_stops_at_once_and_the_first_finishes(tmp_path):
     run = tmp_path / "run"
     first = subprocess.Popen(_cmd(run, "train.iterations=100000"), env=ENV, stdout=subprocess.PIPE,

@@ -9,14 +9,14 @@ from safetensors.torch import load_file
 
 from tdm.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
 from tdm.config import ConfigError, load_config, to_dict
-from tdm.core.algorithm import TDM, TDMConfig
+from tdm.core.algorithm import TDM, TDMConfig, bind_steps
 from tdm.core.prediction import PredictionType
 from tdm.core.sampling import uniform_grid
 from tdm.core.schedules import DiscreteVP
 from tdm.registry import build_backbone
 from tdm.roles import Roles, load_trained_student
 from tdm.samplers import student_samplers
-from tdm.step_conditioning import StepConditioned, bind_steps, initial_network
+from tdm.step_conditioning import StepConditioned, initial_network
 from tdm.toys.digits import DigitsUNet
 from tdm.toys.gmm import ToyMLP
 from tdm.trainer import Trainer
@@ -96,7 +96,7 @@ def test_grid_and_draws_follow_the_drawn_number_of_steps():
         assert set(d.k.tolist()) == set(range(1, K + 1))
         assert set(d.t_k.tolist()) == set(uniform_grid(1000, K).timesteps)
         assert bool((d.tau < d.t_k).all()) and bool((d.t_mid <= d.tau).all())
-        traj = tdm.student_trajectory(lambda x, t, c: x, torch.randn(8, 2), None, stop_level=1, num_steps=K)
+        traj = tdm.student_trajectory(lambda x, t, c, **steps: x, torch.randn(8, 2), None, stop_level=1, num_steps=K)
         assert sorted(traj.x0) == list(range(1, K + 1))
     g = torch.Generator().manual_seed(0)
     drawn = [tdm.draw_num_steps(g) for _ in range(300)]

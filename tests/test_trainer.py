@@ -40,7 +40,7 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path, rol
     full = _train(tmp_path / "full", 6, extra=extra)
     _train(tmp_path / "split", 3, extra=extra)
     resumed = _train(tmp_path / "split", 6, resume="auto", extra=extra)
-    assert resumed.step == 6
+    assert resumed.state.step == 6
     a = _checkpoint_tensors(latest_checkpoint(tmp_path / "full" / "checkpoints"))
     b = _checkpoint_tensors(latest_checkpoint(tmp_path / "split" / "checkpoints"))
     assert a.keys() == b.keys() and any(k.startswith("student_ema") for k in a)
@@ -102,8 +102,8 @@ def test_further_fake_updates_reuse_the_rollout_or_draw_fresh_ones(tmp_path, fre
     rollouts, seen = [], []
     rollout = trainer._rollout
 
-    def recording_rollout(noise, cond, num_steps, depth):
-        rollouts.append((noise, cond, rollout(noise, cond, num_steps, depth)))
+    def recording_rollout(noise, cond, *draws):
+        rollouts.append((noise, cond, rollout(noise, cond, *draws)))
         return rollouts[-1][2]
 
     def recording(step):

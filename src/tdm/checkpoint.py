@@ -3,8 +3,8 @@
 Layout of `checkpoints/step_0000500/`: one `<role>.safetensors` per module (for train.roles=lora only that
 role's LoRA weights, in peft's key format), `<name>.optim.safetensors` (+ `.json` for its non-tensor state) per
 optimiser, `rng.safetensors` (one state per rank), and the manifest `state.json` (step, file sizes and sha256,
-config digest, config, the fingerprint of the frozen base for LoRA roles, the trainer's own bookkeeping), written
-last. The folder is assembled under a temporary name, fsynced and renamed into place, so a crash never leaves a
+config digest, config, the fingerprint of the frozen base for LoRA roles, the run's TrainState), written last.
+The folder is assembled under a temporary name, fsynced and renamed into place, so a crash never leaves a
 half-written checkpoint under a real name; a folder without a complete manifest is never loaded. Damaged
 checkpoints are never deleted or written over: they move to `checkpoints/damaged/`.
 """
@@ -69,7 +69,7 @@ def save_checkpoint(root: Path, step: int, modules: dict[str, nn.Module],
                     config: dict, base_fingerprint: str | None = None, trainer_state: dict | None = None) -> Path:
     """Write a checkpoint atomically under root/step_XXXXXXX and return its path. `base_fingerprint` names the
     frozen base that LoRA-only module weights belong to (tdm.roles.base_fingerprint); `trainer_state` is the
-    trainer's JSON bookkeeping (manifest key "trainer")."""
+    run's progress as JSON (`TrainState.manifest_entry`, manifest key "trainer")."""
     final = root / checkpoint_name(step)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     try:

@@ -36,14 +36,14 @@ def _distill(preset: str, overrides: list[str], out: str, resume: str | None, re
         if resume:
             path = trainer.resume(resume, start_fresh)
             check_loaded(path, expected, config, allow_config_change)
-            print(f"resuming from {path} at iteration {trainer.step}" if path else
+            print(f"resuming from {path} at iteration {trainer.state.step}" if path else
                   f"--resume {resume}: no complete checkpoint in {out}, starting from scratch")
         if trainer.accelerator.is_main_process:
             claim_run_dir(out, _command_line())
         path = trainer.train()
         if trainer.accelerator.is_main_process:
             if trainer.stopped_by:
-                print(f"tdm: stopped by {trainer.stopped_by} after iteration {trainer.step}; checkpoint: {path}; "
+                print(f"tdm: stopped by {trainer.stopped_by} after iteration {trainer.state.step}; checkpoint: {path}; "
                       f"continue with --resume auto")
             elif report and config.eval.num_samples > 0:
                 write_report(Path(out), evaluate_distillation(trainer), trainer.history, trainer.backbone,

@@ -7,7 +7,7 @@ and only the next iteration's loss is non-finite, so the checkpoint written in b
 The norm of a healthy role's weights changes by far less per step (see JUMP_FACTOR). A divergence ends after
 `recovery` healthy iterations in a row (no skipped update, no jump). Good checkpoints are those with a step up to
 the iteration where the divergence began: they were written before it (a checkpoint of step s holds the weights
-that iteration s starts from).
+that iteration s starts from). Where the run stands (`DivergenceRecord`) is part of its checkpointed TrainState.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,14 +30,27 @@ from .checkpoint import complete_checkpoints
 JUMP_FACTOR = 2.0
 
 
+@dataclass
+class DivergenceRecord:
+    """Where the run stands, checkpointed with its TrainState: the iteration at which the current divergence
+    began (None: healthy) and the healthy iterations in a row since the last sign of one."""
+
+    began: int | None = None
+    healthy_in_a_row: int = 0
+
+    def last_good_checkpoint(self, root: Path, step: int) -> Path | None:
+        """The newest complete checkpoint written before the divergence began (before iteration `step`, the one
+        failing now, if none was recorded)."""
+        limit = step if self.began is None else self.began
+        good = [p for p in complete_checkpoints(root) if int(p.name.removeprefix("step_")) <= limit]
+        return good[-1] if good else None
+
+
 class DivergenceWatch:
     def __init__(self, recovery: int, verbose: bool = True):
         """`recovery`: healthy iterations in a row that end a divergence; `verbose`: print jump warnings."""
         self.recovery, self.verbose = recovery, verbose
-        self.began: int | None = None  # the iteration at which the current divergence began; None: healthy
-        self.healthy_in_a_row = 0
-        self._jumped = False  # in the current iteration
-        self._skipped_seen = 0
+        self._unhealthy = False  # a jump or a skipped update in the current iteration
 
     @contextmanager
     def watch(self, role: str, optimizer: torch.optim.Optimizer, step: int):
@@ -47,32 +61,23 @@ class DivergenceWatch:
         after = float(get_total_norm(params))
         if math.isfinite(after) and (after <= JUMP_FACTOR * before or before == 0):
             return
-        self._jumped = True
-        self.began = step if self.began is None else self.began
+        self._unhealthy = True
         if self.verbose:
             tqdm.write(f"tdm: warning: the {role}'s weight norm jumped from {before:.4g} to {after:.4g} in the update "
                   f"of iteration {step}: checkpoints from here on are not counted as good", file=sys.stderr)
 
-    def end_iteration(self, step: int, skipped_so_far: int) -> None:
-        """After iteration `step`; `skipped_so_far`: the run's count of skipped updates (all roles)."""
-        if self._jumped or skipped_so_far > self._skipped_seen:
-            self.began = step if self.began is None else self.began
-            self.healthy_in_a_row = 0
+    def skipped(self) -> None:
+        """A (non-finite) update of the current iteration was skipped."""
+        self._unhealthy = True
+
+    def end_iteration(self, record: DivergenceRecord, step: int) -> None:
+        """After iteration `step`: a jump or a skipped update in it begins a divergence (or continues one);
+        `recovery` healthy iterations in a row end it."""
+        if self._unhealthy:
+            record.began = step if record.began is None else record.began
+            record.healthy_in_a_row = 0
         else:
-            self.healthy_in_a_row += 1
-            if self.healthy_in_a_row >= self.recovery:
-                self.began = None
-        self._jumped, self._skipped_seen = False, skipped_so_far
-
-    def last_good_checkpoint(self, root: Path, step: int) -> Path | None:
-        """The newest complete checkpoint written before the divergence began (before iteration `step`, the one
-        failing now, if none was recorded)."""
-        limit = step if self.began is None else self.began
-        good = [p for p in complete_checkpoints(root) if int(p.name.removeprefix("step_")) <= limit]
-        return good[-1] if good else None
-
-    def state_dict(self) -> dict:
-        return {"began": self.began, "healthy_in_a_row": self.healthy_in_a_row}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.began, self.healthy_in_a_row = state["began"], state["healthy_in_a_row"]
+            record.healthy_in_a_row += 1
+            if record.healthy_in_a_row >= self.recovery:
+                record.began = None
+        self._unhealthy = False

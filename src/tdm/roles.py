@@ -26,9 +26,10 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import Config
+from .core.algorithm import FAKE_SCORE
+from .core.algorithm import STUDENT as STUDENT_ROLE
 from .errors import ConfigError, TDMError
-from .step_conditioning import FAKE_SCORE, accept_earlier_layout, condition_for_role, initial_network
-from .step_conditioning import STUDENT as STUDENT_ROLE
+from .step_conditioning import accept_earlier_layout, condition_for_role, initial_network
 
 if TYPE_CHECKING:
     from .backbones.base import Backbone

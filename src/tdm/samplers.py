@@ -17,10 +17,9 @@ import torch
 from torch import Tensor
 
 from .backbones.base import Backbone
-from .core.algorithm import TDMConfig, make_grid
+from .core.algorithm import TDMConfig, bind_steps, make_grid
 from .core.sampling import Model, StudentGrid, cond_to, guided, map_cond, rollout, teacher_grid
 from .core.schedules import Schedule
-from .step_conditioning import bind_steps
 
 
 @dataclass

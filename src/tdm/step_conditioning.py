@@ -2,36 +2,23 @@
 
 `StepConditioned` wraps a backbone network so that the number of sampling steps K and/or the step index k enter
 through embeddings added to the output of the network's timestep-embedding module. Each role holds an embedding
-for exactly the step inputs it is given (`step_inputs`): the student K under TDM-unify, the fake score K under
-TDM-unify and k when it is step-aware; a role given neither is not wrapped. (An embedding a role never uses gets
-no gradient, which multi-process DDP refuses.) The embeddings start at zero, so a freshly wrapped network computes
-exactly what it wrapped (the student and the fake score start as the teacher). Any backbone works that names its
-timestep-embedding module (`Backbone.time_embedding_module`); the wrapper adds a forward hook there and nothing else.
+for exactly the step inputs it is given (`step_inputs` in tdm.core.algorithm, whose TDM feeds them): the student
+K under TDM-unify, the fake score K under TDM-unify and k when it is step-aware; a role given neither is not
+wrapped. (An embedding a role never uses gets no gradient, which multi-process DDP refuses.) The embeddings start at
+zero, so a freshly wrapped network computes exactly what it wrapped (the student and the fake score start as the
+teacher). Any backbone works that names its timestep-embedding module (`Backbone.time_embedding_module`); the
+wrapper adds a forward hook there and nothing else.
 """
 
 from __future__ import annotations
 
 import copy
 
-import torch
 from torch import Tensor, nn
 
-from .core.algorithm import MAX_STEPS, TDMConfig
-from .core.sampling import Cond, Model
+from .core.algorithm import MAX_STEPS, NUM_STEPS, STEP_INDEX, TDMConfig, step_inputs
+from .core.sampling import Cond
 from .errors import ConfigError
-
-NUM_STEPS, STEP_INDEX = "num_steps", "step_index"  # the step inputs: K of the rollout, k of the sample's step
-STUDENT, FAKE_SCORE = "student", "fake_score"      # the trainable roles
-
-
-def step_inputs(config: TDMConfig, role: str) -> tuple[str, ...]:
-    """The step inputs `role` is given: K to student and fake score under TDM-unify (tdm.num_steps_set), the
-    step index k to the fake score when it is step-aware (tdm.fake_step_condition)."""
-    if role not in (STUDENT, FAKE_SCORE):
-        raise ValueError(f"role must be {STUDENT!r} or {FAKE_SCORE!r}, got {role!r}")
-    takes_k = bool(config.num_steps_set)
-    takes_index = config.fake_step_condition and role == FAKE_SCORE
-    return (NUM_STEPS,) * takes_k + (STEP_INDEX,) * takes_index
 
 
 def _embedding_width(module: nn.Module, name: str) -> int:
@@ -85,23 +72,6 @@ class StepConditioned(nn.Module):
             return self.model(x_t, t, cond)
         finally:
             self._extra = None
-
-
-def bind_steps(model: Model, config: TDMConfig, num_steps: int, step_index: Tensor | None = None) -> Model:
-    """`model` sampling with K = num_steps, as a plain `(x_t, t, cond)` callable, given the step inputs of its
-    role (`step_inputs`): `step_index` (the per-sample k) is passed for the fake score, None for the student.
-    `model` itself when there is nothing to pass."""
-    inputs = step_inputs(config, STUDENT if step_index is None else FAKE_SCORE)
-    num_steps = num_steps if NUM_STEPS in inputs else None
-    step_index = step_index if STEP_INDEX in inputs else None
-    if num_steps is None and step_index is None:
-        return model
-
-    def bound(x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        ks = None if num_steps is None else torch.full((x_t.shape[0],), num_steps, device=x_t.device)
-        return model(x_t, t, cond, num_steps=ks, step_index=step_index)
-
-    return bound
 
 
 def condition_for_role(network: nn.Module, backbone, config: TDMConfig, role: str) -> nn.Module:

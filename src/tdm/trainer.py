@@ -37,7 +37,7 @@ from .report import image_grid
 from .resume import load_newest, no_usable_checkpoint, set_aside
 from .roles import Roles
 from .samplers import draw_samples, student_samplers, teacher_samplers
-from .step_conditioning import bind_steps
+from .train_state import TrainState
 
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
@@ -105,25 +105,18 @@ class Trainer:
             # of communication with the backward is not missed.
             self.student, self.fake_score = roles.student, roles.fake_score
             self.opt_g, self.opt_f = self.accelerator.prepare(opt_g, opt_f)
-        self.step = 0
+        self.state = TrainState()  # the run's progress, checkpointed
         self.history: list[dict] = []  # logged scalars, for the end-of-run curves
         self.diagnostics = Diagnostics()  # drift and collapse warnings
         self._teacher_samples: torch.Tensor | None = None  # the diagnostics' reference, drawn at the first eval
-        self.nonfinite_in_a_row = {"fake_score": 0, "student": 0}
-        self.skipped = {"fake_score": 0, "student": 0}
-        self.overflows = {"fake_score": 0, "student": 0}  # fp16: updates the grad scaler skipped (it backed off)
-        self.last_finite_loss: dict[str, float | None] = {"fake_score": None, "student": None}
         self.divergence = DivergenceWatch(config.train.max_nonfinite, verbose=self.accelerator.is_main_process)
         self.stopped_by: str | None = None  # the stop signal that ended train(), if any
-        self.checkpoint_path: Path | None = None  # newest checkpoint written or loaded (rank 0 knows the path)
-        self._checkpointed_step: int | None = None  # the step it holds, on every rank
         self._tic = time.perf_counter()  # start of the current logging interval
 
     # ---- the parts of one iteration ----
-    def fake_score_step(self, traj, draws, cond, num_steps: int) -> dict:
+    def fake_score_step(self, traj, draws, cond) -> dict:
         with self.accelerator.autocast():
-            loss, logs = self.tdm.fake_score_loss(bind_steps(self.fake_score, self.config.tdm, num_steps, draws.k),
-                                                  traj, draws, cond)
+            loss, logs = self.tdm.fake_score_loss(self.fake_score, traj, draws, cond)
         self.opt_f.zero_grad(set_to_none=True)
         self.accelerator.backward(loss.mean())
         self._average_gradients(self.fake_score)
@@ -132,15 +125,12 @@ class Trainer:
         return {"fake/loss": loss.detach().mean(), "fake/grad_norm": grad_norm, **logs,
                 **per_step_losses(loss, draws.k, "fake")}
 
-    def generator_step(self, traj, draws, cond, uncond, num_steps: int) -> dict:
-        tdm_config = self.config.tdm
+    def generator_step(self, traj, draws, cond, uncond) -> dict:
         teacher, fake = self.teacher, self.fake_score
         if self.config.train.fp32_signal:  # no gradient flows through either: the unwrapped fake score will do
             teacher, fake = autocast_off(teacher), autocast_off(self.accelerator.unwrap_model(fake))
         with self.accelerator.autocast():
-            loss, logs = self.tdm.generator_loss(bind_steps(self.student, tdm_config, num_steps), teacher,
-                                                 bind_steps(fake, tdm_config, num_steps, draws.k), traj, draws, cond,
-                                                 uncond)
+            loss, logs = self.tdm.generator_loss(self.student, teacher, fake, traj, draws, cond, uncond)
         self.opt_g.zero_grad(set_to_none=True)
         self.accelerator.backward(loss.mean())
         self._average_gradients(self.student)
@@ -153,7 +143,7 @@ class Trainer:
             self.accelerator.unscale_gradients(self.opt_g)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), o.max_grad_norm)
         for group in self.opt_g.param_groups:  # linear warm-up, a pure function of the step
-            group["lr"] = o.generator_lr * min(1.0, (self.step + 1) / max(o.warmup_steps, 1))
+            group["lr"] = o.generator_lr * min(1.0, (self.state.step + 1) / max(o.warmup_steps, 1))
         if self._update("student", self.student, self.opt_g, loss) and self.ema is not None:
             self._update_ema()
         return {"generator/loss": loss.detach().mean(), "generator/grad_norm": grad_norm, **logs,
@@ -181,10 +171,10 @@ class Trainer:
         finite = self._finite_update(role, module if scaler is None else None, loss)
         if scaler is None and not finite:
             return False
-        with self.divergence.watch(role, opt, self.step):
+        with self.divergence.watch(role, opt, self.state.step):
             opt.step()
         overflow = scaler is not None and opt.step_was_skipped
-        self.overflows[role] += overflow
+        self.state.overflows[role] += overflow
         return not overflow
 
     def _finite_update(self, role: str, module: torch.nn.Module | None, loss: torch.Tensor) -> bool:
@@ -193,21 +183,23 @@ class Trainer:
         so all ranks agree."""
         params = module.parameters() if module is not None else ()
         checks = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+        state = self.state
         if bool(torch.stack([*checks, torch.isfinite(loss).all()]).all()):  # one device sync
-            self.nonfinite_in_a_row[role] = 0
-            self.last_finite_loss[role] = float(loss.detach().mean())
+            state.nonfinite_in_a_row[role] = 0
+            state.last_finite_loss[role] = float(loss.detach().mean())
             return True
-        self.nonfinite_in_a_row[role] += 1
-        self.skipped[role] += 1
+        state.nonfinite_in_a_row[role] += 1
+        state.skipped[role] += 1
+        self.divergence.skipped()
         if self.accelerator.is_main_process:
-            tqdm.write(f"tdm: warning: non-finite {role} loss or gradient at iteration {self.step}; update skipped",
+            tqdm.write(f"tdm: warning: non-finite {role} loss or gradient at iteration {state.step}; update skipped",
                        file=sys.stderr)
-        if self.nonfinite_in_a_row[role] >= self.config.train.max_nonfinite:
-            last = self.divergence.last_good_checkpoint(self.out_dir / "checkpoints", self.step)
-            began = self.step if self.divergence.began is None else self.divergence.began
+        if state.nonfinite_in_a_row[role] >= self.config.train.max_nonfinite:
+            last = state.divergence.last_good_checkpoint(self.out_dir / "checkpoints", state.step)
+            began = state.step if state.divergence.began is None else state.divergence.began
             raise TrainingAborted(
-                f"{role}: {self.nonfinite_in_a_row[role]} non-finite updates in a row (train.max_nonfinite), "
-                f"last at iteration {self.step}; last finite {role} loss: {self.last_finite_loss[role]}; "
+                f"{role}: {state.nonfinite_in_a_row[role]} non-finite updates in a row (train.max_nonfinite), "
+                f"last at iteration {state.step}; last finite {role} loss: {state.last_finite_loss[role]}; "
                 f"last good checkpoint (before the divergence that began at iteration {began}): {last or 'none'}")
         return False
 
@@ -218,31 +210,27 @@ class Trainer:
         updates (optim.fake_updates > 1) reuse it, or with optim.fresh_fake_rollouts each rolls out new
         conditions and noise through the same student (DMD2's fresh samples; docs/fake_rollouts.md)."""
         cfg = self.config
-        g = step_generator(cfg.train.seed, self.accelerator.process_index, self.step)
+        g = step_generator(cfg.train.seed, self.accelerator.process_index, self.state.step)
         cond, noise = self._batch(g)
         uncond = cond_to(self.backbone.null_condition(cfg.train.batch_size), self.accelerator.device)
-        K = self.tdm.draw_num_steps(g)  # TDM-unify: this iteration's K (no draw for a fixed K)
-        fake_draws = [self.tdm.draw(noise.shape, g, noise.device, K) for _ in range(cfg.optim.fake_updates)]
-        gen_draws = self.tdm.draw(noise.shape, g, noise.device, K)
+        fake_draws, gen_draws = self.tdm.draw_iteration(noise.shape, g, noise.device, cfg.optim.fake_updates)
         fresh = cfg.optim.fresh_fake_rollouts
-        traj = self._rollout(noise, cond, K, self.tdm.rollout_depth(fake_draws[:1] if fresh else fake_draws,
-                                                                    gen_draws))
-        logs = self.fake_score_step(traj, fake_draws[0], cond, K)
+        traj = self._rollout(noise, cond, fake_draws[:1] if fresh else fake_draws, gen_draws)
+        logs = self.fake_score_step(traj, fake_draws[0], cond)
         for d in fake_draws[1:]:
             if fresh:
                 fresh_cond, fresh_noise = self._batch(g)
-                logs = self.fake_score_step(self._rollout(fresh_noise, fresh_cond, K, self.tdm.rollout_depth([d])),
-                                            d, fresh_cond, K)
+                logs = self.fake_score_step(self._rollout(fresh_noise, fresh_cond, [d]), d, fresh_cond)
             else:
-                logs = self.fake_score_step(traj, d, cond, K)
-        logs.update(self.generator_step(traj, gen_draws, cond, uncond, K))
-        logs.update({f"skipped/{role}": n for role, n in self.skipped.items()})
+                logs = self.fake_score_step(traj, d, cond)
+        logs.update(self.generator_step(traj, gen_draws, cond, uncond))
+        logs.update({f"skipped/{role}": n for role, n in self.state.skipped.items()})
         if self.accelerator.scaler is not None:
-            logs.update({f"fp16/overflows_{role}": n for role, n in self.overflows.items()})
+            logs.update({f"fp16/overflows_{role}": n for role, n in self.state.overflows.items()})
             logs["fp16/loss_scale"] = self.accelerator.scaler.get_scale()
-        logs["train/num_steps"] = K
-        self.divergence.end_iteration(self.step, sum(self.skipped.values()))
-        self.step += 1
+        logs["train/num_steps"] = gen_draws.num_steps  # TDM-unify: this iteration's K
+        self.divergence.end_iteration(self.state.divergence, self.state.step)
+        self.state.step += 1
         return {k: float(v) for k, v in logs.items()}
 
     def _batch(self, g: torch.Generator) -> tuple:
@@ -251,11 +239,10 @@ class Trainer:
         cond = cond_to(self.backbone.sample_conditions(batch, g), device)
         return cond, torch.randn((batch, *self.backbone.sample_shape), generator=g).to(device)
 
-    def _rollout(self, noise: torch.Tensor, cond, num_steps: int, depth: int):
-        """The current student's K-step rollout from `noise`, down to level `depth` (no gradient)."""
+    def _rollout(self, noise: torch.Tensor, cond, fake_draws: list, gen_draws=None):
+        """The current student's rollout from `noise` that the draws need (no gradient)."""
         with self.accelerator.autocast():
-            return self.tdm.student_trajectory(bind_steps(self.student, self.config.tdm, num_steps), noise, cond,
-                                               depth, num_steps)
+            return self.tdm.rollout_for(self.student, noise, cond, fake_draws, gen_draws)
 
     @torch.no_grad()
     def _update_ema(self):
@@ -277,7 +264,7 @@ class Trainer:
         metrics.update(sample_statistics(samples, self._teacher_reference()))
         if writer is not None and self.backbone.is_image:
             writer.add_image("eval/samples", image_grid(self.backbone.to_images(samples), nrow=10),
-                             self.step, dataformats="HWC")
+                             self.state.step, dataformats="HWC")
         return metrics
 
     def _teacher_reference(self) -> torch.Tensor:
@@ -293,16 +280,16 @@ class Trainer:
 
     def _warn(self, writer: SummaryWriter | None, logs: dict):
         """Drift and collapse warnings (diagnostics.py): a log line and a tensorboard text entry."""
-        for message in self.diagnostics.update(self.step, logs):
+        for message in self.diagnostics.update(self.state.step, logs):
             if writer is not None:
                 tqdm.write(f"tdm: warning: {message}", file=sys.stderr)
-                writer.add_text("warnings", message, self.step)
+                writer.add_text("warnings", message, self.state.step)
 
     def _log(self, writer: SummaryWriter | None, scalars: dict):
-        self.history.append({"step": self.step, **scalars})
+        self.history.append({"step": self.state.step, **scalars})
         if writer is not None:
             for k, v in scalars.items():
-                writer.add_scalar(k, v, self.step)
+                writer.add_scalar(k, v, self.state.step)
 
     # ---- checkpoints ----
     def _modules(self) -> dict:
@@ -315,15 +302,16 @@ class Trainer:
     def save(self) -> Path | None:
         """Checkpoint from rank 0, with every rank's RNG state (all ranks must call this)."""
         rng_states = gather_object([torch.get_rng_state()])  # one per rank, in rank order
-        self._checkpointed_step = self.step
+        state = self.state
+        state.checkpointed_step = state.step
         if not self.accelerator.is_main_process:
             return None
-        self.checkpoint_path = path = save_checkpoint(self.out_dir / "checkpoints", self.step, self._modules(),
-                               {"generator": self.opt_g, "fake_score": self.opt_f},
-                               {f"torch_rank{r}": state for r, state in enumerate(rng_states)},
-                               to_dict(self.config), self.roles.base_fingerprint,
-                               {"divergence": self.divergence.state_dict()})
-        if self.divergence.began is None:  # while diverging, keep the good checkpoints from before it
+        optimizers = {"generator": self.opt_g, "fake_score": self.opt_f}
+        rng = {f"torch_rank{r}": rank_state for r, rank_state in enumerate(rng_states)}
+        state.checkpoint_path = path = save_checkpoint(self.out_dir / "checkpoints", state.step, self._modules(),
+                                                       optimizers, rng, to_dict(self.config),
+                                                       self.roles.base_fingerprint, state.manifest_entry())
+        if state.divergence.began is None:  # while diverging, keep the good checkpoints from before it
             prune_checkpoints(self.out_dir / "checkpoints", self.config.train.keep_checkpoints)
         write_text_atomic(self.out_dir / "history.json", json.dumps(self.history))
         return path
@@ -340,7 +328,7 @@ class Trainer:
 
         if where != "auto":
             path = Path(where)
-            self.step, rng, _ = load(path)
+            step, rng, _ = load(path)
         else:
             root = self.out_dir / "checkpoints"
             path, loaded, damaged = load_newest(root, load)
@@ -351,31 +339,29 @@ class Trainer:
                 set_aside(damaged)
             if path is None:
                 return None
-            self.step, rng, _ = loaded
-        self.checkpoint_path, self._checkpointed_step = path, self.step
-        trainer_state = read_manifest(path).get("trainer") or {}
-        if "divergence" in trainer_state:
-            self.divergence.load_state_dict(trainer_state["divergence"])
+            step, rng, _ = loaded
+        self.state = TrainState.resumed(path, step, read_manifest(path).get("trainer"))
         rank_state = rng.get(f"torch_rank{self.accelerator.process_index}")
         if rank_state is not None:  # absent when resuming on more processes than saved the checkpoint
             torch.set_rng_state(rank_state)
         history = self.out_dir / "history.json"
         if history.is_file():
-            self.history = [h for h in json.loads(history.read_text()) if h["step"] <= self.step]
+            self.history = [h for h in json.loads(history.read_text()) if h["step"] <= step]
         return path
 
     # ---- the loop ----
     def train(self) -> Path | None:
         cfg, acc = self.config.train, self.accelerator
         writer = LazySummaryWriter(self.out_dir / "tensorboard") if acc.is_main_process else None
-        bar = tqdm(total=cfg.iterations, initial=self.step, disable=not acc.is_main_process, desc="distill",
+        bar = tqdm(total=cfg.iterations, initial=self.state.step, disable=not acc.is_main_process, desc="distill",
                    mininterval=2.0)
         self._tic = time.perf_counter()
         with StopSignals(cfg.stop_signals) as stop:
-            while self.step < cfg.iterations and not self._stop_requested(stop):
+            while self.state.step < cfg.iterations and not self._stop_requested(stop):
                 self._iteration(writer, bar)
         bar.close()
-        path = self.checkpoint_path if self._checkpointed_step == self.step else self.save()
+        state = self.state
+        path = state.checkpoint_path if state.checkpointed_step == state.step else self.save()
         if writer is not None:
             writer.close()
         acc.wait_for_everyone()
@@ -395,8 +381,9 @@ class Trainer:
         cfg = self.config.train
         logs = self.train_step()
         bar.update(1)
-        log_now = self.step % cfg.log_every == 0 or self.step == cfg.iterations
-        eval_now = cfg.eval_every > 0 and self.step % cfg.eval_every == 0
+        step = self.state.step
+        log_now = step % cfg.log_every == 0 or step == cfg.iterations
+        eval_now = cfg.eval_every > 0 and step % cfg.eval_every == 0
         if log_now:
             now = time.perf_counter()
             logs["time/iteration_s"] = (now - self._tic) / cfg.log_every
@@ -407,8 +394,8 @@ class Trainer:
         if log_now or eval_now:
             self._log(writer, logs)
             self._warn(writer, logs)
-        healthy = not any(self.nonfinite_in_a_row.values())  # never rotate good checkpoints out mid-fault
-        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.iterations and healthy:
+        healthy = not any(self.state.nonfinite_in_a_row.values())  # never rotate good checkpoints out mid-fault
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.iterations and healthy:
             self.save()
 
     def close(self):

@@ -1,10 +1,11 @@
 """One TDM iteration, backbone-agnostic: vectorised draws, one shared rollout, the two losses (method.md I).
 
 `TDM` owns no optimiser, device or distributed object. The trainer calls, per iteration:
-    draws  = tdm.draw(...)                    once per fake update and once for the generator
-    traj   = tdm.student_trajectory(...)      one no-grad rollout, only as deep as the draws need
+    draws  = tdm.draw_iteration(...)          K, then the draws of each fake update and of the generator
+    traj   = tdm.rollout_for(student, ...)    one no-grad rollout at their K, only as deep as the draws need
     tdm.fake_score_loss(fake, traj, ...)      -> step the fake score first
     tdm.generator_loss(student, ...)          -> then the student, against the updated fake score
+The trainer passes the roles as they are: each method gives a role the step inputs it takes (`bind_steps`).
 Passes per iteration (K = 4, method.md H.2): student <= 4F + 1F/1B, teacher one 2B call, fake 1F/1B + 1F.
 """
 
@@ -33,6 +34,8 @@ from .schedules import Schedule, append_dims
 INTERVALS = ("separate", "overlap")
 DIFFUSE_FROM = ("trajectory", "clean")
 MAX_STEPS = 64  # largest K a step-conditioned model embeds
+NUM_STEPS, STEP_INDEX = "num_steps", "step_index"  # the step inputs: K of the rollout, k of the sample's step
+STUDENT, FAKE_SCORE = "student", "fake_score"      # the trainable roles
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,33 @@ class TDMConfig:
         return tuple(sorted(set(self.num_steps_set))) or (self.num_steps,)
 
 
+def step_inputs(config: TDMConfig, role: str) -> tuple[str, ...]:
+    """The step inputs `role` is given: K to student and fake score under TDM-unify (tdm.num_steps_set), the
+    step index k to the fake score when it is step-aware (tdm.fake_step_condition)."""
+    if role not in (STUDENT, FAKE_SCORE):
+        raise ValueError(f"role must be {STUDENT!r} or {FAKE_SCORE!r}, got {role!r}")
+    takes_k = bool(config.num_steps_set)
+    takes_index = config.fake_step_condition and role == FAKE_SCORE
+    return (NUM_STEPS,) * takes_k + (STEP_INDEX,) * takes_index
+
+
+def bind_steps(model: Model, config: TDMConfig, num_steps: int, step_index: Tensor | None = None) -> Model:
+    """`model` sampling with K = num_steps, as a plain `(x_t, t, cond)` callable, given the step inputs of its
+    role (`step_inputs`): `step_index` (the per-sample k) is passed for the fake score, None for the student.
+    `model` itself when there is nothing to pass."""
+    inputs = step_inputs(config, STUDENT if step_index is None else FAKE_SCORE)
+    num_steps = num_steps if NUM_STEPS in inputs else None
+    step_index = step_index if STEP_INDEX in inputs else None
+    if num_steps is None and step_index is None:
+        return model
+
+    def bound(x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        ks = None if num_steps is None else torch.full((x_t.shape[0],), num_steps, device=x_t.device)
+        return model(x_t, t, cond, num_steps=ks, step_index=step_index)
+
+    return bound
+
+
 def make_grid(config: TDMConfig, schedule: Schedule, num_steps: int | None = None) -> StudentGrid:
     """The student grid a config asks for: explicit list, official uniform VP grid, or shifted flow grid.
 
@@ -110,13 +140,15 @@ def make_grid(config: TDMConfig, schedule: Schedule, num_steps: int | None = Non
 
 @dataclass
 class Draws:
-    """Per-sample random choices of one phase (method.md C.1-C.4); every field is [B] except `noise`."""
+    """Per-sample random choices of one phase (method.md C.1-C.4) at the iteration's K; every field is [B] except
+    `noise` and `num_steps`."""
 
     k: Tensor        # step index in 1..K
     t_k: Tensor      # the student's level at step k
     t_mid: Tensor    # trajectory point the sample is diffused from
     tau: Tensor      # level the fake score and teacher are queried at
     noise: Tensor    # z of the forward kernel q(x_tau | x_mid), [B, ...]
+    num_steps: int   # K, the student grid the draws are on
 
 
 class TDM:
@@ -153,7 +185,15 @@ class TDM:
         hi = torch.maximum(top - cfg.tau_margin, lo + 1)
         tau = lo + (hi - lo) * u[2]
         noise = torch.randn(sample_shape, generator=generator)
-        return Draws(*(v.to(device) for v in (k, snap(t_k), snap(t_mid), snap(tau), noise)))
+        return Draws(*(v.to(device) for v in (k, snap(t_k), snap(t_mid), snap(tau), noise)), grid.num_steps)
+
+    def draw_iteration(self, sample_shape: tuple[int, ...], generator: torch.Generator, device,
+                       fake_updates: int) -> tuple[list[Draws], Draws]:
+        """One iteration's draws, in this order: K (TDM-unify), then the draws of each of `fake_updates` fake
+        updates and those of the generator update, all at that K."""
+        K = self.draw_num_steps(generator)
+        fake = [self.draw(sample_shape, generator, device, K) for _ in range(fake_updates)]
+        return fake, self.draw(sample_shape, generator, device, K)
 
     @staticmethod
     def rollout_depth(fake_draws: list[Draws], generator_draws: Draws | None = None) -> int:
@@ -166,9 +206,16 @@ class TDM:
     @torch.no_grad()
     def student_trajectory(self, student: Model, noise: Tensor, cond: Cond, stop_level: int,
                            num_steps: int | None = None) -> Trajectory:
+        """The student's rollout at K = num_steps (default: the largest trained K) down to `stop_level`."""
         grid = self.grids[num_steps or self.grid.num_steps]
-        return rollout(student, noise, cond, grid, self.schedule, self.prediction,
-                       stop_level=min(stop_level, grid.num_steps), return_trajectory=True)
+        return rollout(bind_steps(student, self.config, grid.num_steps), noise, cond, grid, self.schedule,
+                       self.prediction, stop_level=min(stop_level, grid.num_steps), return_trajectory=True)
+
+    def rollout_for(self, student: Model, noise: Tensor, cond: Cond, fake_draws: list[Draws],
+                    generator_draws: Draws | None = None) -> Trajectory:
+        """The rollout these draws need: at their K, down to the deepest level they use (`rollout_depth`)."""
+        return self.student_trajectory(student, noise, cond, self.rollout_depth(fake_draws, generator_draws),
+                                       fake_draws[0].num_steps)
 
     # ---- shared by both phases: trajectory point -> diffused sample (method.md C.6-C.8) ----
     def _diffuse(self, x0: Tensor, eps: Tensor, d: Draws) -> tuple[Tensor, Tensor]:
@@ -190,6 +237,7 @@ class TDM:
         x0, eps = traj.gather("x0", d.k), traj.gather("eps", d.k)  # cached: no student call here
         x_tau, mixed_noise = self._diffuse(x0, eps, d)
         w = importance_weight(mixed_noise, d.noise, cfg.importance_weight, cfg.importance_clip)
+        fake = bind_steps(fake, cfg, d.num_steps, d.k)
         fake_x0 = to_x0(fake(x_tau, d.tau, cond), x_tau, d.tau, self.schedule, self.prediction)
         return fake_score_loss(fake_x0, x0, self.schedule.snr(d.tau), w, cfg.snr_clamp)
 
@@ -197,6 +245,7 @@ class TDM:
     def generator_loss(self, student: Model, teacher: Model, fake: Model, traj: Trajectory, d: Draws,
                        cond: Cond, uncond: Cond):
         x_k = traj.gather("states", d.k)
+        student, fake = bind_steps(student, self.config, d.num_steps), bind_steps(fake, self.config, d.num_steps, d.k)
         # The only backprop path: one student step from the rollout state (paper Sec. 3.2).
         x0, eps = to_x0_eps(student(x_k, d.t_k, cond), x_k, d.t_k, self.schedule, self.prediction)
         with torch.no_grad():

@@ -26,7 +26,7 @@ def evaluate_distillation(trainer) -> dict:
     result = compare_to_reference(backbone, samplers, cfg.eval.num_samples, cfg.eval.seed, backbone.features,
                                   device=trainer.accelerator.device)
     features = {"name": backbone.name, "description": backbone.features_description}
-    return {**result, "features": features, "iterations": trainer.step, "config": to_dict(cfg),
+    return {**result, "features": features, "iterations": trainer.state.step, "config": to_dict(cfg),
             "warnings": trainer.diagnostics.warnings}
 
 
