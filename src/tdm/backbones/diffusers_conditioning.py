@@ -3,9 +3,9 @@
 A family file overrides the hooks: which pipeline components encode prompts (`text_parts`), with which settings
 (`text_settings`), the pipeline's own `encode_prompt` call (`encode_text`: bit for bit what the stock pipeline feeds
 its network), the conditions it computes from the sample size (`add_conditions`) and its rule for the unconditional
-embeddings (`null_text`). The text embeddings are
-encoded and cached by tdm.data.conditioning; tdm.data.prompt_conditions draws the training, null and evaluation
-conditions (method.md E) that `sample_conditions`, `null_condition` and `evaluation_conditions` return.
+embeddings (`null_text`). The text embeddings are encoded and cached by tdm.data.conditioning;
+tdm.data.prompt_conditions draws the training, null and evaluation conditions (method.md E) that
+`sample_conditions`, `null_condition` and `evaluation_conditions` return.
 """
 
 from __future__ import annotations
