@@ -167,8 +167,8 @@ def test_prompts_file_and_missing_prompts(tiny_dirs, tmp_path):
     path.write_text("a cat\n\n  a dog  \n", encoding="utf-8")
     backbone = build_backbone(BackboneConfig(name="sd15", teacher=str(tiny_dirs["sd15"]), prompts=str(path),
                                              height=16, width=16))
-    assert backbone.prompts == ["a cat", "a dog"]
-    backbone.prompts = []
+    assert backbone.conditions.prompts == ["a cat", "a dog"]
+    backbone.conditions.prompts = []
     with pytest.raises(ConfigError, match="backbone.prompts"):
         backbone.sample_conditions(2, torch.Generator())
 

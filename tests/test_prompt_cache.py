@@ -37,7 +37,7 @@ def conditions(backbone):
     return {"sample": backbone.sample_conditions(5, torch.Generator().manual_seed(3)),
             "null": backbone.null_condition(2),
             "evaluation": backbone.evaluation_conditions(4, chunk=3),
-            "prompts": backbone.encode_prompts(backbone.prompts[::-1])}
+            "prompts": backbone.encode_prompts(backbone.conditions.prompts[::-1])}
 
 
 def assert_identical(a, b):
@@ -53,12 +53,12 @@ def encoded_together(memory, prompts):
     def text(chosen):
         return {key: value[[prompts.index(p) for p in chosen]] for key, value in rows.items()}
 
-    drawn = torch.randint(len(memory.prompts), (5,), generator=torch.Generator().manual_seed(3)).tolist()
-    null = memory.add_conditions(memory.null_text(text([memory.null_prompt])))
-    return {"sample": memory.add_conditions(text([memory.prompts[i] for i in drawn])),
+    drawn = torch.randint(len(memory.conditions.prompts), (5,), generator=torch.Generator().manual_seed(3)).tolist()
+    null = memory.add_conditions(memory.null_text(text([memory.conditions.null_prompt])))
+    return {"sample": memory.add_conditions(text([memory.conditions.prompts[i] for i in drawn])),
             "null": {key: value.expand(2, *value.shape[1:]) for key, value in null.items()},
             "evaluation": memory.add_conditions(text(memory.evaluation_prompts(4))),
-            "prompts": memory.add_conditions(text(memory.prompts[::-1]))}
+            "prompts": memory.add_conditions(text(memory.conditions.prompts[::-1]))}
 
 
 @contextmanager
@@ -139,7 +139,7 @@ def test_cache_prompts_command_fills_the_cache_the_backbone_reads(family, tiny_d
     with no_model_loads(monkeypatch):
         backbone = build(family, tiny_dirs[family], prompts, cache)
         produced = conditions(backbone)
-    assert backbone.prompts == PROMPTS
+    assert backbone.conditions.prompts == PROMPTS
     assert not backbone.conditioner.loaded and cache_files(cache) == written  # nothing encoded, nothing written
     assert_identical(produced, encoded_together(build(family, tiny_dirs[family], prompts), [*PROMPTS, ""]))
 
@@ -206,9 +206,9 @@ def test_prompt_sources_and_their_errors(tiny_dirs, tmp_path):
     from tdm.config import BackboneConfig
     from tdm.registry import build_backbone
 
-    assert build_backbone(BackboneConfig(name="sd15", **load)).prompts == ["a cat", "a dog"]
+    assert build_backbone(BackboneConfig(name="sd15", **load)).conditions.prompts == ["a cat", "a dog"]
     kept = build_backbone(BackboneConfig(name="sd15", keep_duplicate_prompts=True, **load))
-    assert kept.prompts == ["a cat", "a dog", "a cat"]
+    assert kept.conditions.prompts == ["a cat", "a dog", "a cat"]
     with pytest.raises(ConfigError, match=r"backbone.prompts: .*prompts.jsonl:1 has no column 'text'; available "
                                           r"columns: \['id', 'caption'\] .*backbone.prompt_column"):
         build_backbone(BackboneConfig(name="sd15", prompt_column="text", **load))

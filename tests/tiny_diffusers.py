@@ -196,7 +196,7 @@ def load_backbone(family: str, folder: Path, **overrides):
               "frames": TINY_FRAMES if family == "cogvideox" else 0, **overrides}
     backbone = build_backbone(BackboneConfig(**fields))
     if not fields.get("prompts"):
-        backbone.prompts = list(PROMPTS)
+        backbone.conditions.prompts = list(PROMPTS)
     return backbone
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbones.diffusers_base import DiffusersBackbone, DiffusersDenoiser, import_diffusers
+from .backbones.diffusers_base import DiffusersBackbone, DiffusersDenoiser
+from .backbones.diffusers_pipeline import import_diffusers
 from .core.algorithm import TDMConfig, make_grid
 from .errors import TDMError
 from .files import write_text_atomic

@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 
 from .backbones.base import Backbone
-from .backbones.diffusers_base import OtherFamilyPipeline
+from .backbones.diffusers_pipeline import OtherFamilyPipeline
 from .config import BackboneConfig
 from .core.prediction import PredictionType
 from .data import EmbeddingCacheError, PromptSourceError, load_prompts

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .backbones.diffusers_base import import_diffusers
+from .backbones.diffusers_pipeline import import_diffusers
 from .backbones.diffusers_schedule import full_config, is_flow, schedule_from_config
 from .core.algorithm import TDMConfig, make_grid
 from .core.prediction import to_x0_eps

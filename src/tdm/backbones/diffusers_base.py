@@ -1,19 +1,14 @@
 """What every diffusers teacher family shares: loading, the denoiser call, the sample shape, lazy VAE decoding.
 
-A family file (sd_unet.py, sdxl.py, pixart.py, sd3.py, cogvideox.py) subclasses `DiffusersDenoiser` (how to
-call its network: timestep scaling, added conditions, learned-sigma split; method.md Decision 2) and
-`DiffusersBackbone` (which pipeline, how it encodes prompts, its latent layout). Prompts are encoded by the
-pipeline's own `encode_prompt`, so the conditioning is bit for bit what the stock pipeline feeds its network.
-
-A condition is the family's text embeddings (`encode_text`: fixed shapes per prompt, what `conditioner`, a
-tdm.data.conditioning.PromptConditioner, encodes or reads from the on-disk prompt cache) plus size conditions
-computed from height and width (`add_conditions`: SDXL time_ids, PixArt-1024 resolution and aspect ratio; never
-cached). diffusers, transformers and peft are imported here lazily: `import tdm` works without them.
+A family file (sd_unet.py, sdxl.py, pixart.py, sd3.py, cogvideox.py) subclasses `DiffusersDenoiser` (how to call
+its network: timestep scaling, added conditions, learned-sigma split; method.md Decision 2) and `DiffusersBackbone`
+(which pipeline, its latent layout, how it encodes prompts: the hooks of diffusers_conditioning.py, run by the
+pipeline's own `encode_prompt`). diffusers, transformers and peft are imported lazily: `import tdm` works without.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,27 +18,13 @@ from torch import Tensor, nn
 from ..core.sampling import Cond, map_cond
 from ..core.schedules import Schedule
 from ..data.cache import EmbeddingCache
-from ..data.conditioning import PromptConditioner, TextEncoding
+from ..data.conditioning import PromptConditioner
+from ..data.prompt_conditions import PromptConditions
 from ..errors import ConfigError
-from ..optional import require
 from .base import Backbone
+from .diffusers_conditioning import DiffusersConditioning
+from .diffusers_pipeline import check_pipeline_class, import_diffusers, pipeline_folder
 from .diffusers_schedule import schedule_from_config
-
-
-def import_diffusers():
-    """The diffusers module, or a clear error saying which extra to install (peft: the student and fake score are
-    LoRA adapters; transformers: the text encoders)."""
-    diffusers, *_ = (require(module, "a diffusers teacher", install="'tdm[diffusers]'")
-                     for module in ("diffusers", "peft", "transformers"))
-    return diffusers
-
-
-class OtherFamilyPipeline(ConfigError):
-    """The teacher is a pipeline of another family (`found`: its class name); the registry names the family."""
-
-    def __init__(self, message: str, found: str | None):
-        super().__init__(message)
-        self.found = found
 
 
 class DiffusersDenoiser(nn.Module):
@@ -56,8 +37,7 @@ class DiffusersDenoiser(nn.Module):
 
     def __init__(self, model: nn.Module, schedule: Schedule):
         super().__init__()
-        self.model = model
-        self.schedule = schedule
+        self.model, self.schedule = model, schedule
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         dtype = self.model.dtype
@@ -68,12 +48,10 @@ class DiffusersDenoiser(nn.Module):
         raise NotImplementedError
 
 
-class DiffusersBackbone(Backbone):
+class DiffusersBackbone(DiffusersConditioning, Backbone):
     """A text-conditioned diffusers teacher: `teacher`, schedule and prediction from its scheduler config,
-    prompts encoded by its pipeline (`conditioner`), samples decoded by its VAE (loaded on first use).
-
-    Conditions are dicts of tensors on `self.device`, batched along dim 0 (`cond_keys` of each family).
-    """
+    conditions drawn from its prompts (`conditions`: dicts of tensors on `self.device`, batched along dim 0),
+    samples decoded by its VAE (loaded on first use)."""
 
     pipeline_class: ClassVar[str]            # the stock diffusers pipeline of the family
     denoiser_class: ClassVar[type[DiffusersDenoiser]]
@@ -87,8 +65,9 @@ class DiffusersBackbone(Backbone):
                  height: int = 0, width: int = 0, negative_prompt: str | None = None):
         self.pipeline, self.vae_config, self.conditioner = pipeline, vae_config, conditioner
         self.source, self.dtype, self.device = conditioner.source, conditioner.dtype, conditioner.device
-        self.prompts = list(prompts)
-        self.negative_prompt = negative_prompt or None  # None: the pipeline's own default
+        self.conditions = PromptConditions(conditioner, family=self.name, prompts=prompts,
+                                           negative_prompt=negative_prompt, add_conditions=self.add_conditions,
+                                           null_text=self.null_text)
         self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
         self.schedule, self.prediction = schedule_from_config(pipeline.scheduler)
         self.teacher = self.denoiser_class(self.denoiser, self.schedule)
@@ -100,9 +79,8 @@ class DiffusersBackbone(Backbone):
                 raise ConfigError(f"backbone.{key}: {self.name} needs a multiple of {step} pixels "
                                   f"(VAE factor x patch size), got {size}")
         self._vae = None
-        self._null: dict[str, Tensor] | None = None
 
-    # ---- construction ----
+    # ---- loading ----
     @classmethod
     def from_pretrained(cls, source: str, *, prompts: Sequence[str] = (), height: int = 0, width: int = 0,
                         negative_prompt: str | None = None, dtype: torch.dtype = torch.float32,
@@ -115,12 +93,13 @@ class DiffusersBackbone(Backbone):
         encoders released. `kwargs` go to the family's constructor (e.g. `frames`, `text_encoder_3`) or else to
         the pipeline's `from_pretrained` (e.g. `variant`, `revision`)."""
         diffusers = import_diffusers()
-        cls.check_pipeline_class(source, revision=kwargs.get("revision"))
+        check_pipeline_class(source, cls.pipeline_class, cls.name, revision=kwargs.get("revision"))
         own = {k: kwargs.pop(k) for k in cls.init_kwargs() if k in kwargs}
         text, load = cls.text_encoding(own), {**cls.pipeline_load_kwargs, **cls.extra_load_kwargs(own), **kwargs}
         cache = None
         if prompt_cache:
-            cache = EmbeddingCache(prompt_cache, text.fingerprint(cls.pipeline_folder(source, vae=None, **load), dtype))
+            folder = pipeline_folder(cls.pipeline_class, source, vae=None, **load)
+            cache = EmbeddingCache(prompt_cache, text.fingerprint(folder, dtype))
             if not cache.missing([*prompts, negative_prompt or ""]):
                 load.update(dict.fromkeys(text.parts))  # all cached: the text encoders are not loaded
         pipeline = getattr(diffusers, cls.pipeline_class).from_pretrained(source, vae=None, dtype=dtype, **load)
@@ -129,30 +108,12 @@ class DiffusersBackbone(Backbone):
         for name, module in pipeline.components.items():
             if isinstance(module, nn.Module) and name != cls.denoiser_name:
                 module.requires_grad_(False)  # frozen parts: text encoders
-        settings = text.settings_of(getattr(pipeline, cls.denoiser_name).config)
-        conditioner = PromptConditioner(pipeline, text, settings, source=source, dtype=dtype, device=device,
-                                        cache=cache)
+        conditioner = PromptConditioner(pipeline, text, text.settings_of(getattr(pipeline, cls.denoiser_name).config),
+                                        source=source, dtype=dtype, device=device, cache=cache)
         backbone = cls(pipeline, dict(vae_config), conditioner, prompts=prompts, height=height, width=width,
                        negative_prompt=negative_prompt, **own)
-        conditioner.prepare([*backbone.prompts, backbone.null_prompt])
+        backbone.conditions.prepare()
         return backbone
-
-    @classmethod
-    def check_pipeline_class(cls, source: str, revision: str | None = None) -> None:
-        """Refuse a pipeline of another family (its model_index.json `_class_name`) before loading it: diffusers
-        would load the components this family's pipeline knows and the run would fail at its first iteration."""
-        found = import_diffusers().DiffusionPipeline.load_config(source, revision=revision).get("_class_name")
-        if found != cls.pipeline_class:
-            raise OtherFamilyPipeline(f"backbone.teacher: {source} is a {found}, but backbone.name={cls.name} "
-                                      f"expects a {cls.pipeline_class}", found)
-
-    @classmethod
-    def pipeline_folder(cls, source: str, **load) -> Path:
-        """A local pipeline folder as is; a hub id downloaded (or found in the hub cache) as `from_pretrained`
-        would, without the components `load` sets to None."""
-        if Path(source).is_dir():
-            return Path(source)
-        return Path(getattr(import_diffusers(), cls.pipeline_class).download(source, **load))
 
     @classmethod
     def init_kwargs(cls) -> tuple[str, ...]:
@@ -168,6 +129,16 @@ class DiffusersBackbone(Backbone):
         """Pipeline components this backbone was loaded without (JSON-safe), for loading the pipeline again."""
         return self.extra_load_kwargs({k: getattr(self, k) for k in self.init_kwargs()})
 
+    def to(self, device: torch.device | str) -> DiffusersBackbone:
+        """Move the pipeline (network, text encoders) and a loaded VAE to `device`; conditions follow."""
+        self.device = torch.device(device)
+        self.conditions.to(self.device)
+        self.pipeline.to(self.device)
+        if self._vae is not None:
+            self._vae.to(self.device)
+        return self
+
+    # ---- the denoiser and the sample shape ----
     @property
     def denoiser(self) -> nn.Module:
         return getattr(self.pipeline, self.denoiser_name)
@@ -185,92 +156,9 @@ class DiffusersBackbone(Backbone):
         f = self.vae_scale_factor
         return (self.denoiser.config.in_channels, self.height // f, self.width // f)  # [C, H/f, W/f]
 
-    def to(self, device: torch.device | str) -> DiffusersBackbone:
-        """Move the pipeline (network, text encoders) and a loaded VAE to `device`; conditions follow."""
-        self.device = self.conditioner.device = torch.device(device)
-        self.pipeline.to(self.device)
-        if self._vae is not None:
-            self._vae.to(self.device)
-        self._null = None
-        return self
-
-    # ---- prompt encoding: the family's text embeddings (cacheable; run by tdm.data.conditioning) ----
-    @classmethod
-    def text_encoding(cls, own: dict) -> TextEncoding:
-        """How this family's pipeline encodes prompts, given family arguments `own`."""
-        skip = {"vae": None, cls.denoiser_name: None, **cls.pipeline_load_kwargs}  # loads text parts and scheduler
-
-        def load_pipeline(source: str | Path, dtype: torch.dtype):
-            pipeline_cls = getattr(import_diffusers(), cls.pipeline_class)
-            return pipeline_cls.from_pretrained(source, dtype=dtype, **skip, **cls.extra_load_kwargs(own))
-
-        return TextEncoding(family=cls.name, parts=cls.text_parts(own), denoiser_name=cls.denoiser_name,
-                            settings_of=lambda config: cls.text_settings(config, own), encode=cls.encode_text,
-                            load_pipeline=load_pipeline, download=lambda model: cls.pipeline_folder(model, **skip))
-
-    @classmethod
-    def text_parts(cls, own: dict) -> tuple[str, ...]:
-        """The pipeline components that encode prompts (text encoders, tokenizers), given family arguments `own`."""
-        return ("text_encoder", "tokenizer")
-
-    @classmethod
-    def text_settings(cls, denoiser_config: Mapping, own: dict) -> dict[str, Any]:
-        """Settings of `encode_text` besides the text parts' files (e.g. max sequence length); part of the cache key."""
-        return {}
-
-    @classmethod
-    def encode_text(cls, pipeline, prompts: list[str], device: torch.device, settings: dict) -> dict[str, Tensor]:
-        """The pipeline's `encode_prompt` on `prompts`, without CFG: each key [B, ...], one fixed shape per prompt."""
-        raise NotImplementedError
-
-    # ---- conditioning ----
     def pipeline_kwargs(self) -> dict[str, Any]:
         """`pipe(...)` arguments under which the stock pipeline encodes prompts and sizes samples as we do."""
         return {"height": self.height, "width": self.width}
-
-    @property
-    def null_prompt(self) -> str:
-        """The prompt encoded for the unconditional branch of CFG: the negative prompt, or the empty one."""
-        return self.negative_prompt or ""
-
-    def add_conditions(self, text: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Conditioning from text embeddings: the family's size conditions added, computed from height and width."""
-        return text
-
-    def null_text(self, text: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The unconditional text embeddings, from the null prompt's (the pipeline's rule; SDXL may zero them)."""
-        return text
-
-    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
-        """Conditioning for `prompts`, exactly as the stock pipeline encodes them."""
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("encode_prompts takes a list of strings")
-        return self.add_conditions(self.conditioner.encode(list(prompts)))
-
-    def null_condition(self, batch: int) -> dict[str, Tensor]:
-        """The negative-prompt conditioning the pipeline uses for CFG, repeated `batch` times (encoded once)."""
-        if self._null is None:
-            self._null = self.add_conditions(self.null_text(self.conditioner.encode([self.null_prompt])))
-        return map_cond(lambda v: v.expand(batch, *v.shape[1:]).contiguous(), self._null)
-
-    def sample_conditions(self, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
-        """`batch` training prompts drawn uniformly with `generator`, encoded."""
-        if not self.prompts:
-            raise ConfigError(f"backbone.prompts: the {self.name} teacher has no training prompts")
-        index = torch.randint(len(self.prompts), (batch,), generator=generator, device=generator.device)
-        return self.encode_prompts([self.prompts[i] for i in index.tolist()])
-
-    def evaluation_prompts(self, num_samples: int) -> list[str]:
-        """The training prompts in order, cycled to `num_samples` (fixed for every sampler)."""
-        if not self.prompts:
-            raise ConfigError(f"backbone.prompts: the {self.name} teacher has no prompts to evaluate on")
-        return [self.prompts[i % len(self.prompts)] for i in range(num_samples)]
-
-    def evaluation_conditions(self, num_samples: int, chunk: int = 64) -> dict[str, Tensor]:
-        prompts = self.evaluation_prompts(num_samples)
-        self.conditioner.fill(prompts)  # all cache misses in one go, not one encoder load per chunk
-        parts = [self.encode_prompts(prompts[i:i + chunk]) for i in range(0, num_samples, chunk)]
-        return map_cond(lambda *vs: torch.cat(vs), *parts)
 
     # ---- metrics: provided by tdm.evaluate for text-to-image teachers, none built in here ----
     def metrics(self, samples: Tensor, cond: Cond) -> dict[str, float]:

@@ -35,7 +35,7 @@ class SDXLBackbone(SDBackbone):
         return {**text, "time_ids": time_ids.repeat(len(text["prompt_embeds"]), 1)}
 
     def null_text(self, text):
-        if self.negative_prompt is None and self.pipeline.config.force_zeros_for_empty_prompt:
+        if self.conditions.negative_prompt is None and self.pipeline.config.force_zeros_for_empty_prompt:
             return {key: torch.zeros_like(value) for key, value in text.items()}
         return text
 

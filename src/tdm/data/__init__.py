@@ -7,7 +7,8 @@
     cond, uncond = emb.sample(batch, generator), emb.null(batch)
 
 A diffusers teacher's text embeddings go through the same cache: `conditioning.PromptConditioner` encodes with the
-family's pipeline (`TextEncoding`), encoding only cache misses and releasing the text encoders after.
+family's pipeline (`TextEncoding`), encoding only cache misses and releasing the text encoders after;
+`prompt_conditions.PromptConditions` draws from them the training, null and evaluation conditions of a teacher.
 """
 
 from .cache import EmbeddingCache, EmbeddingCacheError, EncodeFn, PromptEmbeddings, cache_prompts
