@@ -10,7 +10,7 @@ import torch
 import tdm
 from tdm.checkpoint import CheckpointError
 from tdm.config import load_config
-from tdm.runs import open_run
+from tdm.runs import open_checkpoint, open_run
 from tdm.trainer import Trainer
 
 
@@ -32,7 +32,9 @@ def test_open_run_takes_a_run_or_a_checkpoint_and_loads_the_ema_when_kept(tmp_pa
     student = run.load_student(trainer.backbone, ema=False)
     assert _equal(student, trainer.accelerator.unwrap_model(trainer.student))
     assert not any(p.requires_grad for p in student.parameters()) and not student.training
-    assert open_run(tmp_path, ["eval.seed=7"]).config.eval.seed == 7
+    assert open_checkpoint(run.checkpoint, ["eval.seed=7"]).config.eval.seed == 7
+    with pytest.raises(CheckpointError, match="is not a complete tdm checkpoint"):
+        open_checkpoint(tmp_path)  # a run folder: tdm export takes checkpoints only
     trainer.close()
     with pytest.raises(CheckpointError, match="neither a complete tdm checkpoint nor a run folder"):
         open_run(tmp_path / "checkpoints")

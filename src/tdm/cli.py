@@ -62,11 +62,11 @@ def _export(checkpoint: str, out: str, overrides: list[str], merged: bool, ema: 
     from .backbones.registry import build_backbone
     from .checkpoint import CheckpointError
     from .export import export_student, refuse_non_empty
-    from .runs import open_run
+    from .runs import open_checkpoint
 
     check_output_dir(out)
     refuse_non_empty(Path(out), overwrite)
-    run = open_run(checkpoint, overrides)
+    run = open_checkpoint(checkpoint, overrides)
     config = run.config
     if config.tdm.num_steps_set:
         raise ConfigError("tdm.num_steps_set: a TDM-unify student takes its step count through an embedding that "
@@ -153,8 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export a distilled student as a diffusers LoRA (or weights), its "
                                            "TDMScheduler and sampling recipe")
-    export.add_argument("--checkpoint", required=True, help="a checkpoint folder (runs/NAME/checkpoints/step_*) or a "
-                        "run folder (its newest complete checkpoint)")
+    export.add_argument("--checkpoint", required=True, help="a checkpoint folder (runs/NAME/checkpoints/step_*)")
     export.add_argument("--out", required=True, help="export folder (LoRA, scheduler/, recipe.json, README.md)")
     export.add_argument("--merged", action="store_true", help="also write the student merged into full weights")
     export.add_argument("--ema", action="store_true", help="export the student's EMA weights")

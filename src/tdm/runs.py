@@ -1,6 +1,6 @@
 """Opening a run: a run folder (its newest complete checkpoint) or a checkpoint folder, with the resolved config
-and step its manifest records and its student rebuilt as the trainer built it. `tdm export` and `tdm evaluate`
-open runs only through here; the checkpoint's layout stays tdm.checkpoint's business."""
+and step its manifest records and its student rebuilt as the trainer built it. `tdm export` (a checkpoint) and
+`tdm evaluate` (a run or a checkpoint) open them only through here; the files' names stay tdm.checkpoint's."""
 
 from __future__ import annotations
 
@@ -41,14 +41,19 @@ class Run:
         return student.eval().requires_grad_(False)
 
 
-def open_run(path: str | Path, overrides: Sequence[str] = ()) -> Run:
-    """A checkpoint folder itself, or the newest complete checkpoint of a run folder (`<run>/checkpoints`);
-    `overrides` (`group.key=value`) change the saved config, e.g. where the teacher now lives."""
+def open_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> Run:
+    """A complete checkpoint folder; `overrides` (`group.key=value`) change its saved config, e.g. where the
+    teacher now lives."""
+    manifest = read_manifest(Path(path))
+    return Run(Path(path), from_dict(manifest["config"], overrides), manifest["step"],
+               holds_weights(manifest, STUDENT_EMA))
+
+
+def open_run(path: str | Path) -> Run:
+    """A checkpoint folder itself, or the newest complete checkpoint of a run folder (`<run>/checkpoints`)."""
     path = Path(path)
     checkpoint = path if is_complete(path) else latest_checkpoint(path / "checkpoints")
     if checkpoint is None:
         raise CheckpointError(f"{path} is neither a complete tdm checkpoint nor a run folder with one under "
                               f"{path / 'checkpoints'}")
-    manifest = read_manifest(checkpoint)
-    return Run(checkpoint, from_dict(manifest["config"], overrides), manifest["step"],
-               holds_weights(manifest, STUDENT_EMA))
+    return open_checkpoint(checkpoint)
