@@ -63,3 +63,37 @@ def test_cli_reports_config_errors_in_one_line(capsys, tmp_path):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("tdm: error: unknown config key 'train.batchsize'")
     assert "Traceback" not in err and not (tmp_path / "r").exists()
+
+
+def test_one_number_for_eval_teacher_steps_sets_the_reference_and_keeps_the_four_step_row():
+    """eval.teacher_steps is the list of teacher rows (the first is the reference); a single number, as presets,
+    old checkpoints and `--set eval.teacher_steps=N` give it, keeps the 4-step row the report always had."""
+    from tdm.config import EvalConfig
+
+    assert EvalConfig().teacher_steps == (50, 4)
+    assert load_config("digits-demo", ["eval.teacher_steps=5"]).eval.teacher_steps == (5, 4)
+    assert load_config("digits-demo", ["eval.teacher_steps=[6]"]).eval.teacher_steps == (6,)
+    assert from_dict({"eval": {"teacher_steps": 25}}).eval.teacher_steps == (25, 4)
+    with pytest.raises(ConfigError, match="eval.teacher_steps needs at least one value"):
+        load_config("digits-demo", ["eval.teacher_steps=[]"])
+
+
+def test_evaluate_flags_are_the_fields_of_its_options_with_the_reports_defaults():
+    """`tdm evaluate` flags come from EvaluateOptions, whose shared fields are the `eval` group's."""
+    import dataclasses
+
+    from tdm.cli import build_parser
+    from tdm.config import EvalConfig
+    from tdm.evaluate.options import EvaluateOptions
+    from tdm.flags import from_flags
+
+    args = build_parser().parse_args(["evaluate", "run", "--out", "o"])
+    options = from_flags(EvaluateOptions, args)
+    assert options == EvaluateOptions()
+    shared = [f.name for f in dataclasses.fields(EvalConfig)]
+    assert {n: getattr(options, n) for n in shared} == dataclasses.asdict(EvalConfig())
+    args = build_parser().parse_args(["evaluate", "run", "--out", "o", "--teacher-steps", "25", "--seed", "3",
+                                      "--preference", "hpsv2", "--features", "none"])
+    options = from_flags(EvaluateOptions, args)
+    assert (options.teacher_steps, options.seed, options.preference, options.features) == ((25,), 3, ("hpsv2",),
+                                                                                           "none")

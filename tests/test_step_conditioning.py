@@ -14,7 +14,8 @@ from tdm.core.prediction import PredictionType
 from tdm.core.sampling import uniform_grid
 from tdm.core.schedules import DiscreteVP
 from tdm.registry import build_backbone
-from tdm.roles import Roles, load_trained_student
+from tdm.roles import Roles
+from tdm.runs import open_run
 from tdm.samplers import student_samplers
 from tdm.step_conditioning import StepConditioned, initial_network
 from tdm.toys.digits import DigitsUNet
@@ -184,7 +185,7 @@ def test_each_role_holds_exactly_the_step_embeddings_it_uses(overrides, student,
     for role in (trainer.student, trainer.fake_score):
         unused = [name for name, p in role.named_parameters() if p.grad is None]
         assert not unused, unused
-    loaded = load_trained_student(trainer.save(), config, trainer.backbone)  # what evaluate and export load
+    loaded = open_run(trainer.save()).load_student(trainer.backbone, ema=False)  # what evaluate and export load
     assert type(loaded) is type(trainer.student) and _embeddings(loaded) == student
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trainer.student.state_dict().values()))
     trainer.close()
@@ -201,14 +202,14 @@ def test_a_student_saved_with_both_embeddings_still_loads(setting, tmp_path):
     if config.tdm.num_steps_set:  # the embedding it used was trained
         torch.nn.init.normal_(earlier.num_steps_embedding.weight)
     path = save_checkpoint(tmp_path, 5, {"student": earlier}, {}, {}, to_dict(config))
-    loaded = load_trained_student(path, config, backbone)
+    loaded = open_run(path).load_student(backbone, ema=False)
     x, t, c = _inputs("digits")
     with torch.no_grad():
         assert torch.equal(bind_steps(loaded, config.tdm, 2)(x, t, c), bind_steps(earlier, config.tdm, 2)(x, t, c))
     torch.nn.init.normal_(earlier.step_index_embedding.weight)  # a trained unused embedding is not dropped
     path = save_checkpoint(tmp_path, 6, {"student": earlier}, {}, {}, to_dict(config))
     with pytest.raises(CheckpointError, match="does not match"):
-        load_trained_student(path, config, backbone)
+        open_run(path).load_student(backbone, ema=False)
 
 
 @pytest.mark.parametrize("setting,student,fake", [("tdm.num_steps_set=[1,2,4]", ["num_steps"], ["num_steps"]),

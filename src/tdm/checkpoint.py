@@ -29,6 +29,7 @@ from .files import sha256_file
 
 STATE_FILE = "state.json"
 DAMAGED_DIR = "damaged"
+RNG_FILE = "rng.safetensors"
 
 
 class CheckpointError(TDMError, ValueError):
@@ -41,6 +42,15 @@ class CheckpointCorrupted(CheckpointError):
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}"
+
+
+def _weights_file(name: str) -> str:
+    return f"{name}.safetensors"
+
+
+def holds_weights(manifest: dict, name: str) -> bool:
+    """Whether the checkpoint of `manifest` holds the weights of module `name` (e.g. "student_ema")."""
+    return _weights_file(name) in manifest["files"]
 
 
 def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -87,12 +97,12 @@ def _write_checkpoint(root, tmp, final, step, modules, optimizers, rng, config, 
     tmp.mkdir()
     for name, module in modules.items():
         state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-        save_file(state, tmp / f"{name}.safetensors")
+        save_file(state, tmp / _weights_file(name))
     for name, optimizer in optimizers.items():
         tensors, meta = _optimizer_to_files(optimizer)
         save_file(tensors, tmp / f"{name}.optim.safetensors")
         (tmp / f"{name}.optim.json").write_text(json.dumps(meta))
-    save_file({k: v.contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
+    save_file({k: v.contiguous() for k, v in rng.items()}, tmp / RNG_FILE)
     _test_only_pause(step)
     files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
     hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
@@ -208,13 +218,13 @@ def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizers: dict[
         raise CheckpointError(f"{path} was trained on another base model (base_fingerprint "
                               f"{manifest.get('base_fingerprint')} in {STATE_FILE}, this run's: {base_fingerprint})")
     for name, module in modules.items():
+        file = path / _weights_file(name)
         try:
-            module.load_state_dict(load_file(path / f"{name}.safetensors"))
+            module.load_state_dict(load_file(file))
         except (RuntimeError, FileNotFoundError) as err:
             first = str(err).strip().splitlines()[0]
-            file = path / f"{name}.safetensors"
             raise CheckpointError(f"{file} does not match this run's {name}: {first}") from None
     for name, optimizer in optimizers.items():
         meta = json.loads((path / f"{name}.optim.json").read_text())
         optimizer.load_state_dict(_optimizer_from_files(load_file(path / f"{name}.optim.safetensors"), meta))
-    return manifest["step"], load_file(path / "rng.safetensors"), manifest["config"]
+    return manifest["step"], load_file(path / RNG_FILE), manifest["config"]

@@ -9,9 +9,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from .config import DTYPES, from_dict, load_config
+from .config import DTYPES, load_config
 from .errors import ConfigError, TDMError, TrainingAborted
-from .evaluate.options import FEATURE_CHOICES, EvaluateOptions
+from .evaluate.options import EvaluateOptions
+from .flags import add_flags, from_flags
 from .output_dirs import check_output_dir, check_run_dir, claim_run_dir
 from .registry import PROMPT_ENCODERS  # diffusers/transformers are imported only when a model is loaded
 from .resume import check_loaded, check_resume
@@ -57,33 +58,27 @@ def _export(checkpoint: str, out: str, overrides: list[str], merged: bool, ema: 
             overwrite: bool) -> Path:
     """Rebuild the run's teacher and student from the checkpoint's own config, as the trainer builds them, load
     the student's (or its EMA's) weights and export it."""
-    import dataclasses
-    import json
-
     from .backbones.diffusers_base import DiffusersBackbone
-    from .checkpoint import STATE_FILE, CheckpointError, is_complete
+    from .checkpoint import CheckpointError
     from .export import export_student, refuse_non_empty
     from .registry import build_backbone
-    from .roles import load_trained_student
+    from .runs import open_checkpoint
 
     check_output_dir(out)
     refuse_non_empty(Path(out), overwrite)
-    path = Path(checkpoint)
-    if not is_complete(path):
-        raise CheckpointError(f"--checkpoint {path}: not a complete tdm checkpoint (missing {STATE_FILE})")
-    config = from_dict(json.loads((path / STATE_FILE).read_text())["config"], overrides)
+    run = open_checkpoint(checkpoint, overrides)
+    config = run.config
     if config.tdm.num_steps_set:
         raise ConfigError("tdm.num_steps_set: a TDM-unify student takes its step count through an embedding that "
                           "stock pipelines cannot feed; only fixed-K students export")
-    if ema and not (path / "student_ema.safetensors").is_file():
-        raise CheckpointError(f"--ema: {path} holds no student EMA (the run had train.ema_decay = 0)")
+    if ema and not run.has_ema:
+        raise CheckpointError(f"--ema: {run.checkpoint} holds no student EMA (the run had train.ema_decay = 0)")
     # export runs no backward pass: no gradient checkpointing
     backbone = build_backbone(dataclasses.replace(config.backbone, gradient_checkpointing=False))
     if not isinstance(backbone, DiffusersBackbone):
         raise ConfigError(f"backbone.name: only diffusers teachers export to a pipeline, got {config.backbone.name}")
-    student = load_trained_student(path, config, backbone, ema)
-    return export_student(backbone, student, out, tdm_config=config.tdm, merged=merged, lora_scale=lora_scale,
-                          overwrite=overwrite)
+    return export_student(backbone, run.load_student(backbone, ema), out, tdm_config=config.tdm, merged=merged,
+                          lora_scale=lora_scale, overwrite=overwrite)
 
 
 def _cache_prompts(args: argparse.Namespace) -> None:
@@ -109,9 +104,7 @@ def _evaluate(args: argparse.Namespace) -> Path:
     from .evaluate.comparison_report import comparison_table
     from .evaluate.harness import evaluate, write_evaluation
 
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateOptions)
-             if getattr(args, f.name, None) is not None}
-    options = EvaluateOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+    options = from_flags(EvaluateOptions, args)
     check_run_dir(args.out)
     result, backbone = evaluate(args.run, args.baseline, options)
     claim_run_dir(args.out, _command_line())
@@ -121,6 +114,10 @@ def _evaluate(args: argparse.Namespace) -> Path:
     return report
 
 
+def _add_overrides(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE", help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tdm", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -128,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     distill = sub.add_parser("distill", help="distil a teacher into a few-step student")
     distill.add_argument("--config", required=True, help="preset name in configs/ or a YAML file")
-    distill.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE")
+    _add_overrides(distill, "change the preset, e.g. train.iterations=200 (repeat for more)")
     distill.add_argument("--out", required=True, help="run folder (checkpoints, tensorboard, report)")
     distill.add_argument("--resume", help="checkpoint folder, or 'auto' for the newest complete one in --out")
     distill.add_argument("--allow-config-change", action="store_true",
@@ -144,34 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Sample the teacher (DDIM, the run's CFG) at each --teacher-steps, the baseline "
                         "at its K and the student at each --student-steps on the same conditions and seeds; write "
                         "report.md, metrics.json, samples.png and quality.png to --out and print the table.")
-    o = EvaluateOptions  # the defaults
     ev.add_argument("run", help="a run folder (its newest checkpoint) or a checkpoint folder")
     ev.add_argument("--out", required=True, help="folder for report.md, metrics.json and the figures")
     ev.add_argument("--baseline", help="run or checkpoint of the DMD-style baseline, e.g. one made with "
                     "`tdm distill --config digits-demo --set tdm.num_steps=1 --out runs/k1`")
-    ev.add_argument("--teacher-steps", type=int, nargs="+", default=list(o.teacher_steps),
-                    help="teacher DDIM step counts; the first is the FD / KID reference")
-    ev.add_argument("--student-steps", type=int, nargs="+", default=list(o.student_steps),
-                    help="step counts the student (trained at its K) is sampled at")
-    ev.add_argument("--num-samples", type=int, default=o.num_samples, help="samples per sampler")
-    ev.add_argument("--seed", type=int, default=o.seed, help="noise seed of every row (reference teacher: seed + 1)")
-    ev.add_argument("--batch-size", type=int, default=o.batch_size, help="samples per sampling call (timed)")
-    ev.add_argument("--features", default=o.features, choices=FEATURE_CHOICES,
-                    help="feature network of FD / KID (auto: digits classifier for digits, else Inception if found)")
-    ev.add_argument("--inception", metavar="PATH", help="inception-2015-12-05.pt (else $TDM_INCEPTION, "
-                    "~/.cache/tdm/, $TORCH_HOME/hub/checkpoints/; never downloaded)")
-    ev.add_argument("--reference-dir", metavar="DIR", help="folder of reference images for fd_reference, kid_reference")
-    ev.add_argument("--clip-model", metavar="ID_OR_DIR", help="transformers CLIP model for clip_score")
-    ev.add_argument("--preference", nargs="+", default=list(o.preference), metavar="NAME[=MODEL]",
-                    help="hpsv2, imagereward, pickscore (each needs its package or model installed)")
-    ev.add_argument("--latency-repeats", type=int, default=o.latency_repeats,
-                    help="single-sample runs timed per sampler (0: skip)")
-    ev.add_argument("--grid-columns", type=int, default=o.grid_columns, help="conditions per sampler in samples.png")
-    ev.add_argument("--device", help="default: cuda if available, else cpu")
+    add_flags(ev, EvaluateOptions)
 
     demo = sub.add_parser("demo", help="distil the shipped digits teacher into a 4-step student on CPU")
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE")
+    _add_overrides(demo, "change the digits-demo preset (repeat for more)")
 
     export = sub.add_parser("export", help="export a distilled student as a diffusers LoRA (or weights), its "
                                            "TDMScheduler and sampling recipe")
@@ -181,8 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--ema", action="store_true", help="export the student's EMA weights")
     export.add_argument("--lora-scale", type=float, default=1.0, help="LoRA scale recorded in the recipe")
     export.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out")
-    export.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE",
-                        help="change the checkpoint's config, e.g. backbone.teacher=/new/path")
+    _add_overrides(export, "change the checkpoint's config, e.g. backbone.teacher=/new/path")
 
     generate = sub.add_parser("generate", help="sample from an exported student with its stock diffusers pipeline")
     generate.add_argument("--model", required=True, help="a `tdm export` folder")

@@ -126,16 +126,30 @@ class TrainConfig:
                  f"train.lora_targets: entries must be non-empty module-name patterns, got {list(self.lora_targets)}")
 
 
+def setting(default, help: str, **flag):
+    """A field of a settings group whose help text (and argparse `metavar` / `choices` in `flag`) a command line
+    derives its flag from (tdm.flags). A tuple field with `first_from_one=True` also takes one number (YAML,
+    `--set`): it replaces the first entry of the default and keeps the rest."""
+    return field(default=default, metadata={"help": help, **flag})
+
+
 @dataclass(frozen=True)
 class EvalConfig:
-    num_samples: int = 1000                        # per sampler, balanced over classes
-    teacher_steps: int = 50                        # the reference teacher sampler (with the run's CFG)
-    student_steps: tuple[int, ...] = (1, 2, 4, 8)  # step counts the student is evaluated at
-    seed: int = 1234
+    """Evaluation settings shared by the end-of-run report (the `eval` group) and `tdm evaluate` (its flags:
+    tdm.evaluate.options adds the command's own)."""
+    num_samples: int = setting(1000, "samples per sampler, balanced over the evaluation conditions")
+    # eval.num_samples = 0: no end-of-run report
+    teacher_steps: tuple[int, ...] = setting((50, 4), "teacher DDIM step counts, with the run's CFG; the first is "
+                                             "the FD / KID reference", first_from_one=True)
+    # in YAML or --set one number (as before lists) sets the reference and keeps the 4-step row
+    student_steps: tuple[int, ...] = setting((1, 2, 4, 8), "step counts the student (trained at its K) is "
+                                                           "sampled at")
+    seed: int = setting(1234, "noise seed of every row (reference teacher: seed + 1)")
 
     def __post_init__(self):
         _require(self.num_samples >= 0, f"eval.num_samples must be >= 0, got {self.num_samples}")
-        _require(self.teacher_steps >= 1 and all(k >= 1 for k in self.student_steps),
+        _require(len(self.teacher_steps) > 0, "eval.teacher_steps needs at least one value (the reference)")
+        _require(all(k >= 1 for k in self.teacher_steps + self.student_steps),
                  "eval.teacher_steps and eval.student_steps must be >= 1")
 
 
@@ -158,6 +172,13 @@ def _suggest(key: str, valid: typing.Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _parsed(text: str, key: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}: cannot parse {text!r}: {err}") from None
+
+
 def _coerce(value, tp, key: str):
     """Check and convert one value to the dataclass field type `tp`.
 
@@ -165,10 +186,7 @@ def _coerce(value, tp, key: str):
     `--set tdm.importance_weight=off` stays the string 'off'.
     """
     if isinstance(value, str) and tp is not str:
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{key}: cannot parse {value!r}: {err}") from None
+        value = _parsed(value, key)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -210,18 +228,30 @@ def _coerce(value, tp, key: str):
     raise TypeError(f"unsupported config type {tp} for {key}")
 
 
+def _first_from_one(f: dataclasses.Field, value, key: str):
+    """One number for a `first_from_one` list field (tdm.config.setting): the default with its first entry replaced."""
+    if not f.metadata.get("first_from_one"):
+        return value
+    value = _parsed(value, key) if isinstance(value, str) else value
+    return value if isinstance(value, (list, tuple)) else [value, *f.default[1:]]
+
+
 def _build(cls, values: dict, prefix: str):
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields)
     kwargs = {}
     for key, value in values.items():
         path = f"{prefix}{key}"
         if key not in names:
             raise ConfigError(f"unknown config key {path!r}{_suggest(key, names)}; valid keys: {sorted(names)}")
         tp = hints[key]
-        kwargs[key] = _build(tp, value, f"{path}.") if dataclasses.is_dataclass(tp) else _coerce(value, tp, path)
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{path}.")
+        else:
+            kwargs[key] = _coerce(_first_from_one(fields[key], value, path), tp, path)
     try:
         return cls(**kwargs)
     except ValueError as err:  # range checks in __post_init__

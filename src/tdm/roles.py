@@ -18,7 +18,6 @@ import hashlib
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -211,7 +210,7 @@ class AdapterView(nn.Module):
 class Roles:
     teacher: nn.Module     # frozen by construction: eval mode, no trainable parameter
     student: nn.Module     # the few-step generator G
-    fake_score: nn.Module  # tracks the student's diffused distribution (F)
+    fake_score: nn.Module | None  # tracks the student's diffused distribution (F); None when only loading
     shared: SharedBase | None = None  # the one base of the lora strategy; None for separate copies
 
     @classmethod
@@ -237,11 +236,19 @@ class Roles:
         return cls(teacher, AdapterView(shared, STUDENT), AdapterView(shared, FAKE), shared)
 
     @classmethod
-    def from_config(cls, config: Config, backbone: Backbone) -> Roles:
+    def from_config(cls, config: Config, backbone: Backbone, to_load: bool = False) -> Roles:
         """The strategy train.roles names, with the backbone's default LoRA targets unless train.lora_targets.
         Student and fake score start from the backbone's initial weights; under TDM-unify each separate copy
-        is step-conditioned for exactly the step inputs its role is given (tdm.step_conditioning)."""
+        is step-conditioned for exactly the step inputs its role is given (tdm.step_conditioning).
+
+        `to_load`: the roles a trained student is loaded into (tdm.runs). Separate copies then make the student
+        alone (no fake score: it would double the memory), in the dtype of the backbone's weights, and accept
+        checkpoints written with a step embedding the student never used."""
         train, tdm = config.train, config.tdm
+        if train.roles == "separate" and to_load:
+            student = initial_network(backbone, tdm, STUDENT_ROLE)
+            accept_earlier_layout(student)
+            return cls(backbone.teacher.eval().requires_grad_(False), student, None)
         if train.roles == "separate":
             roles = cls.separate_copies(backbone.teacher, backbone.initial_weights())
             roles.student = condition_for_role(roles.student, backbone, tdm, STUDENT_ROLE)
@@ -275,18 +282,3 @@ class Roles:
             m.to(device)
         return self
 
-
-def load_trained_student(checkpoint: Path, config: Config, backbone: Backbone, ema: bool = False) -> nn.Module:
-    """The student (or its EMA) of a checkpoint, rebuilt as the trainer built it from `config`: a full copy
-    (step-conditioned as the student is, under TDM-unify) or the student adapter on the backbone's own network,
-    frozen."""
-    from .checkpoint import load_checkpoint
-
-    if config.train.roles == "lora":  # the adapter on the one teacher network, as in training
-        roles = Roles.from_config(config, backbone)
-        student, fingerprint = (roles.student_ema() if ema else roles.student), roles.base_fingerprint
-    else:
-        student, fingerprint = initial_network(backbone, config.tdm, STUDENT_ROLE), None
-        accept_earlier_layout(student)  # TDM-unify students saved with an embedding they never used
-    load_checkpoint(checkpoint, {"student_ema" if ema else "student": student}, {}, fingerprint)
-    return student.eval().requires_grad_(False)

@@ -268,11 +268,11 @@ class Trainer:
         return metrics
 
     def _teacher_reference(self) -> torch.Tensor:
-        """The teacher's samples (eval.teacher_steps, the run's CFG) on the evaluation conditions, drawn once with
-        other seeds than the student's: what the drift and collapse diagnostics compare against."""
+        """The reference teacher's samples (the first eval.teacher_steps, the run's CFG) on the evaluation conditions,
+        drawn once with other seeds than the student's: what the drift and collapse diagnostics compare against."""
         if self._teacher_samples is None:
             cfg = self.config
-            teacher = teacher_samplers(self.teacher, self.backbone.schedule, [cfg.eval.teacher_steps],
+            teacher = teacher_samplers(self.teacher, self.backbone.schedule, cfg.eval.teacher_steps[:1],
                                        cfg.tdm.guidance_scale)[0]
             self._teacher_samples = draw_samples(self.backbone, teacher, cfg.train.eval_samples, cfg.train.seed + 1,
                                                  device=self.accelerator.device)[0]

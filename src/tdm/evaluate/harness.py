@@ -17,12 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from ..backbones.base import Backbone
-from ..checkpoint import CheckpointError, is_complete, latest_checkpoint, read_manifest
-from ..config import Config, from_dict, to_dict
+from ..checkpoint import CheckpointError
+from ..config import to_dict
 from ..errors import MissingModel, TDMError
 from ..files import sha256_file, write_text_atomic
 from ..registry import build_backbone
-from ..roles import load_trained_student
+from ..runs import Run, open_run
 from ..samplers import student_samplers, teacher_samplers
 from .compare import SetScorer, compare_to_reference
 from .comparison_report import write_comparison
@@ -38,39 +38,21 @@ from .options import EvaluateOptions
 
 @dataclass
 class LoadedStudent:
-    checkpoint: Path
-    config: Config
-    iterations: int
-    weights: str        # the checkpoint file the weights came from: student_ema (when kept) or student
-    model: nn.Module
+    run: Run
+    model: nn.Module  # the weights run.sampled_weights names: its EMA when kept, as the trainer samples
 
     def info(self) -> dict:
-        return {"checkpoint": str(self.checkpoint), "iterations": self.iterations, "weights": self.weights,
-                "num_steps": self.config.tdm.num_steps, "config": to_dict(self.config)}
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder itself, or the newest complete checkpoint of a run folder (`<run>/checkpoints`)."""
-    path = Path(path)
-    if is_complete(path):
-        return path
-    newest = latest_checkpoint(path / "checkpoints")
-    if newest is None:
-        raise CheckpointError(f"{path} is neither a complete tdm checkpoint nor a run folder with one under "
-                              f"{path / 'checkpoints'}")
-    return newest
+        run = self.run
+        return {"checkpoint": str(run.checkpoint), "iterations": run.step, "weights": run.sampled_weights,
+                "num_steps": run.config.tdm.num_steps, "config": to_dict(run.config)}
 
 
 def load_student(path: str | Path, backbone: Backbone | None = None) -> tuple[LoadedStudent, Backbone]:
     """The student of a run or checkpoint (its EMA when one was kept, as the trainer samples) and the backbone
     its saved config builds (or `backbone`, reused)."""
-    checkpoint = find_checkpoint(path)
-    config = from_dict(read_manifest(checkpoint)["config"])
-    backbone = backbone or build_backbone(config.backbone)
-    weights = "student_ema" if (checkpoint / "student_ema.safetensors").is_file() else "student"
-    student = load_trained_student(checkpoint, config, backbone, ema=weights == "student_ema")
-    iterations = read_manifest(checkpoint)["step"]
-    return LoadedStudent(checkpoint, config, iterations, weights, student), backbone
+    run = open_run(path)
+    backbone = backbone or build_backbone(run.config.backbone)
+    return LoadedStudent(run, run.load_student(backbone)), backbone
 
 
 def feature_space(choice: str, backbone: Backbone, inception: str | None,
@@ -133,16 +115,17 @@ def evaluate(run: str | Path, baseline: str | Path | None, options: EvaluateOpti
     and the backbone (for `write_evaluation`)."""
     student, backbone = load_student(run)
     base = load_student(baseline, backbone)[0] if baseline else None
-    if base is not None and base.config.backbone != student.config.backbone:
-        raise CheckpointError(f"--baseline {base.checkpoint} was made for another teacher ({base.config.backbone}) "
-                              f"than {student.checkpoint} ({student.config.backbone})")
-    device, cfg = options.device, student.config
+    cfg = student.run.config
+    if base is not None and base.run.config.backbone != cfg.backbone:
+        raise CheckpointError(f"--baseline {base.run.checkpoint} was made for another teacher "
+                              f"({base.run.config.backbone}) than {student.run.checkpoint} ({cfg.backbone})")
+    device = options.device
     teacher = backbone.teacher.eval().requires_grad_(False).to(device)
     samplers = teacher_samplers(teacher, backbone.schedule, options.teacher_steps, cfg.tdm.guidance_scale)
     if base is not None:
-        k = base.config.tdm.num_steps  # TDM with K = 1 is the DMD-style one-step baseline
+        k = base.run.config.tdm.num_steps  # TDM with K = 1 is the DMD-style one-step baseline
         prefix, label = ("dmd", "DMD-style baseline (TDM K=1)") if k == 1 else ("baseline", f"baseline (TDM K={k})")
-        samplers += student_samplers(base.model.to(device), base.config.tdm, backbone.schedule, [k], prefix=prefix,
+        samplers += student_samplers(base.model.to(device), base.run.config.tdm, backbone.schedule, [k], prefix=prefix,
                                      label=label, kind="baseline")
     samplers += student_samplers(student.model.to(device), cfg.tdm, backbone.schedule, options.student_steps)
     features, extractor, features_info = feature_space(options.features, backbone, options.inception, device)

@@ -17,11 +17,11 @@ CURVES = ("fake/loss", "generator/loss", "generator/teacher_fake_gap", "generato
 
 
 def evaluate_distillation(trainer) -> dict:
-    """Teacher at eval.teacher_steps and 4 steps (with the run's CFG) and the student at each eval.student_steps,
+    """Teacher at each eval.teacher_steps (with the run's CFG) and the student at each eval.student_steps,
     on the same conditions and seeds, with FD / KID in the backbone's features to the first teacher sampler.
     Returns the metrics.json payload plus the samples per sampler."""
     cfg, backbone = trainer.config, trainer.backbone
-    samplers = teacher_samplers(trainer.teacher, backbone.schedule, (cfg.eval.teacher_steps, 4), cfg.tdm.guidance_scale)
+    samplers = teacher_samplers(trainer.teacher, backbone.schedule, cfg.eval.teacher_steps, cfg.tdm.guidance_scale)
     samplers += student_samplers(trainer.student_for_sampling(), cfg.tdm, backbone.schedule, cfg.eval.student_steps)
     result = compare_to_reference(backbone, samplers, cfg.eval.num_samples, cfg.eval.seed, backbone.features,
                                   device=trainer.accelerator.device)
