@@ -12,7 +12,6 @@ that iteration s starts from). Where the run stands (`DivergenceRecord`) is part
 
 from __future__ import annotations
 
-import math
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,15 +55,16 @@ class DivergenceWatch:
     def watch(self, role: str, optimizer: torch.optim.Optimizer, step: int):
         """Around `optimizer.step()` of iteration `step`: compare the norm of its weights before and after."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        before = float(get_total_norm(params))
+        before = get_total_norm(params)  # stays on the device: one sync per step, for the comparison below
         yield
-        after = float(get_total_norm(params))
-        if math.isfinite(after) and (after <= JUMP_FACTOR * before or before == 0):
+        after = get_total_norm(params)
+        if not bool(~torch.isfinite(after) | ((after > JUMP_FACTOR * before) & (before > 0))):
             return
         self._unhealthy = True
         if self.verbose:
-            tqdm.write(f"tdm: warning: the {role}'s weight norm jumped from {before:.4g} to {after:.4g} in the update "
-                  f"of iteration {step}: checkpoints from here on are not counted as good", file=sys.stderr)
+            tqdm.write(f"tdm: warning: the {role}'s weight norm jumped from {float(before):.4g} to {float(after):.4g} "
+                       f"in the update of iteration {step}: checkpoints from here on are not counted as good",
+                       file=sys.stderr)
 
     def skipped(self) -> None:
         """A (non-finite) update of the current iteration was skipped."""
