@@ -52,8 +52,9 @@ def check_resume(out: Path, where: str | None, config: Config, allow_config_chan
         root = out / "checkpoints"
         complete = complete_checkpoints(root)
         if not complete:
-            if _incomplete(root) and not start_fresh:
-                raise no_usable_checkpoint(root, [(p, INCOMPLETE) for p in _incomplete(root)])
+            incomplete = _incomplete(root)
+            if incomplete and not start_fresh:
+                raise no_usable_checkpoint(root, [(p, INCOMPLETE) for p in incomplete])
             return None
         path = complete[-1]
     else:
