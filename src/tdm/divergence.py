@@ -37,11 +37,13 @@ class DivergenceRecord:
     began: int | None = None
     healthy_in_a_row: int = 0
 
+    def began_by(self, step: int) -> int:
+        """Where the divergence began, seen from iteration `step` failing now: that iteration if none was recorded."""
+        return step if self.began is None else self.began
+
     def last_good_checkpoint(self, root: Path, step: int) -> Path | None:
-        """The newest complete checkpoint written before the divergence began (before iteration `step`, the one
-        failing now, if none was recorded)."""
-        limit = step if self.began is None else self.began
-        good = [p for p in complete_checkpoints(root) if int(p.name.removeprefix("step_")) <= limit]
+        """The newest complete checkpoint written before the divergence began (`began_by(step)`)."""
+        good = [p for p in complete_checkpoints(root) if int(p.name.removeprefix("step_")) <= self.began_by(step)]
         return good[-1] if good else None
 
 

@@ -196,7 +196,7 @@ class Trainer:
                        file=sys.stderr)
         if state.nonfinite_in_a_row[role] >= self.config.train.max_nonfinite:
             last = state.divergence.last_good_checkpoint(self.out_dir / "checkpoints", state.step)
-            began = state.step if state.divergence.began is None else state.divergence.began
+            began = state.divergence.began_by(state.step)
             raise TrainingAborted(
                 f"{role}: {state.nonfinite_in_a_row[role]} non-finite updates in a row (train.max_nonfinite), "
                 f"last at iteration {state.step}; last finite {role} loss: {state.last_finite_loss[role]}; "
