@@ -3,9 +3,13 @@
 The official script's iteration (method.md H.2) is re-enacted with the same core functions and networks:
 a full 4-level rollout, a student forward that recomputes a rollout output, a teacher forward whose result
 is unused, and the teacher's conditional and unconditional calls made separately: 11 forwards + 2 backwards.
-tdm's iteration needs at most 9 + 2 (the teacher's 2B call counts as 2 forwards).
+tdm's iteration runs each sample's rollout only as deep as its draws and takes the generator's student forward
+from it (about 7.1F + 2B at K = 4); `tdm-recompute` is train.generator_forward=recompute (about 7.75F + 2B).
+A backward is counted in samples / batch, as a forward is.
 
-    python benchmarks/passes.py [--backbone digits] [--batch 64] [--repeats 7] [--out runs/bench]
+    python benchmarks/passes.py [--backbone digits|mid] [--batch 64] [--repeats 7] [--out runs/bench]
+
+`mid` is the mid-size UNet2DConditionModel of benchmarks/roles_memory.py (SD1.5's layout at 0.4x its width).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -21,15 +26,16 @@ from torch import nn
 
 from tdm.config import BackboneConfig
 from tdm.core.algorithm import TDM, TDMConfig
-from tdm.core.prediction import to_x0_eps
+from tdm.core.prediction import PredictionType, to_x0_eps
 from tdm.core.sampling import Trajectory
+from tdm.core.schedules import DiscreteVP
 from tdm.files import write_text_atomic
 from tdm.registry import build_backbone
 from tdm.roles import Roles
 
 
 class Counted(nn.Module):
-    """Counts forward calls, forward-equivalents (samples / batch) and backward passes of a role."""
+    """Counts forward calls and forward and backward equivalents (samples / batch) of a role."""
 
     def __init__(self, module: nn.Module, batch: int):
         super().__init__()
@@ -37,10 +43,10 @@ class Counted(nn.Module):
         self.reset()
 
     def reset(self):
-        self.forwards, self.forward_equivalents, self.backwards = 0, 0.0, 0
+        self.forwards, self.forward_equivalents, self.backwards = 0, 0.0, 0.0
 
     def _count_backward(self, grad):
-        self.backwards += 1
+        self.backwards += grad.shape[0] / self.batch
         return grad
 
     def forward(self, x, t, cond):
@@ -71,15 +77,21 @@ def _step(optimizer, loss, params=None, clip=None):
     optimizer.step()
 
 
-def tdm_iteration(tdm, roles, opts, batch_inputs, g):
-    """tdm's iteration: one rollout as deep as the draws need, cached (x0, eps), one 2B teacher call."""
+def tdm_iteration(tdm, roles, opts, batch_inputs, g, generator_step=True):
+    """tdm's iteration (Trainer.train_step): each sample's rollout only as deep as its draws, cached (x0, eps), the
+    generator's student forward taken from the rollout (or recomputed), one 2B teacher call."""
     cond, uncond, noise = batch_inputs
     shape = noise.shape
     fake_d, gen_d = tdm.draw(shape, g, noise.device), tdm.draw(shape, g, noise.device)
-    traj = tdm.student_trajectory(roles.student, noise, cond, tdm.rollout_depth([fake_d], gen_d))
+    traj = tdm.rollout_for(roles.student, noise, cond, [fake_d], gen_d, generator_step)
     _step(opts[1], tdm.fake_score_loss(roles.fake_score, traj, fake_d, cond)[0])
     loss = tdm.generator_loss(roles.student, roles.teacher, roles.fake_score, traj, gen_d, cond, uncond)[0]
     _step(opts[0], loss, roles.student.parameters(), 1.0)
+
+
+def tdm_recompute_iteration(tdm, roles, opts, batch_inputs, g):
+    """train.generator_forward=recompute: the generator's student forward after the fake update."""
+    tdm_iteration(tdm, roles, opts, batch_inputs, g, generator_step=False)
 
 
 def official_iteration(tdm, roles, opts, batch_inputs, g):
@@ -100,9 +112,29 @@ def official_iteration(tdm, roles, opts, batch_inputs, g):
     _step(opts[0], loss, roles.student.parameters(), 1.0)
 
 
+def _networks(name: str, batch: int, g: torch.Generator):
+    """(teacher, schedule, prediction, (cond, uncond, noise)) of the digits toy or the mid-size UNet."""
+    if name == "mid":
+        from diffusers import UNet2DConditionModel
+
+        from roles_memory import CONFIGS, TextUNet  # benchmarks/ is on sys.path when run as a script
+
+        kwargs = CONFIGS["mid"]
+        torch.manual_seed(0)
+        teacher = TextUNet(UNet2DConditionModel(**kwargs))
+        cond = torch.randn(batch, 8, kwargs["cross_attention_dim"], generator=g)
+        noise = torch.randn((batch, kwargs["in_channels"], kwargs["sample_size"], kwargs["sample_size"]), generator=g)
+        schedule = DiscreteVP.from_betas("scaled_linear", 1000, 0.00085, 0.012)
+        return teacher, schedule, PredictionType.EPSILON, (cond, torch.zeros_like(cond), noise)
+    backbone = build_backbone(BackboneConfig(name=name))
+    inputs = (backbone.sample_conditions(batch, g), backbone.null_condition(batch),
+              torch.randn((batch, *backbone.sample_shape), generator=g))
+    return backbone.teacher, backbone.schedule, backbone.prediction, inputs
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="digits")
+    parser.add_argument("--backbone", default="digits", help="digits (or another registered toy) | mid")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
@@ -110,18 +142,16 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    backbone = build_backbone(BackboneConfig(name=args.backbone))
-    base = Roles.separate_copies(backbone.teacher, backbone.initial_weights())
+    g = torch.Generator().manual_seed(0)
+    teacher, schedule, prediction, inputs = _networks(args.backbone, args.batch, g)
+    base = Roles.separate_copies(teacher, teacher)
     roles = Roles(*(Counted(m, args.batch) for m in (base.teacher, base.student, base.fake_score)))
-    tdm = TDM(backbone.schedule, backbone.prediction, TDMConfig(total_steps=1000, guidance_scale=2.0))
+    tdm = TDM(schedule, prediction, TDMConfig(total_steps=1000, guidance_scale=2.0))
     opts = (torch.optim.AdamW(roles.student.parameters(), 1e-6, betas=(0.0, 0.95)),
             torch.optim.AdamW(roles.fake_score.parameters(), 5e-6, betas=(0.0, 0.95)))
-    g = torch.Generator().manual_seed(0)
-    inputs = (backbone.sample_conditions(args.batch, g), backbone.null_condition(args.batch),
-              torch.randn((args.batch, *backbone.sample_shape), generator=g))
-    schedules = {"tdm": tdm_iteration, "official": official_iteration}
+    schedules = {"tdm": tdm_iteration, "tdm-recompute": tdm_recompute_iteration, "official": official_iteration}
 
-    # Passes: exact counts over many iterations (draws vary, so report the mean and the maximum).
+    # Passes: exact counts over many iterations (draws vary per iteration: report the mean and the maximum).
     counts = {}
     for name, fn in schedules.items():
         per_iter = []
@@ -135,11 +165,11 @@ def main():
         counts[name] = {
             "forwards_mean": statistics.mean(total_f), "forwards_max": max(total_f),
             "backwards": max(sum(b for _, b in it.values()) for it in per_iter),
-            "per_role_max": {role: [max(it[role][0] for it in per_iter), max(it[role][1] for it in per_iter)]
-                             for role in per_iter[0]},
+            "per_role_mean": {role: [statistics.mean(it[role][i] for it in per_iter) for i in (0, 1)]
+                              for role in per_iter[0]},
         }
 
-    # Time: warm up, then interleave the two schedules; median of `repeats` blocks of 5 iterations.
+    # Time: warm up, then interleave the schedules; median of `repeats` blocks of 5 iterations.
     times = {name: [] for name in schedules}
     for fn in schedules.values():
         fn(tdm, roles, opts, inputs, g)
@@ -153,21 +183,23 @@ def main():
 
     print(f"backbone={args.backbone} batch={args.batch} K=4 CFG=2 threads={torch.get_num_threads()} "
           f"repeats={args.repeats}")
-    print(f"{'schedule':10} {'fwd (mean)':>10} {'fwd (max)':>9} {'bwd':>4} {'student F/B':>12} {'teacher F':>9} "
-          f"{'fake F/B':>9} {'s/iter':>8}")
+    print(f"{'schedule':14} {'fwd (mean)':>10} {'fwd (max)':>9} {'bwd':>4} {'student F/B':>12} {'teacher F':>9} "
+          f"{'fake F/B':>9} {'s/iter':>8} {'/official':>9}")
     for name, c in counts.items():
-        pr = c["per_role_max"]
-        print(f"{name:10} {c['forwards_mean']:10.2f} {c['forwards_max']:9.0f} {c['backwards']:4d} "
-              f"{pr['student'][0]:7.0f}/{pr['student'][1]:<4d} {pr['teacher'][0]:9.0f} "
-              f"{pr['fake'][0]:5.0f}/{pr['fake'][1]:<3d} {med[name]:8.4f}")
-    ratio = med["tdm"] / med["official"]
-    print(f"wall-time ratio tdm / official = {ratio:.3f}")
+        pr = c["per_role_mean"]
+        print(f"{name:14} {c['forwards_mean']:10.3f} {c['forwards_max']:9.3f} {c['backwards']:4.0f} "
+              f"{pr['student'][0]:7.3f}/{pr['student'][1]:<4.0f} {pr['teacher'][0]:9.0f} "
+              f"{pr['fake'][0]:5.0f}/{pr['fake'][1]:<3.0f} {med[name]:8.4f} {med[name] / med['official']:9.3f}")
+    ratios = {name: med[name] / med["official"] for name in schedules}
     out = Path(args.out)
+    command = "python benchmarks/passes.py " + " ".join(sys.argv[1:])
+    result = {"command": command.strip(), "backbone": args.backbone, "batch": args.batch,
+              "threads": torch.get_num_threads(), "counts": counts, "seconds_per_iteration_median": med,
+              "seconds_all": times, "ratio_to_official": ratios}
     out.mkdir(parents=True, exist_ok=True)
-    result = {"backbone": args.backbone, "batch": args.batch, "threads": torch.get_num_threads(),
-              "counts": counts, "seconds_per_iteration_median": med, "seconds_all": times, "ratio": ratio}
-    write_text_atomic(out / "passes.json", json.dumps(result, indent=1))
-    print(f"wrote {out / 'passes.json'}")
+    path = out / f"passes_{args.backbone}.json"
+    write_text_atomic(path, json.dumps(result, indent=1))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Peak memory of the two role strategies over a few TDM training iterations on diffusers UNet2DConditionModels.
 
 `separate`: student and fake score are full copies of the teacher (three backbones, two full AdamW states);
-`lora`: one frozen base with two LoRA adapters (tdm.roles). Each (config, strategy) pair runs in a fresh
-subprocess: randomly initialised UNet from config, the roles, AdamW per role, then `--iterations` TDM
+`lora`: one frozen base with two LoRA adapters (tdm.roles). Each (config, strategy, generator forward) runs in a
+fresh subprocess: randomly initialised UNet from config, the roles, AdamW per role, then `--iterations` TDM
 iterations (`passes.tdm_iteration`: rollout, fake-score update, generator update with clipping, teacher CFG
-in one 2B call, as tdm's trainer does).
+in one 2B call, as tdm's trainer does), with the generator's student forward taken from the rollout (`rollout`,
+its activations held through the fake update) or recomputed after it (`recompute`): train.generator_forward.
 Memory on the CPU is the process's peak resident set (VmHWM) minus its resident set just before the model is
 built; on CUDA it is torch.cuda.max_memory_allocated.
 
@@ -57,7 +58,7 @@ def _status_mib(field: str) -> float:
     raise KeyError(field)
 
 
-def measure(config: str, strategy: str, iterations: int, batch: int, device: str) -> dict:
+def measure(config: str, strategy: str, generator_forward: str, iterations: int, batch: int, device: str) -> dict:
     """One (config, strategy) run in this process; call it in a fresh process only."""
     from diffusers import UNet2DConditionModel
 
@@ -87,11 +88,12 @@ def measure(config: str, strategy: str, iterations: int, batch: int, device: str
     opt_f = torch.optim.AdamW(roles.fake_score.parameters(), lr=5e-6, betas=(0.0, 0.95))
     tic = time.perf_counter()
     for _ in range(iterations):
-        tdm_iteration(tdm, roles, (opt_g, opt_f), (cond, uncond, noise), g)
+        tdm_iteration(tdm, roles, (opt_g, opt_f), (cond, uncond, noise), g, generator_forward == "rollout")
     seconds = (time.perf_counter() - tic) / iterations
     held = [roles.shared.base] if roles.shared is not None else [roles.teacher, roles.student, roles.fake_score]
     result = {
-        "config": config, "strategy": strategy, "device": device, "iterations": iterations, "batch": batch,
+        "config": config, "strategy": strategy, "generator_forward": generator_forward, "device": device,
+        "iterations": iterations, "batch": batch,
         "base_params": base_params,
         "trainable_params": {"student": sum(p.numel() for p in roles.student.parameters()),
                              "fake_score": sum(p.numel() for p in roles.fake_score.parameters())},
@@ -114,7 +116,9 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="runs/bench")
-    parser.add_argument("--child", nargs=2, metavar=("CONFIG", "STRATEGY"), help=argparse.SUPPRESS)
+    parser.add_argument("--generator-forward", nargs="+", default=["rollout", "recompute"],
+                        choices=["rollout", "recompute"])
+    parser.add_argument("--child", nargs=3, metavar=("CONFIG", "STRATEGY", "FORWARD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
@@ -124,21 +128,33 @@ def main():
     rows = []
     for config in args.configs:
         for strategy in ("separate", "lora"):
-            cmd = [sys.executable, __file__, "--child", config, strategy, "--iterations", str(args.iterations),
-                   "--batch", str(args.batch), "--threads", str(args.threads), "--device", args.device]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            r = rows[-1]
-            print(f"{config:5} {strategy:9} base {r['base_params'] / 1e6:7.2f} M  trainable/role "
-                  f"{r['trainable_params']['student'] / 1e6:7.3f} M  peak {r['peak_mib']:8.1f} MiB  "
-                  f"{r['seconds_per_iteration']:.2f} s/it", flush=True)
-    ratios = {c: next(r["peak_mib"] for r in rows if r["config"] == c and r["strategy"] == "separate") /
-              next(r["peak_mib"] for r in rows if r["config"] == c and r["strategy"] == "lora") for c in args.configs}
+            for forward in args.generator_forward:
+                cmd = [sys.executable, __file__, "--child", config, strategy, forward, "--iterations",
+                       str(args.iterations), "--batch", str(args.batch), "--threads", str(args.threads),
+                       "--device", args.device]
+                done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                r = rows[-1]
+                print(f"{config:5} {strategy:9} {forward:9} base {r['base_params'] / 1e6:7.2f} M  trainable/role "
+                      f"{r['trainable_params']['student'] / 1e6:7.3f} M  peak {r['peak_mib']:8.1f} MiB  "
+                      f"{r['seconds_per_iteration']:.2f} s/it", flush=True)
+
+    def peak(config, strategy, forward=args.generator_forward[0]):
+        return next(r["peak_mib"] for r in rows if (r["config"], r["strategy"], r["generator_forward"]) ==
+                    (config, strategy, forward))
+
+    ratios = {c: peak(c, "separate") / peak(c, "lora") for c in args.configs}
     print("peak memory separate / lora: " + ", ".join(f"{c} {v:.2f}x" for c, v in ratios.items()))
+    held = {}
+    if len(args.generator_forward) == 2:
+        held = {f"{c}/{s}": peak(c, s, "rollout") / peak(c, s, "recompute") for c in args.configs
+                for s in ("separate", "lora")}
+        print("peak memory rollout / recompute: " + ", ".join(f"{k} {v:.3f}x" for k, v in held.items()))
     out = Path(args.out)
     command = "python benchmarks/roles_memory.py " + " ".join(sys.argv[1:])
     result = {"command": command.strip(), "device": args.device, "threads": args.threads, "lora": LORA,
-              "configs": {c: CONFIGS[c] for c in args.configs}, "rows": rows, "ratio_separate_over_lora": ratios}
+              "configs": {c: CONFIGS[c] for c in args.configs}, "rows": rows, "ratio_separate_over_lora": ratios,
+              "ratio_rollout_over_recompute": held}
     write_text_atomic(out / "roles_memory.json", json.dumps(result, indent=1))
     print(f"wrote {out / 'roles_memory.json'}")
 

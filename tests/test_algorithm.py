@@ -12,7 +12,7 @@ from torch import nn
 from tdm.core.algorithm import TDM, TDMConfig, make_grid
 from tdm.core.losses import fake_score_loss, generator_loss, importance_weight
 from tdm.core.prediction import PredictionType
-from tdm.core.sampling import explicit_grid, flow_grid, guided, rollout, uniform_grid
+from tdm.core.sampling import explicit_grid, flow_grid, guided, rollout, rollout_per_sample, uniform_grid
 from tdm.core.schedules import DiscreteVP, FlowMatch
 
 VP = DiscreteVP.from_betas("linear", 1000, 1e-4, 0.02)
@@ -186,23 +186,70 @@ def test_fake_score_loss_weights():
     assert logs["fake/mse"] == 1.0
 
 
+def _iteration(tdm, roles, g, batch=64, generator_step=True):
+    """One TDM iteration of the trainer's order on TinyDenoisers; returns both losses (per sample)."""
+    student, teacher, fake = roles
+    cond, uncond = torch.arange(batch) % 4, torch.full((batch,), 3)
+    fake_d, gen_d = tdm.draw((batch, 2), g), tdm.draw((batch, 2), g)
+    traj = tdm.rollout_for(student, torch.randn(batch, 2, generator=g), cond, [fake_d], gen_d, generator_step)
+    fake_loss = tdm.fake_score_loss(fake, traj, fake_d, cond)[0]
+    fake_loss.mean().backward()
+    gen_loss = tdm.generator_loss(student, teacher, fake, traj, gen_d, cond, uncond)[0]
+    gen_loss.mean().backward()
+    return fake_loss, gen_loss, fake_d, gen_d
+
+
 def test_one_iteration_makes_no_wasted_passes():
-    """K = 4 with every level drawn: student 4F + 1F/1B, teacher one 2B call, fake 1F/1B + 1F (method.md H.2)."""
+    """K = 4: each sample's rollout runs levels 4 .. min(k_fake, k_gen), one of them the generator's forward with
+    gradient; teacher one 2B call, fake 1F/1B + 1F. On average 3.125 + 2 + 2 forwards and 2 backwards (issue 13)."""
     student, teacher, fake = TinyDenoiser(0), TinyDenoiser(1), TinyDenoiser(2)
     tdm = TDM(VP, PredictionType.EPSILON, TDMConfig(guidance_scale=3.0))
     g = torch.Generator().manual_seed(0)
-    cond, uncond = torch.arange(64) % 4, torch.full((64,), 3)
-    fake_d, gen_d = tdm.draw((64, 2), g), tdm.draw((64, 2), g)
-    depth = tdm.rollout_depth([fake_d], gen_d)
-    assert depth == 1
-    traj = tdm.student_trajectory(student, torch.randn(64, 2, generator=g), cond, depth)
-    tdm.fake_score_loss(fake, traj, fake_d, cond)[0].mean().backward()
-    tdm.generator_loss(student, teacher, fake, traj, gen_d, cond, uncond)[0].mean().backward()
-    assert (student.calls, teacher.calls, teacher.samples, fake.calls) == (5, 1, 128, 2)
-    # a shallow iteration stops the rollout early
-    fake_d.k.fill_(4)
-    gen_d.k.fill_(3)
-    assert tdm.rollout_depth([fake_d], gen_d) == 4
+    forwards = []
+    for _ in range(30):
+        for m in (student, teacher, fake):
+            m.calls = m.samples = 0
+        *_, fake_d, gen_d = _iteration(tdm, (student, teacher, fake), g)
+        levels = 4 - torch.minimum(fake_d.k, gen_d.k) + 1
+        assert student.samples == int(levels.sum())  # exactly the levels each sample needs, nothing recomputed
+        assert (teacher.calls, teacher.samples, fake.calls, fake.samples) == (1, 128, 2, 128)
+        forwards.append((student.samples + teacher.samples + fake.samples) / 64)
+    assert sum(forwards) / len(forwards) == pytest.approx(7.125, abs=0.05)
+
+
+@pytest.mark.parametrize("loss", ["pseudo_huber", "mse"])
+def test_generator_step_from_the_rollout_equals_the_recomputed_one(loss):
+    """The same draws give the same losses and gradients whether the rollout takes the generator's student forward
+    (with gradient) or the generator loss recomputes it after the fake update."""
+    results = []
+    for generator_step in (True, False):
+        roles = TinyDenoiser(0), TinyDenoiser(1), TinyDenoiser(2)
+        tdm = TDM(VP, PredictionType.EPSILON, TDMConfig(guidance_scale=3.0, generator_loss=loss))
+        fake_loss, gen_loss, *_ = _iteration(tdm, roles, torch.Generator().manual_seed(1), 32, generator_step)
+        grads = [p.grad.clone() for m in (roles[0], roles[2]) for p in m.parameters()]
+        results.append((fake_loss.detach(), gen_loss.detach(), grads, roles[0].samples))
+    (f1, g1, grads1, n1), (f2, g2, grads2, n2) = results
+    assert torch.allclose(f1, f2, atol=1e-6) and torch.allclose(g1, g2, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads1, grads2))
+    assert n1 < n2  # and recomputing costs forwards
+
+
+def test_rollout_per_sample_runs_each_sample_only_where_it_is_needed():
+    model = TinyDenoiser()
+    grid, batch = uniform_grid(900, 4), 6
+    noise, cond = torch.randn(batch, 2), torch.arange(batch) % 4
+    stop, grad_level = torch.tensor([4, 3, 1, 2, 4, 1]), torch.tensor([4, 4, 1, 3, 4, 2])
+    traj = rollout_per_sample(model, noise, cond, grid, VP, PredictionType.EPSILON, stop, grad_level)
+    assert model.samples == int((4 - stop + 1).sum()) and model.calls == 8  # each level: a call without, one with grad
+    full = rollout(model, noise, cond, grid, VP, PredictionType.EPSILON, return_trajectory=True)
+    for k in range(1, 5):
+        ran = stop <= k
+        assert torch.allclose(traj.x0[k][ran], full.x0[k][ran], atol=1e-6) and traj.x0[k][~ran].isnan().all()
+    x0, eps = traj.generator_step
+    assert x0.requires_grad and torch.allclose(x0, full.gather("x0", grad_level), atol=1e-6)
+    assert torch.allclose(eps, full.gather("eps", grad_level), atol=1e-6)
+    with pytest.raises(ValueError, match="grad_level"):
+        rollout_per_sample(model, noise, cond, grid, VP, PredictionType.EPSILON, stop, stop - 1)
 
 
 def test_core_imports_nothing_but_torch():

@@ -145,7 +145,7 @@ def test_each_optimiser_step_moves_only_its_own_role_and_the_teacher_never_chang
     noise, uncond = torch.randn(x.shape, generator=g), torch.zeros_like(cond)
     for _ in range(2):
         fake_draws, gen_draws = tdm.draw(x.shape, g), tdm.draw(x.shape, g)
-        traj = tdm.student_trajectory(roles.student, noise, cond, tdm.rollout_depth([fake_draws], gen_draws))
+        traj = tdm.rollout_for(roles.student, noise, cond, [fake_draws], gen_draws)  # takes the generator's step
 
         loss, _ = tdm.fake_score_loss(roles.fake_score, traj, fake_draws, cond)
         opt_f.zero_grad(set_to_none=True)
@@ -287,13 +287,15 @@ def test_distill_cli_checkpoints_only_the_adapters_and_refuses_another_base(tmp_
 
 
 @pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
-def test_two_processes_lora_roles(tmp_path):
+@pytest.mark.parametrize("roles", ["lora", "separate"])
+def test_two_processes_train_identical_roles(tmp_path, roles):
     """2-process DDP on CPU (gloo): per rank, each step moves only its role and the teacher stays fixed; both
-    ranks hold identical adapters after steps although each rank draws other samples (gradients averaged)."""
+    ranks hold identical roles after steps although each rank draws other samples (gradients averaged), also
+    where the ranks' rollouts call the student a different number of times (separate copies: DDP-wrapped)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS.parent / "src"),
                                                                                os.environ.get("PYTHONPATH", "")])}
     cmd = [TORCHRUN, "--nproc_per_node", "2", str(TESTS / "roles_worker.py"), str(tmp_path),
-           "train.roles=lora", "train.iterations=2"]
+           f"train.roles={roles}", "train.iterations=2"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]

@@ -84,6 +84,9 @@ class OptimConfig:
         _require(self.fake_updates >= 1, f"optim.fake_updates must be >= 1, got {self.fake_updates}")
 
 
+GENERATOR_FORWARDS = ("rollout", "recompute")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     iterations: int = 1000
@@ -108,11 +111,17 @@ class TrainConfig:
     lora_alpha: float = 16.0      # roles=lora: LoRA scale alpha / r
     lora_targets: tuple[str, ...] = ()  # roles=lora: layers to adapt, module-name patterns (a name or its tail
                                   # after a dot) or groups attention | feedforward | conv; () = the backbone's default
+    threads: int = 0              # torch CPU threads (CPU runs only); 0 = adapt to the cores other processes leave
+                                  # free, up to torch's default (tdm.cpu_threads), unless OMP_NUM_THREADS is set
+    generator_forward: str = "rollout"  # the generator step's differentiable student forward: "rollout" takes it
+                                  # from the rollout (no forward computed twice; the student's activations are held
+                                  # through the fake-score update); "recompute" recomputes it after that update
+                                  # (lower peak memory, about 0.6 forward more per iteration at K = 4)
 
     def __post_init__(self):
         for name in ("iterations", "batch_size", "log_every", "eval_samples", "max_nonfinite"):
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every", "keep_checkpoints"):
+        for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "threads"):
             _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         _require(0 <= self.ema_decay < 1, f"train.ema_decay must lie in [0, 1), got {self.ema_decay}")
         unknown = [n for n in self.stop_signals if not hasattr(signal, n)]
@@ -120,6 +129,8 @@ class TrainConfig:
         _require(self.mixed_precision in ("no", "fp16", "bf16"),
                  f"train.mixed_precision must be one of no, fp16, bf16, got {self.mixed_precision!r}")
         _require(self.roles in ("separate", "lora"), f"train.roles must be separate or lora, got {self.roles!r}")
+        _require(self.generator_forward in GENERATOR_FORWARDS, f"train.generator_forward must be one of "
+                 f"{', '.join(GENERATOR_FORWARDS)}, got {self.generator_forward!r}")
         _require(self.lora_rank >= 1, f"train.lora_rank must be >= 1, got {self.lora_rank}")
         _require(self.lora_alpha > 0, f"train.lora_alpha must be > 0, got {self.lora_alpha}")
         _require(all(t.strip() for t in self.lora_targets),

@@ -29,6 +29,8 @@ MAY_CHANGE_ON_RESUME = {
     "eval.student_steps": "the end-of-run report's sampling",
     "eval.seed": "the end-of-run report's sampling",
     "backbone.gradient_checkpointing": "recomputes activations in the backward pass: memory for time",
+    "train.threads": "how many CPU threads compute each op",
+    "train.generator_forward": "recomputes the generator's student forward after the fake update: memory for time",
     "backbone.prompt_cache": "where text embeddings are cached (keyed by the text encoder's fingerprint)",
 }
 

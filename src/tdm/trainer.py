@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
@@ -27,6 +27,7 @@ from .checkpoint import load_checkpoint, prune_checkpoints, read_manifest, save_
 from .config import Config, to_dict
 from .core.algorithm import TDM
 from .core.sampling import cond_to
+from .cpu_threads import thread_budget
 from .diagnostics import Diagnostics, per_step_losses, sample_statistics
 from .divergence import DivergenceWatch
 from .errors import TrainingAborted
@@ -81,8 +82,13 @@ class Trainer:
         if backbone is None:
             check_training_inputs(config.backbone)  # before loading anything
         self.config, self.out_dir = config, Path(out_dir)
+        # DDP without a buffer broadcast at each forward: the rollout calls the student per level on the samples
+        # still running it, so ranks make different numbers of calls (the networks' buffers are constants).
         self.accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
-                                       cpu=not torch.cuda.is_available())  # gloo DDP on CPU-only machines
+                                       cpu=not torch.cuda.is_available(),  # gloo DDP on CPU-only machines
+                                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        on_cpu = self.accelerator.device.type == "cpu"
+        self.thread_budget = thread_budget(config.train.threads) if on_cpu else None  # before any network runs
         self.backbone = backbone or build_backbone(config.backbone)
         self.tdm = TDM(self.backbone.schedule, self.backbone.prediction, config.tdm)
         self.roles = roles = Roles.from_config(config, self.backbone).to(self.accelerator.device)
@@ -240,9 +246,11 @@ class Trainer:
         return cond, torch.randn((batch, *self.backbone.sample_shape), generator=g).to(device)
 
     def _rollout(self, noise: torch.Tensor, cond, fake_draws: list, gen_draws=None):
-        """The current student's rollout from `noise` that the draws need (no gradient)."""
+        """The current student's rollout from `noise` that the draws need; with generator draws it also takes the
+        generator's student step, with gradient, unless train.generator_forward=recompute."""
+        take_step = self.config.train.generator_forward == "rollout"
         with self.accelerator.autocast():
-            return self.tdm.rollout_for(self.student, noise, cond, fake_draws, gen_draws)
+            return self.tdm.rollout_for(self.student, noise, cond, fake_draws, gen_draws, generator_step=take_step)
 
     @torch.no_grad()
     def _update_ema(self):
@@ -380,6 +388,8 @@ class Trainer:
         """One training iteration plus its logging, evaluation and periodic checkpoint."""
         cfg = self.config.train
         logs = self.train_step()
+        if self.thread_budget is not None:
+            logs["time/threads"] = self.thread_budget.update()
         bar.update(1)
         step = self.state.step
         log_now = step % cfg.log_every == 0 or step == cfg.iterations

@@ -2,11 +2,13 @@
 
 `TDM` owns no optimiser, device or distributed object. The trainer calls, per iteration:
     draws  = tdm.draw_iteration(...)          K, then the draws of each fake update and of the generator
-    traj   = tdm.rollout_for(student, ...)    one no-grad rollout at their K, only as deep as the draws need
+    traj   = tdm.rollout_for(student, ...)    one rollout at their K, each sample only as deep as its draws; the
+                                              generator's student forward taken from it, with gradient
     tdm.fake_score_loss(fake, traj, ...)      -> step the fake score first
     tdm.generator_loss(student, ...)          -> then the student, against the updated fake score
 The trainer passes the roles as they are: each method gives a role the step inputs it takes (`bind_steps`).
-Passes per iteration (K = 4, method.md H.2): student <= 4F + 1F/1B, teacher one 2B call, fake 1F/1B + 1F.
+Passes per iteration at K = 4 with k uniform (method.md H.2): student 3.125F (one with gradient) + 1B, teacher
+one 2B call, fake 1F/1B + 1F: about 7.1F + 2B, against the official code's 11F + 2B.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .sampling import (
     flow_grid,
     guided,
     rollout,
+    rollout_per_sample,
     uniform_grid,
 )
 from .schedules import Schedule, append_dims
@@ -196,26 +199,38 @@ class TDM:
         return fake, self.draw(sample_shape, generator, device, K)
 
     @staticmethod
-    def rollout_depth(fake_draws: list[Draws], generator_draws: Draws | None = None) -> int:
-        """Deepest level a rollout needs: x0/eps at every fake k, the state at every generator k."""
-        need = [int(d.k.min()) for d in fake_draws]
-        if generator_draws is not None:
-            need.append(int(generator_draws.k.min()) + 1)
-        return min(need)
+    def stop_levels(fake_draws: list[Draws], generator_draws: Draws | None = None,
+                    generator_step: bool = True) -> Tensor:
+        """Per sample, the lowest level its rollout evaluates: every fake k (x0, eps there), and the generator's k
+        when the rollout takes the generator's student step, else k + 1 (only the state at k is needed)."""
+        stop = torch.stack([d.k for d in fake_draws]).amin(0)
+        if generator_draws is None:
+            return stop
+        k_g = generator_draws.k if generator_step else (generator_draws.k + 1).clamp(max=generator_draws.num_steps)
+        return torch.minimum(stop, k_g)
 
     @torch.no_grad()
     def student_trajectory(self, student: Model, noise: Tensor, cond: Cond, stop_level: int,
                            num_steps: int | None = None) -> Trajectory:
-        """The student's rollout at K = num_steps (default: the largest trained K) down to `stop_level`."""
+        """The student's rollout of the whole batch at K = num_steps (default: the largest trained K) down to
+        `stop_level`."""
         grid = self.grids[num_steps or self.grid.num_steps]
         return rollout(bind_steps(student, self.config, grid.num_steps), noise, cond, grid, self.schedule,
                        self.prediction, stop_level=min(stop_level, grid.num_steps), return_trajectory=True)
 
     def rollout_for(self, student: Model, noise: Tensor, cond: Cond, fake_draws: list[Draws],
-                    generator_draws: Draws | None = None) -> Trajectory:
-        """The rollout these draws need: at their K, down to the deepest level they use (`rollout_depth`)."""
-        return self.student_trajectory(student, noise, cond, self.rollout_depth(fake_draws, generator_draws),
-                                       fake_draws[0].num_steps)
+                    generator_draws: Draws | None = None, generator_step: bool = True) -> Trajectory:
+        """The rollout these draws need, at their K, each sample only as deep as its own draws (`stop_levels`).
+
+        With generator draws and `generator_step`, each sample's forward at its generator level carries gradient
+        and is the generator loss's one differentiable student step (`Trajectory.generator_step`): no student
+        forward is computed twice. Without, the rollout takes no gradient and the generator loss recomputes that
+        forward (less memory held across the fake-score update, one forward more per sample at most)."""
+        grid = self.grids[fake_draws[0].num_steps]
+        take_step = generator_step and generator_draws is not None
+        stop = self.stop_levels(fake_draws, generator_draws, generator_step)
+        return rollout_per_sample(bind_steps(student, self.config, grid.num_steps), noise, cond, grid,
+                                  self.schedule, self.prediction, stop, generator_draws.k if take_step else None)
 
     # ---- shared by both phases: trajectory point -> diffused sample (method.md C.6-C.8) ----
     def _diffuse(self, x0: Tensor, eps: Tensor, d: Draws) -> tuple[Tensor, Tensor]:
@@ -244,10 +259,14 @@ class TDM:
     # ---- generator phase (method.md D) ----
     def generator_loss(self, student: Model, teacher: Model, fake: Model, traj: Trajectory, d: Draws,
                        cond: Cond, uncond: Cond):
-        x_k = traj.gather("states", d.k)
-        student, fake = bind_steps(student, self.config, d.num_steps), bind_steps(fake, self.config, d.num_steps, d.k)
-        # The only backprop path: one student step from the rollout state (paper Sec. 3.2).
-        x0, eps = to_x0_eps(student(x_k, d.t_k, cond), x_k, d.t_k, self.schedule, self.prediction)
+        fake = bind_steps(fake, self.config, d.num_steps, d.k)
+        # The only backprop path: one student step from the rollout state (paper Sec. 3.2), taken in the rollout
+        # (`rollout_for`) or computed here.
+        if traj.generator_step is not None:
+            x0, eps = traj.generator_step
+        else:
+            x_k, student = traj.gather("states", d.k), bind_steps(student, self.config, d.num_steps)
+            x0, eps = to_x0_eps(student(x_k, d.t_k, cond), x_k, d.t_k, self.schedule, self.prediction)
         with torch.no_grad():
             x_tau, _ = self._diffuse(x0, eps, d)
             teacher_out = guided(teacher, uncond, self.config.guidance_scale)(x_tau, d.tau, cond)

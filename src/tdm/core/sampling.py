@@ -111,13 +111,22 @@ def guided(model: Model, uncond: Cond, scale: float) -> Model:
     return guided_model
 
 
+def rows_of(cond: Cond, rows: Tensor) -> Cond:
+    """The conditioning of the samples `rows` (indices into dim 0)."""
+    return map_cond(lambda x: x[rows], cond)
+
+
 @dataclass
 class Trajectory:
-    """Rollout states x_{t_k} and the model's (x0, eps) at each computed level; dicts keyed by step k."""
+    """Rollout states x_{t_k} and the model's (x0, eps) at each computed level; dicts keyed by step k.
+
+    A per-sample rollout (`rollout_per_sample`) leaves NaN in the rows of samples that did not reach a level.
+    `generator_step`, when taken: each sample's (x0, eps) at its generator level, carrying gradient."""
 
     states: dict[int, Tensor]
     x0: dict[int, Tensor]
     eps: dict[int, Tensor]
+    generator_step: tuple[Tensor, Tensor] | None = None
 
     def gather(self, field: str, k: Tensor) -> Tensor:
         """Per-sample pick: row i of the result is `field` at level k[i] (every k[i] must be computed)."""
@@ -156,3 +165,53 @@ def rollout(model: Model, noise: Tensor, cond: Cond, grid: StudentGrid, schedule
             x = schedule.ddim_step(x0, eps, t_next)
             traj.states[k - 1] = x
     return traj if return_trajectory else traj.x0[stop_level]
+
+
+def _rows_filled(batch: int, parts: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """A [batch, ...] tensor holding each part's (detached) values in its rows and NaN in the others."""
+    out = parts[0][1].new_full((batch, *parts[0][1].shape[1:]), float("nan"))
+    for rows, values in parts:
+        out[rows] = values.detach()
+    return out
+
+
+def rollout_per_sample(model: Model, noise: Tensor, cond: Cond, grid: StudentGrid, schedule: Schedule,
+                       prediction: PredictionType, stop_level: Tensor, grad_level: Tensor | None = None) -> Trajectory:
+    """The rollout of `rollout`, with each sample evaluated only at the levels it needs: sample i at levels
+    K, ..., stop_level[i] (and its state one level below). At level grad_level[i] (>= stop_level[i]), if given,
+    sample i's forward carries gradient: those forwards form `Trajectory.generator_step`, and their detached
+    values continue the rollout.
+
+    A level's batch is the samples still running it, split into a call without and a call with gradient."""
+    K, batch = grid.num_steps, noise.shape[0]
+    if not bool(((stop_level >= 1) & (stop_level <= K)).all()):
+        raise ValueError(f"stop_level must lie in [1, {K}]")
+    if grad_level is not None and not bool(((grad_level >= stop_level) & (grad_level <= K)).all()):
+        raise ValueError(f"grad_level must lie in [stop_level, {K}]")
+    traj = Trajectory(states={K: noise}, x0={}, eps={})
+    step_parts = []  # (rows, x0, eps) of the forwards with gradient
+    for k in range(K, int(stop_level.min()) - 1, -1):
+        needed = stop_level <= k
+        with_grad = needed & (grad_level == k) if grad_level is not None else torch.zeros_like(needed)
+        x, t_k = traj.states[k], grid.timesteps[K - k]
+        x0_parts, eps_parts = [], []
+        for rows, grad in ((needed & ~with_grad).nonzero()[:, 0], False), (with_grad.nonzero()[:, 0], True):
+            if rows.numel() == 0:
+                continue
+            t = schedule.snap(torch.full((rows.numel(),), t_k, device=noise.device))
+            with torch.set_grad_enabled(grad):
+                x0, eps = to_x0_eps(model(x[rows], t, rows_of(cond, rows)), x[rows], t, schedule, prediction)
+            x0_parts.append((rows, x0))
+            eps_parts.append((rows, eps))
+            if grad:
+                step_parts.append((rows, x0, eps))
+        traj.x0[k], traj.eps[k] = _rows_filled(batch, x0_parts), _rows_filled(batch, eps_parts)
+        if k > 1:  # the state one level below, for every sample evaluated here (as `rollout` keeps it)
+            rows = needed.nonzero()[:, 0]
+            t_next = schedule.snap(torch.full((rows.numel(),), grid.timesteps[K - k + 1], device=noise.device))
+            x_next = schedule.ddim_step(traj.x0[k][rows], traj.eps[k][rows], t_next)
+            traj.states[k - 1] = _rows_filled(batch, [(rows, x_next)])
+    if step_parts:  # back in batch order: differentiable through the concatenation
+        order = torch.cat([rows for rows, _, _ in step_parts]).argsort()
+        traj.generator_step = tuple(torch.cat([part[i] for part in step_parts])[order] for i in (1, 2))
+    return traj
