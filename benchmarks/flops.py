@@ -226,7 +226,7 @@ def main():
     expected, mc = expected_student_forwards(args.num_steps), monte_carlo_student_forwards(args.num_steps)
     print(f"student forwards per sample under tdm at K = {args.num_steps}: {expected:.4f} (formula), "
           f"{mc:.4f} (Monte Carlo over 100000 of tdm's draws)")
-    results = {"command": "python benchmarks/flops.py " + " ".join(sys.argv[1:]), "num_steps": args.num_steps,
+    results = {"command": " ".join(["python benchmarks/flops.py", *sys.argv[1:]]), "num_steps": args.num_steps,
                "counted_on": "meta device, batch 1 (per sample); torch.utils.flop_counter.FlopCounterMode",
                "not_counted": "text encoders and VAE (embeddings are cached); norms and elementwise ops",
                "unit": "TFLOP per sample", "mfu": MFU, "peak_tflops": PEAK_TFLOPS,
