@@ -7,7 +7,8 @@ a no-grad forward of the frozen teacher, and for a trainable role (LoRA adapters
 for roles: separate) a no-grad forward, a forward with grad and its backward (loss = output.sum()), once without
 and once with gradient checkpointing (its recompute lands in the backward's count). The counter counts matmuls,
 convolutions and attention (2 FLOPs per multiply-add), not norms or elementwise ops: the usual MFU convention.
-Text encoders and the VAE are not counted (tdm caches text embeddings; the training loss never decodes).
+On meta, attention runs as plain matmuls, so its backward counts 2 forwards (a fused GPU kernel's count adds the
+recomputed scores: 2.5). Text encoders and the VAE are not counted (tdm caches text embeddings; the training loss never decodes).
 
 Passes per sample-iteration at K steps (method.md H.2; one fake update, as every diffusers preset):
   official: student K+1 no-grad forwards (the K-level rollout, then a recomputed output) + 1 with grad + 1 backward;
@@ -17,6 +18,8 @@ Passes per sample-iteration at K steps (method.md H.2; one fake update, as every
             min(k_fake, k_generator) (E = 3.125 at K = 4); teacher 2 forwards (one 2B CFG call); fake score as above.
 
     python benchmarks/flops.py [--architectures sd15 sdxl ...] [--num-steps 4] [--out benchmarks/results]
+
+About 3.5 minutes on two shared CPU cores: meta-device kernels run in Python.
 """
 
 from __future__ import annotations
