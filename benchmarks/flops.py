@@ -8,7 +8,8 @@ for roles: separate) a no-grad forward, a forward with grad and its backward (lo
 and once with gradient checkpointing (its recompute lands in the backward's count). The counter counts matmuls,
 convolutions and attention (2 FLOPs per multiply-add), not norms or elementwise ops: the usual MFU convention.
 On meta, attention runs as plain matmuls, so its backward counts 2 forwards (a fused GPU kernel's count adds the
-recomputed scores: 2.5). Text encoders and the VAE are not counted (tdm caches text embeddings; the training loss never decodes).
+recomputed scores: 2.5). Text encoders and the VAE are not counted (tdm caches text embeddings; the training loss
+never decodes).
 
 Passes per sample-iteration at K steps (method.md H.2; one fake update, as every diffusers preset):
   official: student K+1 no-grad forwards (the K-level rollout, then a recomputed output) + 1 with grad + 1 backward;
