@@ -58,7 +58,8 @@ def _status_mib(field: str) -> float:
     raise KeyError(field)
 
 
-def measure(config: str, strategy: str, generator_forward: str, iterations: int, batch: int, device: str) -> dict:
+def measure(config: str, strategy: str, generator_forward: str, iterations: int, batch: int, device: str,
+            checkpointing: bool) -> dict:
     """One (config, strategy) run in this process; call it in a fresh process only."""
     from diffusers import UNet2DConditionModel
 
@@ -80,7 +81,10 @@ def measure(config: str, strategy: str, generator_forward: str, iterations: int,
     start_rss = _status_mib("VmRSS")
 
     torch.manual_seed(0)
-    teacher = TextUNet(UNet2DConditionModel(**kwargs))
+    unet = UNet2DConditionModel(**kwargs)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    teacher = TextUNet(unet)
     base_params = sum(p.numel() for p in teacher.parameters())
     roles = (Roles.separate_copies(teacher, teacher) if strategy == "separate" else
              Roles.lora(teacher, teacher, LORA["rank"], LORA["alpha"], LORA["targets"])).to(device)
@@ -118,20 +122,23 @@ def main():
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--generator-forward", nargs="+", default=["rollout", "recompute"],
                         choices=["rollout", "recompute"])
+    parser.add_argument("--strategies", nargs="+", default=["separate", "lora"], choices=["separate", "lora"])
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute the UNet's blocks in backward")
     parser.add_argument("--child", nargs=3, metavar=("CONFIG", "STRATEGY", "FORWARD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(measure(*args.child, args.iterations, args.batch, args.device)))
+        print(json.dumps(measure(*args.child, args.iterations, args.batch, args.device,
+                                 args.gradient_checkpointing)))
         return
 
     rows = []
     for config in args.configs:
-        for strategy in ("separate", "lora"):
+        for strategy in args.strategies:
             for forward in args.generator_forward:
                 cmd = [sys.executable, __file__, "--child", config, strategy, forward, "--iterations",
                        str(args.iterations), "--batch", str(args.batch), "--threads", str(args.threads),
-                       "--device", args.device]
+                       "--device", args.device, *["--gradient-checkpointing"] * args.gradient_checkpointing]
                 done = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 r = rows[-1]
@@ -143,16 +150,19 @@ def main():
         return next(r["peak_mib"] for r in rows if (r["config"], r["strategy"], r["generator_forward"]) ==
                     (config, strategy, forward))
 
-    ratios = {c: peak(c, "separate") / peak(c, "lora") for c in args.configs}
-    print("peak memory separate / lora: " + ", ".join(f"{c} {v:.2f}x" for c, v in ratios.items()))
+    ratios = {}
+    if len(args.strategies) == 2:
+        ratios = {c: peak(c, "separate") / peak(c, "lora") for c in args.configs}
+        print("peak memory separate / lora: " + ", ".join(f"{c} {v:.2f}x" for c, v in ratios.items()))
     held = {}
     if len(args.generator_forward) == 2:
         held = {f"{c}/{s}": peak(c, s, "rollout") / peak(c, s, "recompute") for c in args.configs
-                for s in ("separate", "lora")}
+                for s in args.strategies}
         print("peak memory rollout / recompute: " + ", ".join(f"{k} {v:.3f}x" for k, v in held.items()))
     out = Path(args.out)
     command = "python benchmarks/roles_memory.py " + " ".join(sys.argv[1:])
     result = {"command": command.strip(), "device": args.device, "threads": args.threads, "lora": LORA,
+              "gradient_checkpointing": args.gradient_checkpointing,
               "configs": {c: CONFIGS[c] for c in args.configs}, "rows": rows, "ratio_separate_over_lora": ratios,
               "ratio_rollout_over_recompute": held}
     write_text_atomic(out / "roles_memory.json", json.dumps(result, indent=1))
