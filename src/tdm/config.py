@@ -108,6 +108,8 @@ class TrainConfig:
     lora_alpha: float = 16.0      # roles=lora: LoRA scale alpha / r
     lora_targets: tuple[str, ...] = ()  # roles=lora: layers to adapt, module-name patterns (a name or its tail
                                   # after a dot) or groups attention | feedforward | conv; () = the backbone's default
+    compile: bool = False         # torch.compile the networks the roles call (in place: checkpoints unchanged);
+                                  # needs a C++ compiler on CPU, triton on CUDA
 
     def __post_init__(self):
         for name in ("iterations", "batch_size", "log_every", "eval_samples", "max_nonfinite"):

@@ -29,6 +29,7 @@ MAY_CHANGE_ON_RESUME = {
     "eval.student_steps": "the end-of-run report's sampling",
     "eval.seed": "the end-of-run report's sampling",
     "backbone.gradient_checkpointing": "recomputes activations in the backward pass: memory for time",
+    "train.compile": "compiles the same computation (torch.compile): time for a start-up cost",
     "backbone.prompt_cache": "where text embeddings are cached (keyed by the text encoder's fingerprint)",
 }
 

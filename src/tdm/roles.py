@@ -99,6 +99,25 @@ def trainable_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).float().train().requires_grad_(True)
 
 
+def require_compiler(device: torch.device) -> None:
+    """Raise a ConfigError naming train.compile when torch.compile's default backend cannot compile for `device`:
+    inductor needs a C++ compiler for the CPU and triton for CUDA."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ConfigError("train.compile: torch.compile on CUDA needs triton, which is not installed here "
+                              "(pip install triton), or set train.compile=false")
+    elif device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()
+        except (RuntimeError, OSError) as e:
+            raise ConfigError(f"train.compile: torch.compile on the CPU needs a C++ compiler and none works here "
+                              f"({e}); install g++, point CXX at one, or set train.compile=false") from None
+
+
 class SharedBase:
     """One frozen backbone with named peft LoRA adapters, switched per call.
 
@@ -275,6 +294,23 @@ class Roles:
         ema.load_state_dict(self.student.state_dict())
         ema.requires_grad_(False)
         return ema
+
+    def compile(self) -> None:
+        """train.compile: torch.compile every network the roles call, in place (`nn.Module.compile`), so parameter
+        names, state dicts and checkpoints are those of an uncompiled run.
+
+        Shapes are compiled dynamic after the first change of a call's shapes (torch's automatic dynamic shapes),
+        so sub-batches of varying size reuse one graph. On the shared LoRA base the active adapter and the grad
+        mode are guarded: each (adapter, grad mode) pair the iteration uses compiles once. `require_compiler`
+        first says whether a compiler works here."""
+        if self.shared is not None:
+            networks = [self.shared.base]
+        else:
+            networks = [self.student, self.fake_score]
+        if not isinstance(self.teacher, AdapterView):
+            networks.append(self.teacher)
+        for network in networks:
+            network.compile()
 
     def to(self, device) -> Roles:
         """Move every role (views hold no weights of their own: the shared base moves for them)."""

@@ -35,7 +35,7 @@ from .preemption import StopSignals
 from .registry import build_backbone, check_training_inputs
 from .report import image_grid
 from .resume import load_newest, no_usable_checkpoint, set_aside
-from .roles import Roles
+from .roles import Roles, require_compiler
 from .samplers import draw_samples, student_samplers, teacher_samplers
 from .train_state import TrainState
 
@@ -83,11 +83,15 @@ class Trainer:
         self.config, self.out_dir = config, Path(out_dir)
         self.accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
                                        cpu=not torch.cuda.is_available())  # gloo DDP on CPU-only machines
+        if config.train.compile:
+            require_compiler(self.accelerator.device)  # before loading anything
         self.backbone = backbone or build_backbone(config.backbone)
         self.tdm = TDM(self.backbone.schedule, self.backbone.prediction, config.tdm)
         self.roles = roles = Roles.from_config(config, self.backbone).to(self.accelerator.device)
         self.teacher = roles.teacher
         self.ema = roles.student_ema() if config.train.ema_decay > 0 else None
+        if config.train.compile:  # after the EMA copy: only the networks training calls are compiled
+            roles.compile()
         o = config.optim
         opt_g = torch.optim.AdamW(roles.student.parameters(), lr=o.generator_lr, betas=o.betas,
                                   weight_decay=o.weight_decay)
