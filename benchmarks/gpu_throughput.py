@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import multiprocessing
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -98,7 +100,8 @@ def measure(name: str, setting: str, args) -> dict:
     seconds = sum(times) / len(times)
     peak_mib = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                 * 1024) / 2**20
-    return {"batch": config.train.batch_size, "warmup_seconds": warmup, "iterations": len(times),
+    return {"batch": config.train.batch_size, "lora_rank": config.train.lora_rank, "num_steps": config.tdm.num_steps,
+            "guidance_scale": config.tdm.guidance_scale, "warmup_seconds": warmup, "iterations": len(times),
             "seconds": times, "seconds_per_iteration": seconds, "iterations_per_s": 1 / seconds,
             "samples_per_s": config.train.batch_size / seconds, "peak_memory_mib": peak_mib,
             "peak_memory_of": "torch.cuda.max_memory_allocated" if cuda else "process peak resident set",
@@ -107,12 +110,15 @@ def measure(name: str, setting: str, args) -> dict:
             "graph_breaks": sum(counters["graph_break"].values())}
 
 
-def counted_flops(name: str, is_tiny: bool) -> dict:
+def counted_flops(names: list[str], is_tiny: bool) -> dict:
     """TFLOP per sample-iteration of tdm's schedule under LoRA roles, without and with checkpointing."""
-    arch = architecture(name, is_tiny)
-    tdm = load_config(arch.preset).tdm
-    return {ckpt: schedule_flops(pass_flops(arch, "lora", ckpt == "ckpt"), tdm.num_steps, tdm.guidance_scale)["tdm"]
-            ["total"] for ckpt in ("no-ckpt", "ckpt")}
+    flops = {}
+    for name in names:
+        arch = architecture(name, is_tiny)
+        tdm = load_config(arch.preset).tdm
+        flops[name] = {ckpt: schedule_flops(pass_flops(arch, "lora", ckpt == "ckpt"), tdm.num_steps,
+                                            tdm.guidance_scale)["tdm"]["total"] for ckpt in ("no-ckpt", "ckpt")}
+    return flops
 
 
 def utilisation(row: dict, flops: dict, peak: float | None) -> dict:
@@ -127,8 +133,11 @@ def utilisation(row: dict, flops: dict, peak: float | None) -> dict:
     return out
 
 
-def run_child(name: str, setting: str, args, seconds: float) -> dict:
-    """`measure` in a fresh process, killed past `seconds` plus a grace period; failures become the row's error."""
+def run_child(name: str, setting: str, args, end: float, left: int) -> dict:
+    """`measure` in a fresh process with a fair share of the time to `end` (`left` configurations to go), killed
+    past it plus a grace period; failures become the row's error."""
+    seconds = max(1.0, (end - time.perf_counter()) / left)
+    print(f"{name}/{setting}: up to {seconds:.0f} s", flush=True)
     cmd = [sys.executable, __file__, "--child", name, setting, "--warmup", str(args.warmup), "--iterations",
            str(args.iterations), "--seconds", str(seconds), *(["--batch", str(args.batch)] if args.batch else []),
            *(["--tiny"] if args.tiny else [])]
@@ -167,13 +176,23 @@ def main():
     runs = [(a, s) for a, s in names if any(fnmatch.fnmatch(f"{a}/{s}", p) for p in args.configs)]
     if not runs:
         parser.error(f"--configs {args.configs} match none of {['/'.join(n) for n in names]}")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    peak = peak_tflops(device, args.peak_tflops)
-    flops = {a: counted_flops(a, args.tiny) for a in args.architectures}
-    end, rows = time.perf_counter() + args.budget_s, []
-    for i, (name, setting) in enumerate(runs):
-        share = max(1.0, (end - time.perf_counter()) / (len(runs) - i))
-        row = {"architecture": name, "setting": setting, **run_child(name, setting, args, share)}
+    end = time.perf_counter() + args.budget_s
+    out = Path(args.out) / ("gpu_throughput_tiny.json" if args.tiny else "gpu_throughput.json")
+    result = {"command": " ".join(["python benchmarks/gpu_throughput.py", *sys.argv[1:]]), "tiny": args.tiny,
+              "torch": torch.__version__, "warmup": args.warmup, "budget_s": args.budget_s, "rows": []}
+    # Counting FLOPs on the meta device takes a minute of CPU: in a forked process (before this one touches CUDA)
+    # while the GPU runs the configurations.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+        counting = pool.submit(counted_flops, sorted({a for a, _ in runs}), args.tiny)
+        result["device"] = device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        for i, (name, setting) in enumerate(runs):
+            result["rows"].append({"architecture": name, "setting": setting,
+                                   **run_child(name, setting, args, end, len(runs) - i)})
+            write_text_atomic(out, json.dumps(result, indent=1))  # what is measured so far, should the rest fail
+        flops = counting.result()
+    rows, peak = result["rows"], peak_tflops(device, args.peak_tflops)
+    for row in rows:
+        name, setting = row["architecture"], row["setting"]
         if row["status"] == "ok":
             row.update(utilisation(row, flops[name], peak))
             mfu = f"  MFU {row['mfu']:.1%}  HFU {row['hfu']:.1%}" if peak else ""
@@ -183,12 +202,7 @@ def main():
                   flush=True)
         else:
             print(f"{name:17} {setting:16} {row['status']}: {row['error']}", flush=True)
-        rows.append(row)
-    command = "python benchmarks/gpu_throughput.py " + " ".join(sys.argv[1:])
-    result = {"command": command.strip(), "device": device, "peak_tflops": peak, "tiny": args.tiny,
-              "torch": torch.__version__, "warmup": args.warmup, "budget_s": args.budget_s,
-              "tflop_per_sample_iteration": flops, "rows": rows}
-    out = Path(args.out) / ("gpu_throughput_tiny.json" if args.tiny else "gpu_throughput.json")
+    result.update(peak_tflops=peak, tflop_per_sample_iteration=flops)
     write_text_atomic(out, json.dumps(result, indent=1))
     print(f"wrote {out}")
     if not any(r["status"] == "ok" for r in rows):
