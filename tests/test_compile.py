@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from tdm.checkpoint import latest_checkpoint
-from tdm.config import load_config
+from tdm.config import load_config, to_dict
+from tdm.config_change import changed_keys
 from tdm.errors import ConfigError
 from tdm.roles import require_compiler
 from tdm.toys.gmm import GMMBackbone
@@ -71,3 +72,9 @@ def test_no_compiler_is_a_clear_error_naming_the_key(tmp_path, capsys):
         code, err, out = _run(tmp_path, capsys, ["distill", "--config", "toy-gmm", "--no-report", "--set",
                                                  "train.compile=true"])
     _assert_clear(code, err, out, "train.compile: torch.compile on the CPU needs a C++ compiler")
+
+
+def test_compile_may_change_on_resume():
+    """Compiling computes the same iteration: a run may resume with or without it."""
+    saved = to_dict(load_config("toy-gmm"))
+    assert changed_keys(saved, load_config("toy-gmm", ["train.compile=true"])) == []
