@@ -117,6 +117,8 @@ class TrainConfig:
                                   # from the rollout (no forward computed twice; the student's activations are held
                                   # through the fake-score update); "recompute" recomputes it after that update
                                   # (lower peak memory, about 0.6 forward more per iteration at K = 4)
+    compile: bool = False         # torch.compile the networks the roles call (in place: checkpoints unchanged);
+                                  # needs a C++ compiler on CPU, triton on CUDA
 
     def __post_init__(self):
         for name in ("iterations", "batch_size", "log_every", "eval_samples", "max_nonfinite"):

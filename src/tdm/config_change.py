@@ -31,6 +31,7 @@ MAY_CHANGE_ON_RESUME = {
     "backbone.gradient_checkpointing": "recomputes activations in the backward pass: memory for time",
     "train.threads": "how many CPU threads compute each op",
     "train.generator_forward": "recomputes the generator's student forward after the fake update: memory for time",
+    "train.compile": "compiles the same computation (torch.compile): time for a start-up cost",
     "backbone.prompt_cache": "where text embeddings are cached (keyed by the text encoder's fingerprint)",
 }
 

@@ -42,6 +42,7 @@ TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "feedforward": ("ff.net.0.proj", "ff.net.2"),       # diffusers `FeedForward`: GELU projection in, linear out
     "conv": ("conv1", "conv2", "conv_shortcut"),        # diffusers `ResnetBlock2D` convolutions
 }
+RECOMPILE_LIMIT = 32  # train.compile: graphs per compiled function (Roles.compile)
 LORA_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)  # what peft's LoRA can wrap
 
 
@@ -99,6 +100,25 @@ def trainable_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).float().train().requires_grad_(True)
 
 
+def require_compiler(device: torch.device) -> None:
+    """Raise a ConfigError naming train.compile when torch.compile's default backend cannot compile for `device`:
+    inductor needs a C++ compiler for the CPU and triton for CUDA."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ConfigError("train.compile: torch.compile on CUDA needs triton, which is not installed here "
+                              "(pip install triton), or set train.compile=false")
+    elif device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()
+        except (RuntimeError, OSError) as e:
+            raise ConfigError(f"train.compile: torch.compile on the CPU needs a C++ compiler and none works here "
+                              f"({e}); install g++, point CXX at one, or set train.compile=false") from None
+
+
 class SharedBase:
     """One frozen backbone with named peft LoRA adapters, switched per call.
 
@@ -121,7 +141,8 @@ class SharedBase:
         self.layers = [m for m in base.modules() if isinstance(m, BaseTunerLayer)]
         self.active: str | None = None
         self.activate(None)  # at rest the base is the teacher
-        self._make_checkpointing_adapter_aware()
+        self.checkpointing = self._make_checkpointing_adapter_aware()
+        self.compile_blocks = False  # train.compile with checkpointing: compile each checkpointed block (Roles.compile)
 
     def add_adapter(self, name: str) -> None:
         """Inject LoRA adapter `name` (B = 0: the base's output is unchanged) with trainable fp32 weights."""
@@ -157,19 +178,24 @@ class SharedBase:
         finally:
             self.activate(previous)
 
-    def _make_checkpointing_adapter_aware(self) -> None:
+    def _make_checkpointing_adapter_aware(self) -> bool:
         """Gradient checkpointing recomputes forwards during backward, after the view's call has returned: make
         each recomputation run under the adapter that was active in the original forward (diffusers and
-        transformers blocks call `self._gradient_checkpointing_func(block, *args)`)."""
+        transformers blocks call `self._gradient_checkpointing_func(block, *args)`). True if any module checkpoints."""
+        found = False
         for m in self.base.modules():
             if getattr(m, "gradient_checkpointing", False) is True:
                 if not hasattr(m, "_gradient_checkpointing_func"):
                     raise TDMError(f"{type(m).__name__} uses gradient checkpointing through no "
                                    f"`_gradient_checkpointing_func`; train.roles=lora cannot route its recomputation")
                 m._gradient_checkpointing_func = self._checkpoint
+                found = True
+        return found
 
     def _checkpoint(self, block, *args):
         adapter = self.active  # the adapter of the view running this forward
+        if self.compile_blocks and isinstance(block, nn.Module) and block._compiled_call_impl is None:
+            block.compile()  # in place: every later call of this block, checkpointed or not, runs compiled
         return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False,
                                                  context_fn=lambda: (contextlib.nullcontext(), self.using(adapter)))
 
@@ -275,6 +301,30 @@ class Roles:
         ema.load_state_dict(self.student.state_dict())
         ema.requires_grad_(False)
         return ema
+
+    def compile(self) -> None:
+        """train.compile: torch.compile every network the roles call, in place (`nn.Module.compile`), so parameter
+        names, state dicts and checkpoints are those of an uncompiled run.
+
+        Shapes are compiled dynamic after the first change of a call's shapes (torch's automatic dynamic shapes),
+        so sub-batches of varying size reuse one graph. On the shared LoRA base the active adapter and the grad
+        mode are guarded: each (adapter, grad mode) pair the iteration uses compiles once. With gradient
+        checkpointing the shared base is not compiled whole (dynamo cannot trace the adapter-aware checkpoint's
+        context_fn): each block it checkpoints is, at its first checkpointed call, and the blocks' code is
+        compiled once for all layers, in up to ~12 variants (adapter, grad mode, whether its input requires grad,
+        strides), hence a recompile limit of at least 32 (torch's default, 8, would leave the rest eager).
+        `require_compiler` first says whether a compiler works here."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        if self.shared is not None and self.shared.checkpointing:
+            self.shared.compile_blocks, networks = True, []
+        elif self.shared is not None:
+            networks = [self.shared.base]
+        else:
+            networks = [self.student, self.fake_score]
+        if not isinstance(self.teacher, AdapterView):
+            networks.append(self.teacher)
+        for network in networks:
+            network.compile()
 
     def to(self, device) -> Roles:
         """Move every role (views hold no weights of their own: the shared base moves for them)."""

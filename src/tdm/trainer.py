@@ -36,7 +36,7 @@ from .preemption import StopSignals
 from .registry import build_backbone, check_training_inputs
 from .report import image_grid
 from .resume import load_newest, no_usable_checkpoint, set_aside
-from .roles import Roles
+from .roles import Roles, require_compiler
 from .samplers import draw_samples, student_samplers, teacher_samplers
 from .train_state import TrainState
 
@@ -89,11 +89,15 @@ class Trainer:
                                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         on_cpu = self.accelerator.device.type == "cpu"
         self.thread_budget = thread_budget(config.train.threads) if on_cpu else None  # before any network runs
+        if config.train.compile:
+            require_compiler(self.accelerator.device)  # before loading anything
         self.backbone = backbone or build_backbone(config.backbone)
         self.tdm = TDM(self.backbone.schedule, self.backbone.prediction, config.tdm)
         self.roles = roles = Roles.from_config(config, self.backbone).to(self.accelerator.device)
         self.teacher = roles.teacher
         self.ema = roles.student_ema() if config.train.ema_decay > 0 else None
+        if config.train.compile:  # after the EMA copy: only the networks training calls are compiled
+            roles.compile()
         o = config.optim
         opt_g = torch.optim.AdamW(roles.student.parameters(), lr=o.generator_lr, betas=o.betas,
                                   weight_decay=o.weight_decay)
