@@ -137,6 +137,7 @@ def main():
     parser.add_argument("--backbone", default="digits", help="digits (or another registered toy) | mid")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--counted", type=int, default=20, help="iterations whose passes are counted")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/bench")
     args = parser.parse_args()
@@ -155,7 +156,7 @@ def main():
     counts = {}
     for name, fn in schedules.items():
         per_iter = []
-        for _ in range(20):
+        for _ in range(args.counted):
             for r in (roles.teacher, roles.student, roles.fake_score):
                 r.reset()
             fn(tdm, roles, opts, inputs, g)
