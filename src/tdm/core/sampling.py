@@ -137,6 +137,11 @@ class Trajectory:
         return stacked[index, torch.arange(k.numel(), device=k.device)]
 
 
+def _grid_time(grid: StudentGrid, schedule: Schedule, index: int, batch: int, device) -> Tensor:
+    """The grid's `index`-th level (0: t_K), snapped to the schedule, for `batch` samples."""
+    return schedule.snap(torch.full((batch,), grid.timesteps[index], device=device))
+
+
 def rollout(model: Model, noise: Tensor, cond: Cond, grid: StudentGrid, schedule: Schedule,
             prediction: PredictionType, *, stop_level: int = 1, return_trajectory: bool = False,
             callback: Callable[[int, Tensor, Tensor], None] | None = None) -> Tensor | Trajectory:
@@ -154,14 +159,13 @@ def rollout(model: Model, noise: Tensor, cond: Cond, grid: StudentGrid, schedule
     traj = Trajectory(states={K: noise}, x0={}, eps={})
     x = noise
     for k in range(K, stop_level - 1, -1):
-        t = torch.full((batch,), grid.timesteps[K - k], device=noise.device)
-        t = schedule.snap(t)
+        t = _grid_time(grid, schedule, K - k, batch, noise.device)
         x0, eps = to_x0_eps(model(x, t, cond), x, t, schedule, prediction)
         traj.x0[k], traj.eps[k] = x0, eps
         if callback is not None:
             callback(k, x0, eps)
         if k > 1:
-            t_next = schedule.snap(torch.full((batch,), grid.timesteps[K - k + 1], device=noise.device))
+            t_next = _grid_time(grid, schedule, K - k + 1, batch, noise.device)
             x = schedule.ddim_step(x0, eps, t_next)
             traj.states[k - 1] = x
     return traj if return_trajectory else traj.x0[stop_level]
@@ -193,14 +197,14 @@ def rollout_per_sample(model: Model, noise: Tensor, cond: Cond, grid: StudentGri
     for k in range(K, int(stop_level.min()) - 1, -1):
         needed = stop_level <= k
         with_grad = needed & (grad_level == k) if grad_level is not None else torch.zeros_like(needed)
-        x, t_k = traj.states[k], grid.timesteps[K - k]
+        x = traj.states[k]
         x0_parts, eps_parts = [], []
         for rows, grad in ((needed & ~with_grad).nonzero()[:, 0], False), (with_grad.nonzero()[:, 0], True):
             if rows.numel() == 0:
                 continue
-            t = schedule.snap(torch.full((rows.numel(),), t_k, device=noise.device))
+            x_rows, t = x[rows], _grid_time(grid, schedule, K - k, rows.numel(), noise.device)
             with torch.set_grad_enabled(grad):
-                x0, eps = to_x0_eps(model(x[rows], t, rows_of(cond, rows)), x[rows], t, schedule, prediction)
+                x0, eps = to_x0_eps(model(x_rows, t, rows_of(cond, rows)), x_rows, t, schedule, prediction)
             x0_parts.append((rows, x0))
             eps_parts.append((rows, eps))
             if grad:
@@ -208,7 +212,7 @@ def rollout_per_sample(model: Model, noise: Tensor, cond: Cond, grid: StudentGri
         traj.x0[k], traj.eps[k] = _rows_filled(batch, x0_parts), _rows_filled(batch, eps_parts)
         if k > 1:  # the state one level below, for every sample evaluated here (as `rollout` keeps it)
             rows = needed.nonzero()[:, 0]
-            t_next = schedule.snap(torch.full((rows.numel(),), grid.timesteps[K - k + 1], device=noise.device))
+            t_next = _grid_time(grid, schedule, K - k + 1, rows.numel(), noise.device)
             x_next = schedule.ddim_step(traj.x0[k][rows], traj.eps[k][rows], t_next)
             traj.states[k - 1] = _rows_filled(batch, [(rows, x_next)])
     if step_parts:  # back in batch order: differentiable through the concatenation
