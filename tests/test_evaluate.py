@@ -294,7 +294,9 @@ def test_ctrl_c_during_evaluate_is_one_line_and_writes_nothing(digits_runs, tmp_
     start = "import sys, tdm.cli; print('ready', flush=True); sys.exit(tdm.cli.main(sys.argv[1:]))"
     proc = subprocess.Popen([sys.executable, "-c", start, "evaluate", str(digits_runs / "k4"), "--out", str(out),
                              "--num-samples", "200000", "--latency-repeats", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,  # Ctrl-C reaches it as from a shell, even where
+                            # this process ignores SIGINT (an ignored signal is inherited across exec)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().strip() == "ready"  # imports done: main() is running
     time.sleep(2)
     proc.send_signal(signal.SIGINT)
