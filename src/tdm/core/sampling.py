@@ -137,9 +137,9 @@ class Trajectory:
         return stacked[index, torch.arange(k.numel(), device=k.device)]
 
 
-def _grid_time(grid: StudentGrid, schedule: Schedule, index: int, batch: int, device) -> Tensor:
-    """The grid's `index`-th level (0: t_K), snapped to the schedule, for `batch` samples."""
-    return schedule.snap(torch.full((batch,), grid.timesteps[index], device=device))
+def _grid_time(grid: StudentGrid, schedule: Schedule, levels: Tensor) -> Tensor:
+    """Each sample's grid level t_k (k = levels[i]), snapped to the schedule."""
+    return schedule.snap(grid.level(levels).to(torch.get_default_dtype()))
 
 
 def rollout(model: Model, noise: Tensor, cond: Cond, grid: StudentGrid, schedule: Schedule,
@@ -159,24 +159,25 @@ def rollout(model: Model, noise: Tensor, cond: Cond, grid: StudentGrid, schedule
     traj = Trajectory(states={K: noise}, x0={}, eps={})
     x = noise
     for k in range(K, stop_level - 1, -1):
-        t = _grid_time(grid, schedule, K - k, batch, noise.device)
+        level = torch.full((batch,), k, device=noise.device)
+        t = _grid_time(grid, schedule, level)
         x0, eps = to_x0_eps(model(x, t, cond), x, t, schedule, prediction)
         traj.x0[k], traj.eps[k] = x0, eps
         if callback is not None:
             callback(k, x0, eps)
         if k > 1:
-            t_next = _grid_time(grid, schedule, K - k + 1, batch, noise.device)
-            x = schedule.ddim_step(x0, eps, t_next)
+            x = schedule.ddim_step(x0, eps, _grid_time(grid, schedule, level - 1))
             traj.states[k - 1] = x
     return traj if return_trajectory else traj.x0[stop_level]
 
 
-def _rows_filled(batch: int, parts: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """A [batch, ...] tensor holding each part's (detached) values in its rows and NaN in the others."""
-    out = parts[0][1].new_full((batch, *parts[0][1].shape[1:]), float("nan"))
-    for rows, values in parts:
-        out[rows] = values.detach()
-    return out
+def _store(table: dict[int, Tensor], levels: Tensor, rows: Tensor, values: Tensor, batch: int) -> None:
+    """Write `values` (detached) into table[k] at `rows`, row by row at its level k; a new level starts as NaN."""
+    for k in levels.unique().tolist():
+        at = levels == k
+        if k not in table:
+            table[k] = values.new_full((batch, *values.shape[1:]), float("nan"))
+        table[k][rows[at]] = values[at].detach()
 
 
 def rollout_per_sample(model: Model, noise: Tensor, cond: Cond, grid: StudentGrid, schedule: Schedule,
@@ -186,36 +187,43 @@ def rollout_per_sample(model: Model, noise: Tensor, cond: Cond, grid: StudentGri
     sample i's forward carries gradient: those forwards form `Trajectory.generator_step`, and their detached
     values continue the rollout.
 
-    A level's batch is the samples still running it, split into a call without and a call with gradient."""
+    With gradient levels the rollout runs in three stages, so that the differentiable forwards are one call
+    (one backward of the whole batch, not one per level): every sample down to just above its gradient level,
+    level by level; one call of all samples, each at its gradient level, with gradient; then, without, the
+    samples that go deeper, each at its own next level per call."""
     K, batch = grid.num_steps, noise.shape[0]
     if not bool(((stop_level >= 1) & (stop_level <= K)).all()):
         raise ValueError(f"stop_level must lie in [1, {K}]")
     if grad_level is not None and not bool(((grad_level >= stop_level) & (grad_level <= K)).all()):
         raise ValueError(f"grad_level must lie in [stop_level, {K}]")
     traj = Trajectory(states={K: noise}, x0={}, eps={})
-    step_parts = []  # (rows, x0, eps) of the forwards with gradient
-    for k in range(K, int(stop_level.min()) - 1, -1):
-        needed = stop_level <= k
-        with_grad = needed & (grad_level == k) if grad_level is not None else torch.zeros_like(needed)
-        x = traj.states[k]
-        x0_parts, eps_parts = [], []
-        for rows, grad in ((needed & ~with_grad).nonzero()[:, 0], False), (with_grad.nonzero()[:, 0], True):
-            if rows.numel() == 0:
-                continue
-            x_rows, t = x[rows], _grid_time(grid, schedule, K - k, rows.numel(), noise.device)
-            with torch.set_grad_enabled(grad):
-                x0, eps = to_x0_eps(model(x_rows, t, rows_of(cond, rows)), x_rows, t, schedule, prediction)
-            x0_parts.append((rows, x0))
-            eps_parts.append((rows, eps))
-            if grad:
-                step_parts.append((rows, x0, eps))
-        traj.x0[k], traj.eps[k] = _rows_filled(batch, x0_parts), _rows_filled(batch, eps_parts)
-        if k > 1:  # the state one level below, for every sample evaluated here (as `rollout` keeps it)
-            rows = needed.nonzero()[:, 0]
-            t_next = _grid_time(grid, schedule, K - k + 1, rows.numel(), noise.device)
-            x_next = schedule.ddim_step(traj.x0[k][rows], traj.eps[k][rows], t_next)
-            traj.states[k - 1] = _rows_filled(batch, [(rows, x_next)])
-    if step_parts:  # back in batch order: differentiable through the concatenation
-        order = torch.cat([rows for rows, _, _ in step_parts]).argsort()
-        traj.generator_step = tuple(torch.cat([part[i] for part in step_parts])[order] for i in (1, 2))
+    state, level = noise.clone(), torch.full((batch,), K, device=noise.device)  # each sample's next evaluation
+
+    def evaluate(rows: Tensor) -> tuple[Tensor, Tensor]:
+        """One model call for `rows`, each at its current level; records (x0, eps) and steps them one level down."""
+        x, k = state[rows], level[rows]
+        t = _grid_time(grid, schedule, k)
+        x0, eps = to_x0_eps(model(x, t, rows_of(cond, rows)), x, t, schedule, prediction)
+        _store(traj.x0, k, rows, x0, batch)
+        _store(traj.eps, k, rows, eps, batch)
+        going_on = k > 1
+        if going_on.any():
+            below, moving = k[going_on] - 1, rows[going_on]
+            x_next = schedule.ddim_step(x0[going_on].detach(), eps[going_on].detach(),
+                                        _grid_time(grid, schedule, below))
+            state[moving] = x_next
+            _store(traj.states, below, moving, x_next, batch)
+        level[rows] -= 1
+        return x0, eps
+
+    pause = stop_level - 1 if grad_level is None else grad_level  # stage 1 runs the levels above `pause`
+    with torch.no_grad():
+        while (above := level > pause).any():
+            evaluate(above.nonzero()[:, 0])
+    if grad_level is not None:
+        with torch.enable_grad():
+            traj.generator_step = evaluate(torch.arange(batch, device=noise.device))
+        with torch.no_grad():
+            while (deeper := level >= stop_level).any():
+                evaluate(deeper.nonzero()[:, 0])
     return traj
