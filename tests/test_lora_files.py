@@ -29,15 +29,16 @@ from tdm.lora_files import (  # noqa: E402
 )
 from tiny_diffusers import PROMPTS, load_backbone, save_tiny  # noqa: E402
 
-FAMILIES = ["sd15", "sdxl", "sd3", "pixart-alpha"]
+FAMILIES = ["sd15", "sdxl", "sd3", "pixart-alpha", "cogvideox"]
 # attention everywhere; feed-forward, projections, resnet convolutions and time embeddings where the network has them
 TARGETS = {"sd15": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "conv1", "conv2",
                     "conv_shortcut", "time_emb_proj"],
            "sd3": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                    "ff.net.0.proj", "ff.net.2"],
            "pixart-alpha": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]}
+TARGETS["cogvideox"] = TARGETS["pixart-alpha"]
 TARGETS["sdxl"] = TARGETS["sd15"]
-# which files ComfyUI reads for each model, and the key prefix it maps for each
+# which files ComfyUI reads for each model, and the key prefix it maps for each (it has no CogVideoX model)
 COMFY = {"sd15": {KOHYA_FILE: "lora_unet_"}, "sdxl": {KOHYA_FILE: "lora_unet_"},
          "sd3": {KOHYA_FILE: "lora_transformer_", DIFFUSERS_FILE: "transformer.", PEFT_FILE: "base_model.model."},
          "pixart-alpha": {PEFT_FILE: "base_model.model."}}
@@ -94,12 +95,13 @@ def test_every_format_a_tool_reads_is_written(exported):
     family, _, out, _, _ = exported
     files = read_recipe(out)["lora"]["files"]
     expected = {"sd15": ["diffusers", "peft", "kohya"], "sdxl": ["diffusers", "peft", "kohya"],
-                "sd3": ["diffusers", "peft", "kohya"], "pixart-alpha": ["peft"]}[family]
+                "sd3": ["diffusers", "peft", "kohya"], "pixart-alpha": ["peft"],
+                "cogvideox": ["diffusers", "peft"]}[family]
     assert list(files) == expected
     assert all((out / f).is_file() for f in files.values()) and (out / PEFT_CONFIG_FILE).is_file()
 
 
-@pytest.mark.parametrize("exported", ["sd15", "sdxl", "sd3"], indirect=True)  # PixArt's pipeline has no loader
+@pytest.mark.parametrize("exported", ["sd15", "sdxl", "sd3", "cogvideox"], indirect=True)  # PixArt's has no loader
 def test_diffusers_file_in_load_lora_weights(exported, tiny_dirs):
     family, backbone, out, inputs, expected = exported
     pipe = diffusers.DiffusionPipeline.from_pretrained(tiny_dirs[family])
@@ -152,6 +154,7 @@ def read_like_comfyui(network, tensors: dict[str, torch.Tensor], prefix: str, us
             weight += scale * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
 
 
+@pytest.mark.parametrize("exported", list(COMFY), indirect=True)
 def test_tensors_alone_carry_the_scale(exported, tiny_dirs):
     """What ComfyUI and A1111 do: every file they read for the model gives the student; the kohya file's `.alpha`
     tensors matter (ignoring them changes the output)."""
