@@ -187,6 +187,21 @@ def test_merged_ema_export_reproduces_the_ema_student(trained, tmp_path):
     assert (pipeline_latents(pipe, recipe, noise) - expected).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("trained", ["sd15", "pixart-alpha"], indirect=True)
+def test_cli_lora_format(trained, tmp_path, capsys):
+    """`--lora-format` writes the named format alone, and refuses one the family has no reader for, writing
+    nothing."""
+    checkpoint, out = str(trained.checkpoint(ITERATIONS)), tmp_path / "export"
+    if trained.family == "sd15":
+        assert main(["export", "--checkpoint", checkpoint, "--out", str(out), "--lora-format", "kohya"]) == 0
+        assert read_recipe(out)["lora"]["files"] == {"kohya": "lora_kohya.safetensors"}
+        assert sorted(p.name for p in out.glob("*.safetensors")) == ["lora_kohya.safetensors"]
+    else:
+        assert main(["export", "--checkpoint", checkpoint, "--out", str(out), "--lora-format", "diffusers"]) == 2
+        assert ("--lora-format diffusers: PixArtAlphaPipeline has no load_lora_weights; use peft or all"
+                in capsys.readouterr().err) and not out.exists()
+
+
 @pytest.mark.parametrize("trained", ["sd15"], indirect=True)
 def test_export_refuses_another_base(trained, tmp_path, capsys):
     other = diffusers.DiffusionPipeline.from_pretrained(trained.trainer.backbone.source)

@@ -55,7 +55,7 @@ def _distill(preset: str, overrides: list[str], out: str, resume: str | None, re
 
 
 def _export(checkpoint: str, out: str, overrides: list[str], merged: bool, ema: bool, lora_scale: float,
-            overwrite: bool) -> Path:
+            overwrite: bool, lora_format: str = "all") -> Path:
     """Rebuild the run's teacher and student from the checkpoint's own config, as the trainer builds them, load
     the student's (or its EMA's) weights and export it."""
     from .backbones.diffusers_base import DiffusersBackbone
@@ -78,7 +78,7 @@ def _export(checkpoint: str, out: str, overrides: list[str], merged: bool, ema: 
     if not isinstance(backbone, DiffusersBackbone):
         raise ConfigError(f"backbone.name: only diffusers teachers export to a pipeline, got {config.backbone.name}")
     return export_student(backbone, run.load_student(backbone, ema), out, tdm_config=config.tdm, merged=merged,
-                          lora_scale=lora_scale, overwrite=overwrite)
+                          lora_scale=lora_scale, overwrite=overwrite, lora_format=lora_format)
 
 
 def _cache_prompts(args: argparse.Namespace) -> None:
@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--merged", action="store_true", help="also write the student merged into full weights")
     export.add_argument("--ema", action="store_true", help="export the student's EMA weights")
     export.add_argument("--lora-scale", type=float, default=1.0, help="LoRA scale recorded in the recipe")
+    export.add_argument("--lora-format", choices=["diffusers", "peft", "kohya", "all"], default="all",
+                        help="LoRA file format(s); all (default): every format a tool reads for the family")
     export.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out")
     _add_overrides(export, "change the checkpoint's config, e.g. backbone.teacher=/new/path")
 
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             _distill("digits-demo", args.overrides, args.out, None, True)
         elif args.command == "export":
             out = _export(args.checkpoint, args.out, args.overrides, args.merged, args.ema, args.lora_scale,
-                          args.overwrite)
+                          args.overwrite, args.lora_format)
             print(f"exported: {out}")
         elif args.command == "generate":
             from .generate import generate

@@ -1,9 +1,11 @@
 """Export a trained student for stock diffusers pipelines (method.md Decision 10), and load it back.
 
 An export folder holds:
-  pytorch_lora_weights.safetensors   the student LoRA for `pipe.load_lora_weights` (SD1.5/2, SDXL, SD3, CogVideoX)
-  student_lora.safetensors +         the student LoRA as a peft state dict and config (PixArt, whose pipeline
-    adapter_config.json              has no LoRA loader; see `load_student_lora`)
+  the student LoRA, in the formats `lora_format` names (default all that apply; `tdm.lora_files` has the table):
+    pytorch_lora_weights.safetensors   diffusers: `pipe.load_lora_weights` (SD1.5/2, SDXL, SD3, CogVideoX)
+    adapter_model.safetensors +        peft: `PeftModel.from_pretrained(network, EXPORT_DIR)` (every family; tdm
+      adapter_config.json              loads it into PixArt, whose pipeline has no LoRA loader)
+    lora_kohya.safetensors             kohya keys with `.alpha` tensors: ComfyUI, A1111 (SD1.5, SDXL, SD3)
   unet/ or transformer/              merged (or fully fine-tuned) student weights, `save_pretrained` format
   scheduler/scheduler_config.json    the `TDMScheduler` that replays the student's rollout
   recipe.json                        base pipeline, grid, scheduler config, guidance 1, LoRA scale, pipe kwargs
@@ -28,11 +30,10 @@ from .backbones.diffusers_pipeline import import_diffusers
 from .core.algorithm import TDMConfig, make_grid
 from .errors import TDMError
 from .files import write_text_atomic
-from .roles import AdapterView, adapter_weights
+from .lora_files import KOHYA_IN_DIFFUSERS, StudentLora, formats_for, read_peft_weights, write_lora
+from .roles import AdapterView
 
 RECIPE_FILE = "recipe.json"
-DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
-PEFT_LORA_FILE = "student_lora.safetensors"
 LOADED_ADAPTER = "tdm"  # the adapter name the student gets in the loading pipeline
 
 
@@ -78,23 +79,6 @@ def merged_copy(network: nn.Module, adapter_name: str, scale: float = 1.0) -> nn
     return network
 
 
-def _save_lora(backbone: DiffusersBackbone, network: nn.Module, adapter_name: str, config, folder: Path) -> dict:
-    """Write the student adapter (peft `config`: its rank and alpha go along as metadata) in the family's loadable
-    format; return the recipe's `lora` entry."""
-    state = {k: v.detach().cpu().contiguous() for k, v in adapter_weights(network, adapter_name).items()}
-    if backbone.lora_layers_kwarg is None:  # no diffusers loader for this family: peft files
-        from safetensors.torch import save_file
-
-        save_file(state, folder / PEFT_LORA_FILE)
-        config.save_pretrained(folder)  # adapter_config.json
-        return {"format": "peft", "file": PEFT_LORA_FILE}
-    pipeline_cls = getattr(import_diffusers(), backbone.pipeline_class)
-    metadata_kwarg = backbone.lora_layers_kwarg.replace("_lora_layers", "_lora_adapter_metadata")
-    pipeline_cls.save_lora_weights(folder, **{backbone.lora_layers_kwarg: state, metadata_kwarg: config.to_dict()},
-                                   weight_name=DIFFUSERS_LORA_FILE)
-    return {"format": "diffusers", "file": DIFFUSERS_LORA_FILE}
-
-
 def _fsync_tree(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
@@ -119,12 +103,13 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
 
 def export_student(backbone: DiffusersBackbone, student_model: nn.Module, out_dir: str | Path, *,
                    tdm_config: TDMConfig | None = None, merged: bool = False, lora_scale: float = 1.0,
-                   adapter_name: str | None = None, overwrite: bool = False) -> Path:
+                   adapter_name: str | None = None, overwrite: bool = False, lora_format: str = "all") -> Path:
     """Export `student_model` trained on `tdm_config`'s grid against `backbone`'s teacher; returns the folder.
     `student_model`: a LoRA role (`Roles.lora`'s student or EMA view), a tdm adapter or diffusers network carrying
     the peft LoRA `adapter_name` (default: the view's adapter, else "student"), or a fully fine-tuned network.
 
-    A LoRA student is written as a LoRA (plus merged weights if `merged`); a full student as full weights."""
+    A LoRA student is written as a LoRA in `lora_format` (diffusers | peft | kohya | all: every format a tool reads
+    for the family), plus merged weights if `merged`; a full student as full weights."""
     from .scheduler import TDMScheduler
 
     tdm_config = tdm_config or TDMConfig()
@@ -135,6 +120,8 @@ def export_student(backbone: DiffusersBackbone, student_model: nn.Module, out_di
     if not is_lora and getattr(network, "peft_config", None):
         raise ExportError(f"the student network has peft adapters {sorted(network.peft_config)} but none named "
                           f"{adapter_name!r}")
+    if is_lora:
+        formats = formats_for(lora_format, backbone.pipeline_class, backbone.lora_layers_kwarg)
     grid = make_grid(tdm_config, backbone.schedule)
     scheduler = TDMScheduler.for_student(backbone.pipeline.scheduler, grid, tdm_config.total_steps)
     out = Path(out_dir)
@@ -142,8 +129,8 @@ def export_student(backbone: DiffusersBackbone, student_model: nn.Module, out_di
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        lora = (_save_lora(backbone, network, adapter_name, _lora_config(student_model, network, adapter_name), tmp)
-                if is_lora else None)
+        lora = (write_lora(StudentLora.of(network, adapter_name, _lora_config(student_model, network, adapter_name)),
+                           tmp, formats, backbone.pipeline_class, backbone.lora_layers_kwarg) if is_lora else None)
         weights = None
         if merged or not is_lora:
             plain = merged_copy(network, adapter_name, lora_scale) if is_lora else network
@@ -193,16 +180,18 @@ def load_student_lora(pipe, export_dir: str | Path, recipe: dict | None = None) 
     export_dir = Path(export_dir)
     recipe = recipe or read_recipe(export_dir)
     lora = recipe["lora"]
-    if lora["format"] == "diffusers":
+    if lora["format"] == "kohya" and recipe["pipeline_class"] not in KOHYA_IN_DIFFUSERS:
+        raise ExportError(f"{export_dir}: holds the LoRA only in kohya format, which {recipe['pipeline_class']}."
+                          f"load_lora_weights does not read (export with --lora-format diffusers, peft or all)")
+    if lora["format"] in ("diffusers", "kohya"):
         pipe.load_lora_weights(export_dir, weight_name=lora["file"], adapter_name=LOADED_ADAPTER)
         pipe.set_adapters([LOADED_ADAPTER], adapter_weights=[lora["scale"]])
         return
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     network = getattr(pipe, recipe["denoiser"])
     inject_adapter_in_model(LoraConfig.from_pretrained(export_dir), network, adapter_name=LOADED_ADAPTER)
-    set_peft_model_state_dict(network, load_file(export_dir / lora["file"]), adapter_name=LOADED_ADAPTER)
+    set_peft_model_state_dict(network, read_peft_weights(export_dir / lora["file"]), adapter_name=LOADED_ADAPTER)
     for _, layer in _lora_layers(network, LOADED_ADAPTER):
         layer.set_scale(LOADED_ADAPTER, lora["scale"])
 
@@ -228,6 +217,8 @@ def load_pipeline(export_dir: str | Path, *, merged: bool = False, base: str | N
     if not use_weights:
         try:
             load_student_lora(pipe, export_dir, recipe)
+        except ExportError:
+            raise
         except (RuntimeError, ValueError, KeyError) as err:  # shapes or names of another architecture
             lines = str(err).strip().splitlines() or [type(err).__name__]
             detail = next((line.strip() for line in lines if "size mismatch" in line), lines[0])[:300]
