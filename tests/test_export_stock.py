@@ -167,3 +167,43 @@ def test_model_card_code_runs_with_diffusers_alone(family, exports, tmp_path):
     done = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert np.abs(np.load(tmp_path / "images.npy") - tdm_images(out)).max() <= 1e-5
+
+
+def test_cli_export_pushes_to_the_hub(tiny_dirs, tmp_path, monkeypatch):
+    """`tdm export --push-to-hub REPO` creates the repo and uploads the finished folder (the calls into
+    huggingface_hub are recorded at its network boundary: nothing leaves the machine)."""
+    import copy
+
+    import huggingface_hub
+
+    from tdm.checkpoint import save_checkpoint
+    from tdm.cli import main
+    from tdm.config import Config, to_dict
+
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        files = sorted(str(p.relative_to(folder_path)) for p in folder_path.rglob("*") if p.is_file())
+        calls.append(("upload_folder", repo_id, {**kwargs, "files": files}))
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    backbone = load_backbone("sd15", tiny_dirs["sd15"])
+    config = to_dict(Config())
+    config["backbone"].update(name="sd15", teacher=str(tiny_dirs["sd15"]), height=16, width=16)
+    checkpoint = save_checkpoint(tmp_path / "checkpoints", 7, {"student": copy.deepcopy(backbone.teacher)}, {},
+                                 {"torch_rank0": torch.get_rng_state()}, config)
+    out = tmp_path / "export"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out), "--scheduler", "tdm",
+                 "--license", "creativeml-openrail-m", "--push-to-hub", "me/tdm-sd15", "--private"]) == 0
+    assert calls[0] == ("create_repo", "me/tdm-sd15", {"repo_type": "model", "private": True, "exist_ok": True})
+    name, repo, kwargs = calls[1]
+    assert (name, repo, kwargs["repo_type"]) == ("upload_folder", "me/tdm-sd15", "model") and len(calls) == 2
+    assert kwargs["files"] == ["README.md", "recipe.json", "scheduler/scheduler_config.json",
+                               "unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
+    assert _card(out)[0]["license"] == "creativeml-openrail-m"
+    assert read_recipe(out)["scheduler"]["_class_name"] == "TDMScheduler"
