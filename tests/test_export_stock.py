@@ -64,7 +64,7 @@ def exports(tiny_dirs, tmp_path_factory):
     return export
 
 
-@pytest.mark.parametrize("family", ["sd15", "pixart-alpha", "sd3"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "pixart-alpha", "sd3"])
 def test_stock_scheduler_replays_the_rollout(family, exports):
     out = exports(family)
     recipe = read_recipe(out)
