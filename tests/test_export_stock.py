@@ -156,7 +156,7 @@ NO_TDM = textwrap.dedent("""
     """)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3"])
+@pytest.mark.parametrize("family", ["sd15", "sd3", "pixart-alpha"])  # VP, flow, the peft LoRA files
 def test_model_card_code_runs_with_diffusers_alone(family, exports, tmp_path):
     out = exports(family)
     _, code = _card(out)
