@@ -10,12 +10,15 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 diffusers = pytest.importorskip("diffusers")
 yaml = pytest.importorskip("yaml")
 
 from tdm.core.algorithm import TDMConfig, make_grid  # noqa: E402
 from tdm.export import export_student, load_pipeline, read_recipe, sampling_kwargs  # noqa: E402
+from tdm.generate import generate  # noqa: E402
+from tdm.model_card import model_card  # noqa: E402
 from tdm.scheduler import TDMScheduler  # noqa: E402
 from tdm.stock_scheduler import stock_sampling  # noqa: E402
 from test_scheduler_export import TRAINED, lora_student  # noqa: E402
@@ -65,13 +68,15 @@ def exports(tiny_dirs, tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "pixart-alpha", "sd3"])
-def test_stock_scheduler_replays_the_rollout(family, exports):
+def test_stock_scheduler_replays_the_rollout(family, exports, tmp_path):
     out = exports(family)
     recipe = read_recipe(out)
     assert recipe["scheduler"]["_class_name"] == EXPECTED[family]
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == EXPECTED[family]
-    expected = tdm_images(out)
-    assert np.abs(exported_images(out) - expected).max() <= 1e-5
+    expected, images = tdm_images(out), exported_images(out)
+    assert np.abs(images - expected).max() <= 1e-5
+    (png,) = generate(out, [PROMPT], tmp_path, device="cpu")  # tdm generate: the same arguments, as PNG
+    assert np.array_equal(np.asarray(Image.open(png)), (images[0] * 255).round().astype(np.uint8))
     # another K: the exported timesteps are the trained grid's, so tdm generate falls back to TDMScheduler
     assert np.abs(exported_images(out, steps=1) - tdm_images(out, steps=1)).max() == 0
 
@@ -116,6 +121,18 @@ def test_tdm_scheduler_export_on_request(exports):
     assert TDMScheduler.from_pretrained(out, subfolder="scheduler").config.timesteps == recipe["grid"]
 
 
+def test_recipe_of_an_older_export_still_loads(exports, tmp_path):
+    """An export written before stock schedulers: recipe.json's scheduler is TDMScheduler's config, no class name."""
+    import shutil
+
+    out = shutil.copytree(exports("sd15", scheduler="tdm"), tmp_path / "old")
+    recipe = json.loads((out / "recipe.json").read_text())
+    old = {k: v for k, v in recipe.items() if k not in ("tdm_scheduler", "scheduler_kwargs", "stock_scheduler")}
+    old["scheduler"] = {k: v for k, v in recipe["scheduler"].items() if k != "_class_name"}
+    (out / "recipe.json").write_text(json.dumps(old))
+    assert np.abs(exported_images(out) - tdm_images(exports("sd15"))).max() == 0
+
+
 def _card(out):
     """(YAML header, python snippet) of an export's README.md."""
     text = (out / "README.md").read_text()
@@ -128,7 +145,9 @@ def test_model_card_header_and_recipe(exports):
     out = exports("sd3", license="openrail++")
     recipe = read_recipe(out)
     header, code = _card(out)
-    assert header["base_model"] == recipe["base"] and header["library_name"] == "diffusers"
+    assert "base_model" not in header  # a local folder: a comment to fill in before pushing
+    assert f"# base_model: the hub id of {recipe['base']}" in (out / "README.md").read_text()
+    assert header["library_name"] == "diffusers"
     assert header["license"] == "openrail++" and header["pipeline_tag"] == "text-to-image"
     assert {"tdm", "lora", "sd3"} <= set(header["tags"])
     assert header["inference"]["parameters"] == {"num_inference_steps": 2, "guidance_scale": 1.0}
@@ -136,6 +155,8 @@ def test_model_card_header_and_recipe(exports):
     assert f"sigmas={recipe['scheduler_kwargs']['sigmas']!r}" in code
     header, _ = _card(exports("sd15"))
     assert header["license"] == "other"  # the placeholder the user sets
+    hub_base = {**recipe, "base": "stabilityai/stable-diffusion-3-medium-diffusers"}
+    assert yaml.safe_load(model_card(hub_base).split("---\n")[1])["base_model"] == hub_base["base"]
 
 
 # the model card's own code, run where tdm cannot be imported: a finder that refuses it, ahead of all others

@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             _distill("digits-demo", args.overrides, args.out, None, True)
         elif args.command == "export":
+            if args.private and not args.push_to_hub:
+                raise ConfigError("--private: only with --push-to-hub REPO")
             out = _export(args.checkpoint, args.out, args.overrides, args.merged, args.ema, args.lora_scale,
                           args.overwrite, args.scheduler, args.license)
             print(f"exported: {out}")

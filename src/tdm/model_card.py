@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 LICENSE_PLACEHOLDER = "other"  # the hub's id for "see the card"; the user sets the real one (`tdm export --license`)
 PIPELINE_TAGS = {"cogvideox": "text-to-video"}
@@ -12,13 +14,21 @@ def _yaml(value) -> str:
     return json.dumps(value)  # JSON scalars and flow lists are YAML
 
 
+def _hub_id(base: str) -> str | None:
+    """`base` if it names a hub repo (the hub refuses a card whose base_model is not one), None for a local path."""
+    return base if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", base) and not Path(base).exists() else None
+
+
 def _header(recipe: dict, license: str | None) -> str:
     tags = ["tdm", "trajectory-distribution-matching", "distillation", "few-step", recipe["family"]]
     if recipe["lora"] is not None:
         tags.append("lora")
     license_line = f"license: {_yaml(license)}" if license else \
         f"license: {LICENSE_PLACEHOLDER}  # set this: the base model's license binds its students"
-    lines = ["---", f"base_model: {_yaml(recipe['base'])}", "library_name: diffusers", license_line,
+    base = _hub_id(recipe["base"])
+    base_line = f"base_model: {_yaml(base)}" if base else \
+        f"# base_model: the hub id of {recipe['base']} (a local folder; set it before pushing)"
+    lines = ["---", base_line, "library_name: diffusers", license_line,
              f"pipeline_tag: {PIPELINE_TAGS.get(recipe['family'], 'text-to-image')}", "tags:",
              *[f"- {tag}" for tag in tags], "inference:", "  parameters:",
              f"    num_inference_steps: {recipe['num_inference_steps']}",
