@@ -228,3 +228,10 @@ def test_cli_export_pushes_to_the_hub(tiny_dirs, tmp_path, monkeypatch):
                                "unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
     assert _card(out)[0]["license"] == "creativeml-openrail-m"
     assert read_recipe(out)["scheduler"]["_class_name"] == "TDMScheduler"
+
+
+def test_private_needs_push_to_hub(tmp_path, capsys):
+    from tdm.cli import main
+
+    assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x"), "--private"]) == 2
+    assert "--private: only with --push-to-hub REPO" in capsys.readouterr().err
