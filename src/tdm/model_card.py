@@ -109,7 +109,7 @@ pipe.scheduler = {load_scheduler}
 {_call(recipe)}
 ```
 
-`EXPORT_DIR` is this folder (or its hub repo id). With tdm installed: `tdm generate --model EXPORT_DIR --prompt
-"a photo of a cat" --out samples/`. `recipe.json` holds all of the above, and `TDMScheduler`'s config
-(`tdm_scheduler`), which samples tdm's grid at any number of steps.
+`EXPORT_DIR` is this folder; from the hub, `EXPORT_DIR = huggingface_hub.snapshot_download("REPO_ID")`. With tdm
+installed: `tdm generate --model EXPORT_DIR --prompt "a photo of a cat" --out samples/`. `recipe.json` holds all
+of the above, and `TDMScheduler`'s config (`tdm_scheduler`), which samples tdm's grid at any number of steps.
 """
