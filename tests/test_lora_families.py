@@ -18,7 +18,7 @@ from tdm.cli import main  # noqa: E402
 from tdm.config import Config, load_config, to_dict  # noqa: E402
 from tdm.core.algorithm import make_grid  # noqa: E402
 from tdm.core.sampling import rollout  # noqa: E402
-from tdm.export import load_pipeline, load_student_lora, read_recipe  # noqa: E402
+from tdm.export import load_pipeline, load_student_lora, read_recipe, sampling_kwargs  # noqa: E402
 from tdm.roles import TARGET_GROUPS  # noqa: E402
 from tdm.scheduler import TDMScheduler  # noqa: E402
 from tdm.trainer import Trainer  # noqa: E402
@@ -148,9 +148,9 @@ def tdm_latents(trainer, model, noise) -> torch.Tensor:
 
 
 def pipeline_latents(pipe, recipe, noise) -> torch.Tensor:
+    """The pipeline's latents under the recipe's arguments (with its scheduler's timesteps or sigmas)."""
     pipe.set_progress_bar_config(disable=True)
-    return pipe(PROMPTS[:2], num_inference_steps=recipe["num_inference_steps"], guidance_scale=1.0,
-                output_type="latent", latents=noise.clone(), **recipe["pipeline_kwargs"])[0]
+    return pipe(PROMPTS[:2], output_type="latent", latents=noise.clone(), **sampling_kwargs(recipe))[0]
 
 
 def test_exported_lora_in_the_stock_pipeline_reproduces_the_trained_student(trained, tmp_path):
@@ -170,7 +170,7 @@ def test_exported_lora_in_the_stock_pipeline_reproduces_the_trained_student(trai
     else:
         assert recipe["lora"]["format"] == "diffusers"
         pipe.load_lora_weights(out, adapter_name="tdm")
-    pipe.scheduler = TDMScheduler.from_pretrained(out, subfolder="scheduler")
+    pipe.scheduler = TDMScheduler.from_config(recipe["tdm_scheduler"])  # tdm's arithmetic: exact
     assert (pipeline_latents(pipe, recipe, noise) - expected).abs().max() <= 1e-5
     assert recipe["grid"] == list(make_grid(trainer.config.tdm, trainer.backbone.schedule).timesteps)
 

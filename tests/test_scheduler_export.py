@@ -116,7 +116,9 @@ def tdm_rollout(backbone, model, tdm_config, noise):
 
 
 def pipeline_latents(pipe, recipe, noise, steps=None):
+    """Latents of the pipeline with TDMScheduler (the stock schedulers: tests/test_export_stock.py)."""
     pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = TDMScheduler.from_config(recipe["tdm_scheduler"])
     return pipe(PROMPTS[:2], num_inference_steps=steps or recipe["num_inference_steps"], guidance_scale=1.0,
                 output_type="latent", latents=noise.clone(), **recipe["pipeline_kwargs"])[0]
 
@@ -143,7 +145,7 @@ def test_round_trip_lora_student_in_the_stock_pipeline(family, tiny_dirs, tmp_pa
     else:
         assert family == "pixart-alpha"
         load_student_lora(pipe, out)
-    pipe.scheduler = TDMScheduler.from_config(recipe["scheduler"])
+    pipe.scheduler = TDMScheduler.from_config(recipe["tdm_scheduler"])
     assert (pipeline_latents(pipe, recipe, noise) - expected).abs().max() <= 1e-5
     assert recipe["grid"] == list(make_grid(TRAINED[family], backbone.schedule).timesteps)
     assert recipe["guidance_scale"] == 1.0 and recipe["prediction_type"] == backbone.prediction.value

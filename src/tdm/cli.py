@@ -55,7 +55,7 @@ def _distill(preset: str, overrides: list[str], out: str, resume: str | None, re
 
 
 def _export(checkpoint: str, out: str, overrides: list[str], merged: bool, ema: bool, lora_scale: float,
-            overwrite: bool, lora_format: str = "all") -> Path:
+            overwrite: bool, lora_format: str = "all", scheduler: str = "stock", license: str | None = None) -> Path:
     """Rebuild the run's teacher and student from the checkpoint's own config, as the trainer builds them, load
     the student's (or its EMA's) weights and export it."""
     from .backbones.diffusers_base import DiffusersBackbone
@@ -78,7 +78,8 @@ def _export(checkpoint: str, out: str, overrides: list[str], merged: bool, ema: 
     if not isinstance(backbone, DiffusersBackbone):
         raise ConfigError(f"backbone.name: only diffusers teachers export to a pipeline, got {config.backbone.name}")
     return export_student(backbone, run.load_student(backbone, ema), out, tdm_config=config.tdm, merged=merged,
-                          lora_scale=lora_scale, overwrite=overwrite, lora_format=lora_format)
+                          lora_scale=lora_scale, overwrite=overwrite, lora_format=lora_format,
+                          scheduler=scheduler, license=license)
 
 
 def _cache_prompts(args: argparse.Namespace) -> None:
@@ -151,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     _add_overrides(demo, "change the digits-demo preset (repeat for more)")
 
-    export = sub.add_parser("export", help="export a distilled student as a diffusers LoRA (or weights), its "
-                                           "TDMScheduler and sampling recipe")
+    export = sub.add_parser("export", help="export a distilled student as a diffusers LoRA (or weights), the "
+                                           "scheduler that replays it, a sampling recipe and a model card")
     export.add_argument("--checkpoint", required=True, help="a checkpoint folder (runs/NAME/checkpoints/step_*)")
     export.add_argument("--out", required=True, help="export folder (LoRA, scheduler/, recipe.json, README.md)")
     export.add_argument("--merged", action="store_true", help="also write the student merged into full weights")
@@ -161,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--lora-format", choices=["diffusers", "peft", "kohya", "all"], default="all",
                         help="LoRA file format(s); all (default): every format a tool reads for the family")
     export.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out")
+    export.add_argument("--scheduler", choices=["stock", "tdm"], default="stock",
+                        help="scheduler/: the stock diffusers scheduler that replays the student, so sampling needs "
+                             "diffusers alone (default; TDMScheduler where none is exact), or tdm's TDMScheduler")
+    export.add_argument("--license", help="the model card's license id (default: 'other', to set by hand)")
+    export.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this Hugging Face Hub "
+                                                             "model repo (created if missing)")
+    export.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     _add_overrides(export, "change the checkpoint's config, e.g. backbone.teacher=/new/path")
 
     generate = sub.add_parser("generate", help="sample from an exported student with its stock diffusers pipeline")
@@ -206,9 +214,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             _distill("digits-demo", args.overrides, args.out, None, True)
         elif args.command == "export":
+            if args.private and not args.push_to_hub:
+                raise ConfigError("--private: only with --push-to-hub REPO")
             out = _export(args.checkpoint, args.out, args.overrides, args.merged, args.ema, args.lora_scale,
-                          args.overwrite, args.lora_format)
+                          args.overwrite, args.lora_format, args.scheduler, args.license)
             print(f"exported: {out}")
+            if args.push_to_hub:
+                from .hub import push_to_hub
+
+                print(f"pushed: {push_to_hub(out, args.push_to_hub, private=args.private)}")
         elif args.command == "generate":
             from .generate import generate
 

@@ -7,9 +7,11 @@ An export folder holds:
       adapter_config.json              loads it into PixArt, whose pipeline has no LoRA loader)
     lora_kohya.safetensors             kohya keys with `.alpha` tensors: ComfyUI, A1111 (SD1.5, SDXL, SD3)
   unet/ or transformer/              merged (or fully fine-tuned) student weights, `save_pretrained` format
-  scheduler/scheduler_config.json    the `TDMScheduler` that replays the student's rollout
-  recipe.json                        base pipeline, grid, scheduler config, guidance 1, LoRA scale, pipe kwargs
-  README.md                          a model card with the loading code
+  scheduler/scheduler_config.json    the scheduler that replays the student's rollout: by default a stock diffusers
+                                     one (`tdm.stock_scheduler`), so sampling needs diffusers alone; or `TDMScheduler`
+  recipe.json                        base pipeline, grid, both scheduler configs, the `pipe(...)` arguments
+                                     (steps, timesteps or sigmas, guidance 1), LoRA scale
+  README.md                          a Hugging Face model card with the loading code (`tdm.model_card`)
 The folder is written under a temporary name and renamed into place, so it is complete or absent.
 """
 
@@ -31,10 +33,13 @@ from .core.algorithm import TDMConfig, make_grid
 from .errors import TDMError
 from .files import write_text_atomic
 from .lora_files import KOHYA_IN_DIFFUSERS, StudentLora, formats_for, read_peft_weights, write_lora
+from .model_card import model_card
 from .roles import AdapterView
+from .stock_scheduler import stock_sampling
 
 RECIPE_FILE = "recipe.json"
 LOADED_ADAPTER = "tdm"  # the adapter name the student gets in the loading pipeline
+SCHEDULERS = ("stock", "tdm")  # what scheduler/ holds: a stock diffusers scheduler where one is exact, or TDMScheduler
 
 
 class ExportError(TDMError, ValueError):
@@ -103,15 +108,20 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
 
 def export_student(backbone: DiffusersBackbone, student_model: nn.Module, out_dir: str | Path, *,
                    tdm_config: TDMConfig | None = None, merged: bool = False, lora_scale: float = 1.0,
-                   adapter_name: str | None = None, overwrite: bool = False, lora_format: str = "all") -> Path:
+                   adapter_name: str | None = None, overwrite: bool = False, lora_format: str = "all",
+                   scheduler: str = "stock", license: str | None = None) -> Path:
     """Export `student_model` trained on `tdm_config`'s grid against `backbone`'s teacher; returns the folder.
     `student_model`: a LoRA role (`Roles.lora`'s student or EMA view), a tdm adapter or diffusers network carrying
     the peft LoRA `adapter_name` (default: the view's adapter, else "student"), or a fully fine-tuned network.
 
     A LoRA student is written as a LoRA in `lora_format` (diffusers | peft | kohya | all: every format a tool reads
-    for the family), plus merged weights if `merged`; a full student as full weights."""
+    for the family), plus merged weights if `merged`; a full student as full weights.
+    `scheduler`: "stock" writes the stock diffusers scheduler that replays the grid (TDMScheduler where none is
+    exact; the recipe says why), "tdm" writes TDMScheduler. `license`: the model card's license id."""
     from .scheduler import TDMScheduler
 
+    if scheduler not in SCHEDULERS:
+        raise ExportError(f"scheduler must be one of {list(SCHEDULERS)}, got {scheduler!r}")
     tdm_config = tdm_config or TDMConfig()
     if adapter_name is None:
         adapter_name = student_model.adapter if isinstance(student_model, AdapterView) else "student"
@@ -123,7 +133,14 @@ def export_student(backbone: DiffusersBackbone, student_model: nn.Module, out_di
     if is_lora:
         formats = formats_for(lora_format, backbone.pipeline_class, backbone.lora_layers_kwarg)
     grid = make_grid(tdm_config, backbone.schedule)
-    scheduler = TDMScheduler.for_student(backbone.pipeline.scheduler, grid, tdm_config.total_steps)
+    tdm_scheduler = TDMScheduler.for_student(backbone.pipeline.scheduler, grid, tdm_config.total_steps)
+    stock = stock_sampling(backbone.pipeline.scheduler, backbone.schedule, backbone.prediction.value, grid) \
+        if scheduler == "stock" else None
+    if stock is None:
+        written, scheduler_kwargs = tdm_scheduler, {}
+    else:
+        written = getattr(import_diffusers(), stock.class_name).from_config(stock.config)
+        scheduler_kwargs = stock.pipeline_kwargs
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -136,7 +153,7 @@ def export_student(backbone: DiffusersBackbone, student_model: nn.Module, out_di
             plain = merged_copy(network, adapter_name, lora_scale) if is_lora else network
             plain.save_pretrained(tmp / backbone.denoiser_name)
             weights = backbone.denoiser_name
-        scheduler.save_config(tmp / "scheduler")
+        written.save_config(tmp / "scheduler")
         recipe = {
             "tdm_export": 1,
             "family": backbone.name,
@@ -151,17 +168,28 @@ def export_student(backbone: DiffusersBackbone, student_model: nn.Module, out_di
             "grid": list(grid.timesteps),
             "prediction_type": backbone.prediction.value,
             "guidance_scale": 1.0,
-            "scheduler": dict(scheduler.config),
+            "scheduler": _config_of(written),
+            "scheduler_kwargs": scheduler_kwargs,
+            "stock_scheduler": None if stock is not None else (
+                "not asked for (--scheduler tdm)" if scheduler == "tdm" else
+                "none replays this grid exactly: a level with alpha = 0 (zero terminal SNR) outside a grid DDIM "
+                "spaces itself"),
+            "tdm_scheduler": _config_of(tdm_scheduler),
             "pipeline_kwargs": backbone.pipeline_kwargs(),
             "tdm": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(tdm_config).items()},
         }
         write_text_atomic(tmp / RECIPE_FILE, json.dumps(recipe, indent=2) + "\n")
-        write_text_atomic(tmp / "README.md", model_card(recipe))
+        write_text_atomic(tmp / "README.md", model_card(recipe, license))
         _fsync_tree(tmp)
         _move_into_place(tmp, out, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _config_of(scheduler) -> dict:
+    return {"_class_name": type(scheduler).__name__,
+            **{k: v for k, v in scheduler.config.items() if k != "_use_default_values"}}
 
 
 def read_recipe(export_dir: str | Path) -> dict:
@@ -172,7 +200,20 @@ def read_recipe(export_dir: str | Path) -> dict:
         raise ExportError(f"{path}: not a tdm export recipe ({err})") from None
     if recipe.get("tdm_export") != 1:
         raise ExportError(f"{path}: not a tdm export recipe (no tdm_export: 1)")
+    if "tdm_scheduler" not in recipe:  # written before stock schedulers: its scheduler is TDMScheduler's
+        recipe["tdm_scheduler"] = {"_class_name": "TDMScheduler", **recipe["scheduler"]}
+        recipe.update(scheduler=recipe["tdm_scheduler"], scheduler_kwargs={})
     return recipe
+
+
+def sampling_kwargs(recipe: dict, steps: int | None = None) -> dict:
+    """The `pipe(...)` arguments of the export's sampling recipe at `steps` (default: the trained K): steps,
+    guidance 1, the pipeline's size and text arguments, and the exported scheduler's timesteps or sigmas (at the
+    trained K only; `load_pipeline` gives another K TDMScheduler)."""
+    steps = steps or recipe["num_inference_steps"]
+    own = recipe["scheduler_kwargs"] if steps == recipe["num_inference_steps"] else {}
+    return {"num_inference_steps": steps, "guidance_scale": recipe["guidance_scale"], **recipe["pipeline_kwargs"],
+            **own}
 
 
 def load_student_lora(pipe, export_dir: str | Path, recipe: dict | None = None) -> None:
@@ -197,9 +238,12 @@ def load_student_lora(pipe, export_dir: str | Path, recipe: dict | None = None) 
 
 
 def load_pipeline(export_dir: str | Path, *, merged: bool = False, base: str | None = None,
-                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", steps: int | None = None):
     """The stock pipeline of an export's base with the student (LoRA, or merged weights if `merged` or the
-    export has no LoRA) and `TDMScheduler`; returns (pipe, recipe). `base` overrides the recipe's base."""
+    export has no LoRA) and the export's scheduler; returns (pipe, recipe). `base` overrides the recipe's base.
+    `steps` other than the trained K gives `TDMScheduler` (a stock scheduler's timesteps are the trained grid's;
+    TDMScheduler samples tdm's grid for any K). Sample with `pipe(prompt, **sampling_kwargs(recipe,
+    steps))`."""
     from .scheduler import TDMScheduler
 
     diffusers = import_diffusers()
@@ -225,43 +269,8 @@ def load_pipeline(export_dir: str | Path, *, merged: bool = False, base: str | N
             raise ExportError(f"{export_dir / recipe['lora']['file']}: this LoRA does not fit the "
                               f"{recipe['denoiser']} of {base or recipe['base']} ({recipe['pipeline_class']}); "
                               f"was it made for another model? ({detail})") from None
-    pipe.scheduler = TDMScheduler.from_config(recipe["scheduler"])
+    own_grid = steps in (None, recipe["num_inference_steps"])
+    config = recipe["scheduler"] if own_grid else recipe["tdm_scheduler"]
+    cls = TDMScheduler if config["_class_name"] == "TDMScheduler" else getattr(diffusers, config["_class_name"])
+    pipe.scheduler = cls.from_config(config)
     return pipe.to(device), recipe
-
-
-def model_card(recipe: dict) -> str:
-    """README.md of an export: what it is and the code that samples from it."""
-    lora = recipe["lora"]
-    if lora is None:
-        load = (f"{recipe['denoiser']} = diffusers.{recipe['denoiser_class']}.from_pretrained(\"EXPORT_DIR/"
-                f"{recipe['merged_weights']}\")\npipe = diffusers.{recipe['pipeline_class']}.from_pretrained("
-                f"\"{recipe['base']}\", {recipe['denoiser']}={recipe['denoiser']})")
-    elif lora["format"] == "diffusers":
-        load = (f"pipe = diffusers.{recipe['pipeline_class']}.from_pretrained(\"{recipe['base']}\")\n"
-                f"pipe.load_lora_weights(\"EXPORT_DIR\", adapter_name=\"tdm\")\n"
-                f"pipe.set_adapters([\"tdm\"], adapter_weights=[{lora['scale']}])")
-    else:
-        load = (f"pipe = diffusers.{recipe['pipeline_class']}.from_pretrained(\"{recipe['base']}\")\n"
-                f"tdm.export.load_student_lora(pipe, \"EXPORT_DIR\")  # peft: {recipe['pipeline_class']} has no "
-                f"load_lora_weights")
-    kwargs = ", ".join(f"{k}={v!r}" for k, v in recipe["pipeline_kwargs"].items())
-    return f"""# TDM student of `{recipe['base']}`
-
-A {recipe['num_inference_steps']}-step student distilled from `{recipe['base']}` ({recipe['family']}) with
-Trajectory Distribution Matching (Luo et al., ICCV 2025, arXiv 2503.06674) with the
-`tdm` toolkit. It samples without classifier-free guidance (guidance_scale = 1; guidance is distilled
-in) on its training grid {recipe['grid']} ({recipe['prediction_type']} prediction), which `TDMScheduler` replays
-exactly inside the stock `{recipe['pipeline_class']}`.
-
-```python
-import diffusers{", tdm.export" if lora and lora["format"] == "peft" else ""}
-from tdm.scheduler import TDMScheduler
-
-{load}
-pipe.scheduler = TDMScheduler.from_pretrained("EXPORT_DIR", subfolder="scheduler")
-out = pipe("a photo of a cat", num_inference_steps={recipe['num_inference_steps']}, guidance_scale=1.0, {kwargs})
-```
-
-Or: `tdm generate --model EXPORT_DIR --prompt "a photo of a cat" --out samples/`.
-`recipe.json` holds everything above (`tdm.export.load_pipeline(EXPORT_DIR)` does it in one call).
-"""

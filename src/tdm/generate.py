@@ -1,5 +1,5 @@
-"""`tdm generate`: sample from an exported student with its stock pipeline and `TDMScheduler`; save PNGs (GIFs
-for video), plus `samples.json` naming each file's prompt and seed."""
+"""`tdm generate`: sample from an exported student with its stock pipeline and exported scheduler (`TDMScheduler`
+at another step count); save PNGs (GIFs for video), plus `samples.json` naming each file's prompt and seed."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .data.long_prompts import LongPromptWarning, quiet_truncation
-from .export import ExportError, load_pipeline
+from .export import ExportError, load_pipeline, sampling_kwargs
 from .files import atomic_write, write_text_atomic
 from .output_dirs import check_output_dir
 
@@ -33,16 +33,16 @@ def generate(model_dir: str | Path, prompts: list[str], out_dir: str | Path, *, 
         raise ExportError(f"--steps must be >= 1, got {steps}")
     check_output_dir(out_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe, recipe = load_pipeline(model_dir, merged=merged, dtype=getattr(torch, dtype), device=device)
+    pipe, recipe = load_pipeline(model_dir, merged=merged, dtype=getattr(torch, dtype), device=device, steps=steps)
     pipe.set_progress_bar_config(disable=True)
-    steps = recipe["num_inference_steps"] if steps is None else steps
+    kwargs = sampling_kwargs(recipe, steps)
+    steps = kwargs["num_inference_steps"]
     out_dir = Path(out_dir)
     written, index = [], []
     LongPromptWarning().check(pipe, prompts, recipe["pipeline_kwargs"])
     for i, prompt in enumerate(prompts):
         with quiet_truncation(pipe):
-            result = pipe(prompt, num_inference_steps=steps, guidance_scale=recipe["guidance_scale"],
-                          generator=torch.Generator().manual_seed(seed + i), **recipe["pipeline_kwargs"])
+            result = pipe(prompt, generator=torch.Generator().manual_seed(seed + i), **kwargs)
         path = save_media(result[0][0], out_dir / f"{i:04d}")
         written.append(path)
         index.append({"file": path.name, "prompt": prompt, "seed": seed + i, "steps": steps})

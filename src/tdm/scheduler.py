@@ -6,8 +6,15 @@ or `CogVideoXPipeline` at guidance_scale = 1, it reproduces `tdm.core.sampling.r
 network timestep sigma(t_k) * T), every step converts the output to (x0, eps) with `tdm.core.prediction` and
 takes the deterministic DDIM step of `tdm.core.schedules`; the last step returns x0.
 
-    pipe.scheduler = TDMScheduler.from_config(recipe["scheduler"])   # recipe.json of a tdm export
+    pipe.scheduler = TDMScheduler.from_config(recipe["tdm_scheduler"])   # recipe.json of a tdm export
     image = pipe(prompt, num_inference_steps=4, guidance_scale=1.0).images[0]
+
+`from_config` accepts what it can honour: a TDMScheduler config (`_class_name` TDMScheduler, or this class's keys
+with the student's `timesteps`), also carried through a compatible stock scheduler's config (diffusers keeps the
+keys that differ from their defaults). It refuses the config of another scheduler (a teacher's DDPM, Euler,
+FlowMatch... has no student grid: the common idiom `TDMScheduler.from_config(pipe.scheduler.config)` would sample
+another grid), and a flow-matching config read as VP.
+A tdm export writes, by default, a stock scheduler that needs no tdm (`tdm.stock_scheduler`).
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ from .backbones.diffusers_pipeline import import_diffusers
 from .backbones.diffusers_schedule import full_config, is_flow, schedule_from_config
 from .core.algorithm import TDMConfig, make_grid
 from .core.prediction import to_x0_eps
-from .core.sampling import StudentGrid
+from .core.sampling import StudentGrid, explicit_grid
+from .core.schedules import append_dims
+from .errors import ConfigError
 
 import_diffusers()  # a clear error when the [diffusers] extra is missing
 from diffusers.configuration_utils import ConfigMixin, register_to_config  # noqa: E402
@@ -44,6 +53,9 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
     `timesteps` is the student's trained grid on tdm's time axis (t in [0, T]); asking for another number of
     steps gives tdm's default grid for that K (uniform with `total_steps` for VP, T k / K for flow)."""
 
+    # the stock schedulers a tdm export writes in its place (tdm.stock_scheduler); made from this config they sample
+    # the teacher's own grid, and their config carries this one's keys back (`from_config` round trips)
+    _compatibles = ["DDIMScheduler", "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler"]
     order = 1
     init_noise_sigma = 1.0  # the rollout starts from pure N(0, I) at t_K
 
@@ -53,6 +65,9 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
                  rescale_betas_zero_snr: bool = False, snr_shift_scale: float = 1.0, shift: float = 1.0,
                  prediction_type: str = "epsilon", timesteps: list[float] | None = None, total_steps: int = 900):
         self.schedule, self.prediction = schedule_from_config(dict(self.config), kind=schedule)
+        if self.schedule.discrete:  # diffusers' VP attributes, read by some pipelines
+            self.alphas_cumprod = self.schedule.alphas_cumprod
+            self.betas = 1 - self.alphas_cumprod / torch.cat([torch.ones(1), self.alphas_cumprod[:-1]])
         self.grid: StudentGrid | None = None
         self.levels: Tensor | None = None  # the grid on tdm's time axis, snapped as the rollout snaps it
         self.timesteps: Tensor | None = None  # what the network sees at each level
@@ -75,24 +90,65 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
                 params["trained_betas"] = [float(b) for b in params["trained_betas"]]
         return cls(**params, timesteps=list(grid.timesteps), total_steps=total_steps)
 
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' `from_config`, for the configs this class can honour (module docstring); others raise a
+        `ConfigError`."""
+        given = {**(config or {}), **kwargs}
+        name = given.get("_class_name") or "scheduler"
+        if name != cls.__name__ and "timesteps" not in given:
+            raise ConfigError(f"TDMScheduler.from_config: a {name} config has no student grid (key 'timesteps'); "
+                              f"use the scheduler a tdm export wrote, or recipe.json's tdm_scheduler")
+        if is_flow(given) and given.get("schedule", "vp") != "flow":
+            raise ConfigError(f"TDMScheduler.from_config: a flow-matching {name} config with schedule="
+                              f"{given.get('schedule', 'vp')!r}; expected schedule='flow'")
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
     # ---- the grid ----
-    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None):
-        """The student's grid for K = num_inference_steps (default: the trained K)."""
-        trained = tuple(self.config.timesteps) if self.config.timesteps else None
-        K = num_inference_steps or (len(trained) if trained else None)
-        if not K:
-            raise ValueError("TDMScheduler.set_timesteps: pass num_inference_steps (no trained grid in the config)")
-        tdm_config = TDMConfig(num_steps=len(trained) if trained else K, total_steps=self.config.total_steps,
-                               timesteps=trained)
-        self.grid = make_grid(tdm_config, self.schedule, K)
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      timesteps: list[float] | None = None, sigmas: list[float] | None = None):
+        """The student's grid for K = num_inference_steps (default: the trained K), or an explicit grid:
+        `timesteps` as the network sees them (VP: integer levels; flow: sigma * T), or, for a flow schedule,
+        `sigmas` before the shift (t / T on tdm's time axis, as FlowMatchEulerDiscreteScheduler takes them)."""
+        if timesteps is not None or sigmas is not None:
+            self.grid = explicit_grid(self._explicit_levels(timesteps, sigmas))
+        else:
+            trained = tuple(self.config.timesteps) if self.config.timesteps else None
+            K = num_inference_steps or (len(trained) if trained else None)
+            if not K:
+                raise ValueError("TDMScheduler.set_timesteps: pass num_inference_steps (no trained grid in the "
+                                 "config)")
+            tdm_config = TDMConfig(num_steps=len(trained) if trained else K, total_steps=self.config.total_steps,
+                                   timesteps=trained)
+            self.grid = make_grid(tdm_config, self.schedule, K)
+        K = self.grid.num_steps
         self.levels = self.schedule.snap(torch.tensor(self.grid.timesteps, dtype=torch.float32))
         model_t = self.levels if self.schedule.discrete else self.schedule.sigma(self.levels) * len(self)
         self.timesteps = model_t.to(device)
         self.num_inference_steps = K
         self._step_index, self._begin_index = None, None
+
+    def _explicit_levels(self, timesteps, sigmas) -> list[float]:
+        """tdm's time axis for explicit network timesteps or (flow) unshifted sigmas."""
+        T = len(self)
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("TDMScheduler.set_timesteps: pass timesteps or sigmas, not both")
+        if sigmas is not None:
+            if self.schedule.discrete:
+                raise ValueError("TDMScheduler.set_timesteps: sigmas apply to a flow schedule; a VP schedule takes "
+                                 "timesteps (integer levels)")
+            return [float(s) * T for s in sigmas]
+        levels = [float(t) for t in timesteps]
+        if self.schedule.discrete:
+            if any(t != int(t) or not 0 <= t < T for t in levels):
+                raise ValueError(f"TDMScheduler.set_timesteps: VP timesteps must be integers in [0, {T}), got "
+                                 f"{levels}")
+            return levels
+        shift = self.schedule.shift  # invert sigma = shift(u) = s u / (1 + (s - 1) u)
+        return [T * (t / T) / (shift - (shift - 1) * (t / T)) for t in levels]
 
     @property
     def step_index(self) -> int | None:
@@ -113,6 +169,21 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
 
     def scale_model_input(self, sample: Tensor, timestep: Tensor | float | None = None) -> Tensor:
         return sample
+
+    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """The forward process at network timesteps (img2img, inpainting): alpha x0 + sigma noise."""
+        t = torch.as_tensor(timesteps, device=original_samples.device).reshape(-1)
+        if self.schedule.discrete:
+            alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)
+        else:
+            sigma = t.float() / len(self)  # the network's flow timestep is sigma * T
+            alpha = 1 - sigma
+        alpha, sigma = (append_dims(v.to(original_samples), original_samples.ndim) for v in (alpha, sigma))
+        return alpha * original_samples + sigma * noise
+
+    def scale_noise(self, sample: Tensor, timestep: Tensor, noise: Tensor) -> Tensor:
+        """FlowMatchEulerDiscreteScheduler's name for `add_noise` (SD3's img2img and inpainting pipelines)."""
+        return self.add_noise(sample, noise, timestep)
 
     # ---- one student step ----
     def step(self, model_output: Tensor, timestep: Tensor | float, sample: Tensor,
