@@ -160,13 +160,6 @@ class DiffusersBackbone(DiffusersConditioning, Backbone):
         """`pipe(...)` arguments under which the stock pipeline encodes prompts and sizes samples as we do."""
         return {"height": self.height, "width": self.width}
 
-    # ---- metrics: provided by tdm.evaluate for text-to-image teachers, none built in here ----
-    def metrics(self, samples: Tensor, cond: Cond) -> dict[str, float]:
-        return {}
-
-    def floor_metrics(self, num_samples: int) -> dict[str, float]:
-        return {}
-
     # ---- decoding ----
     @property
     def vae(self) -> nn.Module:
