@@ -35,6 +35,8 @@ class Backbone(ABC):
     sample_shape: tuple[int, ...]  # one sample, e.g. (1, 8, 8); the batch dim is added by callers
     is_image: bool = False
     features_description: str = "the raw samples"  # what `features` measures, for reports
+    needs_feature_network: bool = False  # True: `features` (e.g. latents) mean nothing to FD / KID; reports measure
+                                         # them in an image network's features (Inception) or skip them
     time_embedding_module: str | None = None  # submodule of the network whose output is the timestep embedding
                                               # (where step conditioning adds its embedding; None = unsupported)
     lora_targets: tuple[str, ...] = ("attention",)  # train.roles=lora: layers adapted when train.lora_targets is ();

@@ -60,6 +60,7 @@ class DiffusersBackbone(DiffusersConditioning, Backbone):
     pipeline_load_kwargs: ClassVar[dict[str, Any]] = {}  # extra `from_pretrained` kwargs (components to skip)
     is_image = True
     features_description = "the raw latents (no image metric is built in for diffusers teachers)"
+    needs_feature_network = True
 
     def __init__(self, pipeline, vae_config: dict, conditioner: PromptConditioner, *, prompts: Sequence[str] = (),
                  height: int = 0, width: int = 0, negative_prompt: str | None = None):
