@@ -54,6 +54,25 @@ def _digits(config: BackboneConfig) -> Backbone:
         raise ConfigError(f"backbone.teacher: cannot load {config.teacher or 'the shipped teacher'}: {first}") from None
 
 
+def _diffusers_denoiser(config: BackboneConfig) -> Backbone:
+    from .backbones.diffusers_denoiser import DiffusersDenoiserBackbone
+
+    if not config.teacher:
+        raise ConfigError("backbone.teacher: diffusers-denoiser needs the folder of a UNet2DModel or "
+                          "DiTTransformer2DModel saved with save_pretrained (or a pipeline folder holding one)")
+    for key in ("prediction", "prompts", "height", "width"):
+        if getattr(config, key):
+            raise ConfigError(f"backbone.{key}: diffusers-denoiser takes it from the network and its scheduler "
+                              f"config; leave it unset")
+    try:
+        return DiffusersDenoiserBackbone.from_folder(config.teacher, config.scheduler, getattr(torch, config.dtype))
+    except TDMError:
+        raise
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"backbone.teacher: cannot load the diffusers network in {config.teacher}: {first}") from None
+
+
 # diffusers teacher families: backbone.name -> (module of tdm.backbones, class), imported on first use
 DIFFUSERS_FAMILIES: dict[str, tuple[str, str]] = {
     "sd15": ("sd_unet", "SDBackbone"),
@@ -152,6 +171,7 @@ BACKBONES: dict[str, Callable[[BackboneConfig], Backbone]] = {
     "toy-gmm": _toy_gmm,
     "digits": _digits,
     **dict.fromkeys(DIFFUSERS_FAMILIES, _load_diffusers),
+    "diffusers-denoiser": _diffusers_denoiser,
 }
 
 ENTRY_POINT_GROUP = "tdm.backbones"  # installed packages name their Backbone classes or factories here

@@ -65,6 +65,9 @@ def feature_space(choice: str, backbone: Backbone, inception: str | None,
     if not backbone.is_image:
         if choice != "auto":
             raise TDMError(f"--features {choice}: {backbone.name} samples are not images (use auto or none)")
+        if backbone.needs_feature_network:  # latents without a decoder: FD in them would mean nothing
+            return None, None, {"name": "none", "description": f"none, skipped: {backbone.name} samples are "
+                                                              f"latents without a decoder to images"}
         return backbone.features, None, {"name": "samples", "description": backbone.features_description}
     if choice == "auto" and backbone.name == "digits":
         choice = "digits-classifier"

@@ -40,9 +40,6 @@ def report_features(backbone, device) -> tuple[Callable[[Tensor], Tensor] | None
     with the reason."""
     if not backbone.needs_feature_network:
         return backbone.features, {"name": backbone.name, "description": backbone.features_description}
-    if not backbone.is_image:
-        return None, {"name": "none", "description": f"none, skipped: {backbone.name} samples are latents "
-                                                     f"without a decoder to images, and FD in latents is meaningless"}
     features, _, info = feature_space("auto", backbone, None, device)
     return features, info
 
@@ -56,7 +53,7 @@ def _distance_note(result: dict, n: int) -> str:
     """What the FD / KID columns measure, or why there are none."""
     ref, features = result["reference"], result["features"]
     if not any(f"fd_{ref}" in row for row in result["rows"]):
-        return f"No FD or KID: {features['description']}."
+        return f"FD and KID skipped: {features['description'].removeprefix('none, skipped: ')}."
     return (f"`fd_{ref}` / `kid_{ref}`: Frechet distance and KID to {n} samples of the reference teacher sampler "
             f"drawn with other seeds (its own row is the teacher-vs-teacher floor), measured in "
             f"{features['description']}.")
