@@ -102,3 +102,20 @@ def test_an_unconditional_unet_and_one_line_errors(tmp_path):
                          (dict(teacher=str(folder), prompts="p.txt"), "backbone.prompts: diffusers-denoiser")):
         with pytest.raises(ConfigError, match=message):
             build_backbone(BackboneConfig(name="diffusers-denoiser", **bad))
+
+
+def test_the_report_on_a_pipeline_teacher_uses_inception_or_says_why_not(tiny_dirs, inception_file, tmp_path,
+                                                                          monkeypatch):
+    from tdm.evaluate.run_report import report_features
+    from tiny_diffusers import load_backbone
+
+    backbone = load_backbone("sd15", tiny_dirs["sd15"])
+    monkeypatch.delenv("TDM_INCEPTION", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    features, info = report_features(backbone, "cpu")
+    assert features is None and "FID Inception network" in info["description"]  # never FD in latents
+    monkeypatch.setenv("TDM_INCEPTION", str(inception_file))
+    features, info = report_features(backbone, "cpu")
+    latents = torch.randn(2, *backbone.sample_shape)
+    assert info["name"] == "inception" and features(latents).shape == (2, 16)  # decoded, then Inception's features

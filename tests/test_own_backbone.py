@@ -68,6 +68,7 @@ def test_the_readme_own_teacher_example_runs_and_resume_evaluate_export_work_on_
     report = (run / "report.md").read_text()
     assert "| student, 4 steps | 4 |" in report and "measured in the raw samples" in report
     assert "real data (floor)" not in report and "The floor row" not in report  # no floor row: none mentioned
+    assert "![samples](samples.png)" in report and (run / "samples.png").is_file()  # 2-D samples: scatter plots
     rows = json.loads((tmp_path / "runs" / "mine-eval" / "metrics.json").read_text())["rows"]
     assert {r["sampler"] for r in rows} >= {"teacher50", "student4"} and all("fd_teacher50" in r for r in rows)
 
