@@ -37,7 +37,7 @@ def code_blocks(section: str) -> list[tuple[str, str]]:
     return re.findall(r"```(\w+)\n(.*?)```", section, flags=re.S)
 
 
-def test_the_readme_own_teacher_example_runs_and_resume_evaluate_export_work_on_its_run(tmp_path):
+def test_the_readme_own_teacher_example_runs_and_resume_evaluate_export_work_on_its_run(tmp_path, capsys):
     blocks = code_blocks(readme_section("Distil your own model"))
     files = {}
     for lang, code in blocks:
@@ -75,6 +75,10 @@ def test_the_readme_own_teacher_example_runs_and_resume_evaluate_export_work_on_
     export = tmp_path / "mine-student"
     recipe = json.loads((export / "recipe.json").read_text())
     assert recipe["backbone"]["name"] == "teachers:MyTeacher" and recipe["grid"] == [899.0, 674.0, 449.0, 224.0]
+    from tdm.cli import main
+
+    assert main(["generate", "--model", str(export), "--prompt", "x", "--out", str(tmp_path / "gen")]) != 0
+    assert "a network export of a MyTeacher teacher, without a stock pipeline" in capsys.readouterr().err
     exported = load_file(export / "student.safetensors")
     checkpoint = load_file(run / "checkpoints" / "step_0000100" / "student.safetensors")
     assert exported.keys() == checkpoint.keys() and all(torch.equal(exported[k], checkpoint[k]) for k in exported)
