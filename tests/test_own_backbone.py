@@ -79,7 +79,7 @@ def test_the_readme_own_teacher_example_runs_and_resume_evaluate_export_work_on_
 
     assert main(["generate", "--model", str(export), "--prompt", "x", "--out", str(tmp_path / "gen")]) != 0
     assert "a network export of a MyTeacher teacher, without a stock pipeline" in capsys.readouterr().err
-    exported = load_file(export / "student.safetensors")
+    exported = load_file(export / "network.safetensors")
     checkpoint = load_file(run / "checkpoints" / "step_0000100" / "student.safetensors")
     assert exported.keys() == checkpoint.keys() and all(torch.equal(exported[k], checkpoint[k]) for k in exported)
 

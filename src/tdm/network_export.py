@@ -2,7 +2,7 @@
 (`backbone.name: module:Name`) or a bare diffusers denoiser.
 
 An export folder holds:
-  student.safetensors            the student network's weights (LoRA merged), for your own network class; or
+  network.safetensors            the student network's weights (LoRA merged), for your own network class; or
   unet/ or transformer/          a diffusers network's `save_pretrained` folder (a bare diffusers denoiser)
   scheduler/scheduler_config.json  the scheduler that replays the student's grid (diffusers teachers only)
   recipe.json                    the backbone config that rebuilds the teacher in tdm, the grid, the prediction
@@ -27,7 +27,7 @@ from .export import RECIPE_FILE, _fsync_tree, _lora_layers, _move_into_place, me
 from .files import write_text_atomic
 from .roles import AdapterView
 
-NETWORK_FILE = "student.safetensors"
+NETWORK_FILE = "network.safetensors"
 
 
 def plain_student(student_model: nn.Module, lora_scale: float = 1.0) -> nn.Module:
