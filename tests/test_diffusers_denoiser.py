@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tdm.config import BackboneConfig, from_dict
-from tdm.errors import ConfigError
+from tdm.errors import ConfigError, TDMError
 from tdm.registry import build_backbone
 
 diffusers = pytest.importorskip("diffusers")
@@ -51,6 +51,7 @@ def test_a_class_conditional_unet_trains_reports_with_inception_and_exports(tmp_
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no Inception file anywhere: FD is skipped
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr("tdm.evaluate.run_report.DEFAULT_CLIP_FEATURES", str(tmp_path / "no-clip-here"))
     assert report_features(backbone, "cpu")[0] is None
     cfg = from_dict(config(folder))
     trainer = Trainer(cfg, tmp_path / "run")
@@ -104,18 +105,28 @@ def test_an_unconditional_unet_and_one_line_errors(tmp_path):
             build_backbone(BackboneConfig(name="diffusers-denoiser", **bad))
 
 
-def test_the_report_on_a_pipeline_teacher_uses_inception_or_says_why_not(tiny_dirs, inception_file, tmp_path,
-                                                                          monkeypatch):
-    from tdm.evaluate.run_report import report_features
+def test_the_report_on_a_pipeline_teacher_uses_inception_else_clip_or_says_why_not(tiny_dirs, tiny_clip,
+                                                                                   inception_file, tmp_path,
+                                                                                   monkeypatch):
+    from tdm.evaluate import run_report
+    from tdm.evaluate.harness import feature_space
     from tiny_diffusers import load_backbone
 
     backbone = load_backbone("sd15", tiny_dirs["sd15"])
+    latents = torch.randn(2, *backbone.sample_shape)
     monkeypatch.delenv("TDM_INCEPTION", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    features, info = report_features(backbone, "cpu")
+    monkeypatch.setattr(run_report, "DEFAULT_CLIP_FEATURES", str(tmp_path / "no-clip-here"))
+    features, info = run_report.report_features(backbone, "cpu")
     assert features is None and "FID Inception network" in info["description"]  # never FD in latents
+    assert "no CLIP model" in info["description"]
+    monkeypatch.setattr(run_report, "DEFAULT_CLIP_FEATURES", str(tiny_clip))  # a CLIP model on this machine
+    features, info = run_report.report_features(backbone, "cpu")
+    assert info["name"] == "clip" and features(latents).shape == (2, 16)  # decoded, then CLIP's image embeddings
+    assert torch.equal(features(latents), feature_space("clip", backbone, None, "cpu", str(tiny_clip))[0](latents))
+    with pytest.raises(TDMError, match="--features clip needs --clip-model"):
+        feature_space("clip", backbone, None, "cpu")
     monkeypatch.setenv("TDM_INCEPTION", str(inception_file))
-    features, info = report_features(backbone, "cpu")
-    latents = torch.randn(2, *backbone.sample_shape)
-    assert info["name"] == "inception" and features(latents).shape == (2, 16)  # decoded, then Inception's features
+    features, info = run_report.report_features(backbone, "cpu")
+    assert info["name"] == "inception" and features(latents).shape == (2, 16)  # decoded, then Inception's

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from torch import Tensor
 
 from ..config import to_dict
+from ..errors import MissingModel
 from ..files import write_text_atomic
 from ..report import curves_figure
 from ..samplers import student_samplers, teacher_samplers
 from .compare import compare_to_reference
 from .comparison_report import write_comparison
+from .features import DEFAULT_CLIP_FEATURES
 from .harness import feature_space
 
 CURVES = ("fake/loss", "generator/loss", "generator/teacher_fake_gap", "generator/grad_norm",
@@ -36,12 +39,22 @@ def evaluate_distillation(trainer) -> dict:
 
 def report_features(backbone, device) -> tuple[Callable[[Tensor], Tensor] | None, dict]:
     """The features of the report's FD / KID and their description: the backbone's own, or where those mean
-    nothing (a diffusers teacher's latents) Inception's on the decoded images when its file is found; else none,
-    with the reason."""
+    nothing (a diffusers teacher's latents) an image network's on the decoded images: Inception's when its file
+    is found, else CLIP's (DEFAULT_CLIP_FEATURES) when the local hub cache holds it; else none, with the reason."""
     if not backbone.needs_feature_network:
         return backbone.features, {"name": backbone.name, "description": backbone.features_description}
-    features, _, info = feature_space("auto", backbone, None, device)
-    return features, info
+    if not backbone.is_image:  # latents without a decoder: feature_space says why there are none
+        features, _, info = feature_space("auto", backbone, None, device)
+        return features, info
+    missing = []
+    for choice in ("inception", "clip"):
+        try:
+            features, _, info = feature_space(choice, backbone, None, device, DEFAULT_CLIP_FEATURES)
+            return features, info
+        except MissingModel as err:
+            missing.append(str(err))
+    print(f"tdm: note: FD and KID skipped: {missing[0]}", file=sys.stderr)
+    return None, {"name": "none", "description": "none, skipped: " + "; and ".join(missing)}
 
 
 def _trained_steps(tdm_config: dict) -> str:
