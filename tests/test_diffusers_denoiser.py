@@ -34,6 +34,7 @@ def config(folder, **backbone) -> dict:
 
 def test_a_class_conditional_unet_trains_reports_with_inception_and_exports(tmp_path, inception_file, monkeypatch):
     from tdm.evaluate.run_report import evaluate_distillation, report_features, write_report
+    from tdm.export import ExportError, load_pipeline
     from tdm.network_export import export_network
     from tdm.trainer import Trainer
 
@@ -67,6 +68,8 @@ def test_a_class_conditional_unet_trains_reports_with_inception_and_exports(tmp_
     out = export_network(trainer.backbone, cfg.backbone.__dict__, student, tmp_path / "export", tdm_config=cfg.tdm)
     exported = diffusers.UNet2DModel.from_pretrained(out / "unet")
     assert (out / "scheduler" / "scheduler_config.json").is_file()
+    with pytest.raises(ExportError, match="a network export of a diffusers-denoiser teacher, without a stock pipeline"):
+        load_pipeline(out)
     with torch.no_grad():
         assert torch.equal(exported(x, t, class_labels=labels).sample, student(x, t, labels))
     trainer.close()

@@ -57,18 +57,20 @@ def export_network(backbone: Backbone, backbone_config: dict, student_model: nn.
         else:
             weights = NETWORK_FILE
             save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, tmp / weights)
-        scheduler = getattr(backbone, "scheduler", None)  # the teacher's diffusers scheduler, if it has one
-        if scheduler is not None:
+        teacher_scheduler = getattr(backbone, "scheduler", None)  # the teacher's diffusers scheduler, if any
+        scheduler = None
+        if teacher_scheduler is not None:
             from .scheduler import TDMScheduler
 
-            TDMScheduler.for_student(scheduler, grid, tdm_config.total_steps).save_config(tmp / "scheduler")
+            scheduler = TDMScheduler.for_student(teacher_scheduler, grid, tdm_config.total_steps)
+            scheduler.save_config(tmp / "scheduler")
         recipe = {
             "tdm_export": 1,
             "family": backbone.name,
             "backbone": backbone_config,
             "network_class": f"{type(network).__module__}.{type(network).__qualname__}",
             "weights": weights,
-            "scheduler": "scheduler" if scheduler is not None else None,
+            "tdm_scheduler": None if scheduler is None else dict(scheduler.config),  # as saved in scheduler/
             "num_inference_steps": grid.num_steps,
             "grid": list(grid.timesteps),
             "prediction_type": backbone.prediction.value,
@@ -93,7 +95,7 @@ def network_card(recipe: dict) -> str:
     else:
         load = (f"network = diffusers.{recipe['network_class'].rpartition('.')[2]}.from_pretrained("
                 f"\"EXPORT_DIR/{recipe['weights']}\")")
-        if recipe["scheduler"]:
+        if recipe["tdm_scheduler"]:
             load += "\nscheduler = tdm.scheduler.TDMScheduler.from_pretrained(\"EXPORT_DIR\", subfolder=\"scheduler\")"
     return f"""# TDM student ({recipe['family']})
 
