@@ -31,7 +31,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("what training, evaluation and export share: step inputs, roles, samplers, the scheduler, opening a run",
      ("tdm.step_conditioning", "tdm.roles", "tdm.samplers", "tdm.scheduler", "tdm.stock_scheduler", "tdm.runs")),
     ("the tasks: train, export, generate, evaluate",
-     ("tdm.trainer", "tdm.export", "tdm.lora_files", "tdm.model_card", "tdm.hub", "tdm.generate", "tdm.evaluate")),
+     ("tdm.trainer", "tdm.export", "tdm.network_export", "tdm.lora_files", "tdm.model_card", "tdm.hub",
+      "tdm.generate", "tdm.evaluate")),
     ("the command line", ("tdm.cli",)),
 ]
 

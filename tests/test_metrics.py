@@ -26,6 +26,25 @@ def test_frechet_distance_of_samples_matches_a_direct_scipy_computation():
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
 
 
+def _sqrtm_frechet_distance(mu1, c1, mu2, c2) -> float:
+    """The Frechet distance as tdm computed it before the eigenvalue form (and pytorch-fid does): sqrtm of C1 C2,
+    regularised if not finite."""
+    covmean = linalg.sqrtm(c1 @ c2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(c1.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((c1 + offset) @ (c2 + offset))
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * np.trace(covmean.real))
+
+
+@pytest.mark.parametrize("n, d", [(2000, 256), (100, 64)])  # full rank, and fewer samples than dimensions
+def test_frechet_distance_eigenvalue_form_equals_the_sqrtm_form(n, d):
+    g = np.random.default_rng(1)
+    a = np.maximum(g.normal(size=(n, d)) @ g.normal(size=(d, d)) / np.sqrt(d), 0)  # ReLU-like, as pool features
+    b = np.maximum(g.normal(size=(n, d)) @ g.normal(size=(d, d)) / np.sqrt(d) + 0.1, 0)
+    stats = [x for f in (a, b) for x in (f.mean(0), np.cov(f, rowvar=False))]
+    assert frechet_distance(a, b) == pytest.approx(_sqrtm_frechet_distance(*stats), rel=1e-6)
+
+
 def test_energy_distance_is_zero_on_identical_sets_and_grows_with_a_shift():
     x = torch.randn(1000, 2, generator=torch.Generator().manual_seed(0))
     assert energy_distance(x, x) == pytest.approx(0.0, abs=1e-12)

@@ -75,8 +75,11 @@ def _export(checkpoint: str, out: str, overrides: list[str], merged: bool, ema: 
         raise CheckpointError(f"--ema: {run.checkpoint} holds no student EMA (the run had train.ema_decay = 0)")
     # export runs no backward pass: no gradient checkpointing
     backbone = build_backbone(dataclasses.replace(config.backbone, gradient_checkpointing=False))
-    if not isinstance(backbone, DiffusersBackbone):
-        raise ConfigError(f"backbone.name: only diffusers teachers export to a pipeline, got {config.backbone.name}")
+    if not isinstance(backbone, DiffusersBackbone):  # no stock pipeline: the network, its grid and recipe
+        from .network_export import export_network
+
+        return export_network(backbone, dataclasses.asdict(config.backbone), run.load_student(backbone, ema), out,
+                              tdm_config=config.tdm, lora_scale=lora_scale, overwrite=overwrite)
     return export_student(backbone, run.load_student(backbone, ema), out, tdm_config=config.tdm, merged=merged,
                           lora_scale=lora_scale, overwrite=overwrite, lora_format=lora_format,
                           scheduler=scheduler, license=license)

@@ -28,10 +28,16 @@ DTYPES = ("float32", "bfloat16", "float16")
 @dataclass(frozen=True)
 class BackboneConfig:
     name: str = "digits"  # teacher family, a key of tdm.registry:
-                          # toy-gmm | digits | sd15 | sdxl | pixart-alpha | sd3 | cogvideox
+                          # toy-gmm | digits | sd15 | sdxl | pixart-alpha | sd3 | cogvideox | diffusers-denoiser,
+                          # or your own: an import path module:Name of a Backbone subclass or a factory returning
+                          # one (called with this config group), or an installed `tdm.backbones` entry point
     teacher: str = ""     # where the teacher comes from; "" = the family's default. toy-gmm: exact | mlp;
                           # digits: path to a teacher .safetensors ("" = the shipped one);
-                          # diffusers families (required): a hub id or a local folder of the stock pipeline
+                          # diffusers families (required): a hub id or a local folder of the stock pipeline;
+                          # diffusers-denoiser (required): a UNet2DModel / DiTTransformer2DModel save_pretrained
+                          # folder, or a pipeline folder holding one (unet/ or transformer/, scheduler/, vae/)
+    scheduler: str = ""   # diffusers-denoiser: the teacher's scheduler_config.json (or a folder holding one);
+                          # "" = the one next to the network
     prediction: str = ""  # toy-gmm only: epsilon | v_prediction | sample | flow ("" = the family's default)
     # ---- diffusers families only ----
     prompts: str = ""          # training prompts (tdm.data.load_prompts): a .txt file (one per line), a .jsonl /

@@ -249,6 +249,9 @@ def load_pipeline(export_dir: str | Path, *, merged: bool = False, base: str | N
     diffusers = import_diffusers()
     export_dir = Path(export_dir)
     recipe = read_recipe(export_dir)
+    if "pipeline_class" not in recipe:  # tdm.network_export: a network, its grid and the backbone config
+        raise ExportError(f"{export_dir}: a network export of a {recipe.get('family')} teacher, without a stock "
+                          f"pipeline to sample with (load {recipe.get('weights')} as its README.md says)")
     use_weights = merged or recipe["lora"] is None
     if use_weights and not recipe["merged_weights"]:
         raise ExportError(f"{export_dir}: exported without merged weights (export again with --merged)")

@@ -4,7 +4,11 @@ which know nothing of it (nor of the config)."""
 from __future__ import annotations
 
 import importlib
+import inspect
+import os
+import sys
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +52,25 @@ def _digits(config: BackboneConfig) -> Backbone:
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         first = str(err).strip().splitlines()[0]
         raise ConfigError(f"backbone.teacher: cannot load {config.teacher or 'the shipped teacher'}: {first}") from None
+
+
+def _diffusers_denoiser(config: BackboneConfig) -> Backbone:
+    from .backbones.diffusers_denoiser import DiffusersDenoiserBackbone
+
+    if not config.teacher:
+        raise ConfigError("backbone.teacher: diffusers-denoiser needs the folder of a UNet2DModel or "
+                          "DiTTransformer2DModel saved with save_pretrained (or a pipeline folder holding one)")
+    for key in ("prediction", "prompts", "height", "width"):
+        if getattr(config, key):
+            raise ConfigError(f"backbone.{key}: diffusers-denoiser takes it from the network and its scheduler "
+                              f"config; leave it unset")
+    try:
+        return DiffusersDenoiserBackbone.from_folder(config.teacher, config.scheduler, getattr(torch, config.dtype))
+    except TDMError:
+        raise
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"backbone.teacher: cannot load the diffusers network in {config.teacher}: {first}") from None
 
 
 # diffusers teacher families: backbone.name -> (module of tdm.backbones, class), imported on first use
@@ -148,12 +171,111 @@ BACKBONES: dict[str, Callable[[BackboneConfig], Backbone]] = {
     "toy-gmm": _toy_gmm,
     "digits": _digits,
     **dict.fromkeys(DIFFUSERS_FAMILIES, _load_diffusers),
+    "diffusers-denoiser": _diffusers_denoiser,
 }
+
+ENTRY_POINT_GROUP = "tdm.backbones"  # installed packages name their Backbone classes or factories here
+
+
+def _import_target(path: str) -> object:
+    """`module:Name` (or `module:Outer.Name`) -> the object, imported with the current folder on sys.path (as
+    uvicorn resolves `module:app`), so a teachers.py next to the run's command imports."""
+    module, _, attribute = path.partition(":")
+    if not module or not attribute:
+        raise ConfigError(f"backbone.name: {path!r} is not an import path (expected module:Name, e.g. "
+                          f"mypkg.teachers:MyBackbone)")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        target = importlib.import_module(module)
+    except ImportError as err:
+        raise ConfigError(f"backbone.name: cannot import module {module!r} of {path!r}: {err}") from None
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ConfigError(f"backbone.name: module {module!r} has no {attribute!r} (from {path!r})")
+        target = getattr(target, part)
+    return target
+
+
+def _entry_point(name: str) -> object | None:
+    """The object an installed package registers as `name` in the `tdm.backbones` entry-point group, if any."""
+    found = entry_points(group=ENTRY_POINT_GROUP, name=name)
+    if not found:
+        return None
+    point = next(iter(found))
+    try:
+        return point.load()
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"backbone.name: the {ENTRY_POINT_GROUP} entry point {name!r} ({point.value}) does not "
+                          f"load: {err}") from None
+
+
+def own_backbone_target(name: str) -> object | None:
+    """What a `backbone.name` outside the built-in families names: an import path `module:Name` or an entry
+    point of the `tdm.backbones` group (a `Backbone` subclass or a factory returning one); None if neither."""
+    return _import_target(name) if ":" in name else _entry_point(name)
+
+
+def _build_own(name: str, target: object, config: BackboneConfig) -> Backbone:
+    """Call `target` with the run's BackboneConfig (or with nothing, if it takes no argument) and check that it
+    made a Backbone."""
+    if not callable(target):
+        raise ConfigError(f"backbone.name: {name!r} names a {type(target).__name__}, not a Backbone subclass or a "
+                          f"function returning one")
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        signature = None
+    args = (config,)
+    if signature is not None:
+        try:
+            signature.bind(config)
+        except TypeError:
+            try:
+                signature.bind()
+                args = ()
+            except TypeError:
+                raise ConfigError(f"backbone.name: {name!r} must take the BackboneConfig as its only argument, "
+                                  f"or no argument; its signature is {signature}") from None
+    backbone = target(*args)
+    if not isinstance(backbone, Backbone):
+        raise ConfigError(f"backbone.name: {name!r} made a {type(backbone).__name__}, not a tdm Backbone "
+                          f"(subclass tdm.backbones.base.Backbone)")
+    return backbone
+
+
+def check_backbone_matches(config: BackboneConfig, backbone: Backbone) -> None:
+    """Refuse a backbone built outside the registry that `config` would not rebuild (the run saves `config`, and
+    resume, export and evaluate rebuild the teacher from it)."""
+    if config.name in BACKBONES:
+        if backbone.name == config.name:
+            return
+        owner = type(backbone)
+        path = f"{owner.__module__}:{owner.__qualname__}"
+        if backbone.name in BACKBONES:
+            fix = f"set backbone.name={backbone.name}"
+        else:
+            fix = "set backbone.name to the import path of its class or factory" + (
+                f" (e.g. {path})" if owner.__module__ != "__main__" and "<" not in path else "")
+        raise ConfigError(f"backbone.name: the run's config names {config.name!r} but the backbone given is a "
+                          f"{backbone.name!r}; {fix}, so that resume, export and evaluate rebuild this teacher")
+    target = own_backbone_target(config.name)
+    if inspect.isclass(target) and not isinstance(backbone, target):
+        raise ConfigError(f"backbone.name: the run's config names {config.name!r} but the backbone given is a "
+                          f"{type(backbone).__name__}")
 
 
 def build_backbone(config: BackboneConfig) -> Backbone:
     if config.name not in BACKBONES:
-        raise ConfigError(f"backbone.name must be one of {sorted(BACKBONES)}, got {config.name!r}")
+        target = own_backbone_target(config.name)
+        if target is None:
+            raise ConfigError(f"backbone.name must be one of {sorted(BACKBONES)}, an import path module:Name of "
+                              f"a Backbone subclass or factory, or an installed {ENTRY_POINT_GROUP} entry point; got "
+                              f"{config.name!r}")
+        if config.gradient_checkpointing:
+            raise ConfigError("backbone.gradient_checkpointing: only the diffusers families support it, not "
+                              f"{config.name}")
+        return _build_own(config.name, target, config)
     if config.gradient_checkpointing and config.name in ("toy-gmm", "digits"):
         raise ConfigError(f"backbone.gradient_checkpointing: only the diffusers families support it, not "
                           f"{config.name}")

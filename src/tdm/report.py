@@ -53,8 +53,10 @@ def sampler_grid_figure(rows: Sequence[tuple[str, torch.Tensor]], path: Path,
     fig, ax = _pyplot().subplots(figsize=(cell * n + 2.4, cell * len(rows) + 0.6))
     ax.imshow(mosaic, interpolation="nearest")
     ax.set_yticks([pad + r * (h + pad) + h / 2 for r in range(len(rows))], [label for label, _ in rows], fontsize=8)
-    if column_labels is not None:
-        ax.set_xticks([pad + c * (w + pad) + w / 2 for c in range(n)], list(column_labels), fontsize=7)
+    chars = int(cell * 18)  # characters of a line under a cell, at 6 pt
+    if column_labels is not None and chars >= 10:  # wrapped to the cell's width; none under cells too narrow
+        wrapped = [wrap_label(label, chars) for label in column_labels]
+        ax.set_xticks([pad + c * (w + pad) + w / 2 for c in range(n)], wrapped, fontsize=6)
     else:
         ax.set_xticks([])
     ax.tick_params(length=0)
@@ -63,12 +65,45 @@ def sampler_grid_figure(rows: Sequence[tuple[str, torch.Tensor]], path: Path,
     _save_figure(fig, path)
 
 
+def scatter_figure(panels: Sequence[tuple[str, torch.Tensor]], reference: torch.Tensor, path: Path,
+                   labels: torch.Tensor | None = None, columns: int = 4) -> None:
+    """2-D samples: one panel per (title, samples [N, 2]), coloured by `labels` [N] (class ids) when given, over
+    the `reference` samples [M, 2] in grey; the same axes in every panel."""
+    plt = _pyplot()
+    rows, cols = -(-len(panels) // columns), min(columns, len(panels))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.8 * rows), squeeze=False, sharex=True, sharey=True)
+    everything = torch.cat([reference, *(x for _, x in panels)]).float()
+    low, high = everything.quantile(0.005, 0).tolist(), everything.quantile(0.995, 0).tolist()
+    margin = [0.05 * (h - lo) for lo, h in zip(low, high)]
+    for ax, (title, x) in zip(axes.flat, panels):
+        ax.scatter(*reference.float().T, s=2, c="0.8", lw=0, label="reference")
+        colours = None if labels is None else labels[:len(x)].numpy()
+        ax.scatter(*x.float().T, s=2, c=colours, cmap="tab10", vmin=0, vmax=9, lw=0)
+        ax.set_title(title, fontsize=8)
+        ax.set_xlim(low[0] - margin[0], high[0] + margin[0])
+        ax.set_ylim(low[1] - margin[1], high[1] + margin[1])
+        ax.set_aspect("equal")
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def wrap_label(text: str, width: int, lines: int = 3) -> str:
+    """`text` wrapped to `width` characters a line, at most `lines` lines, the last cut with an ellipsis."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width, max_lines=lines, placeholder="…"))
+
+
 def quality_cost_figure(rows: Sequence[dict], metric: str, metric_label: str, path: Path) -> None:
     """`metric` against NFE and against wall time per sample, one labelled point per sampler (log x axes)."""
     from matplotlib.ticker import FuncFormatter
 
     markers = {"teacher": ("s", "tab:blue"), "baseline": ("D", "tab:red"), "student": ("o", "tab:green")}
     fig, axes = _pyplot().subplots(1, 2, figsize=(9, 3.4))
+    labels: dict = {}  # axes -> its (x, y, sampler name) points, labelled once the layout is final
     for ax, x_key, x_label in ((axes[0], "nfe", "network evaluations per sample (NFE)"),
                                (axes[1], "ms_per_sample", "wall time per sample (ms)")):
         for kind, (marker, color) in markers.items():
@@ -77,8 +112,7 @@ def quality_cost_figure(rows: Sequence[dict], metric: str, metric_label: str, pa
                 continue
             xs, ys, names = zip(*points)
             ax.plot(xs, ys, marker=marker, color=color, lw=1 if kind == "student" else 0, label=kind)
-            for x, y, name in points:
-                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            labels.setdefault(ax, []).extend(points)
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
@@ -92,7 +126,42 @@ def quality_cost_figure(rows: Sequence[dict], metric: str, metric_label: str, pa
             ax.set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
+    for ax, points in labels.items():
+        _label_points(ax, points)
     _save_figure(fig, path)
+
+
+# where a point's label may go, in offset points from it, tried in order: right, left, above, below, further out
+LABEL_SPOTS = [(5, 3, "left", "bottom"), (5, -3, "left", "top"), (-5, 3, "right", "bottom"),
+               (-5, -3, "right", "top"), (0, 8, "center", "bottom"), (0, -8, "center", "top"),
+               (5, 12, "left", "bottom"), (5, -12, "left", "top"), (-5, 12, "right", "bottom"),
+               (-5, -12, "right", "top")]
+
+
+def _label_points(ax, points: Sequence[tuple[float, float, str]]) -> list:
+    """Label each (x, y, text) point at the first spot in LABEL_SPOTS whose text overlaps no marker, no label
+    placed before it and stays inside the axes (the first spot if none is free). Returns the labels' boxes."""
+    from matplotlib.transforms import Bbox
+
+    renderer = ax.figure.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    taken = []
+    for x, y in ax.transData.transform([(x, y) for x, y, _ in points]):
+        taken.append(Bbox.from_extents(x - 4, y - 4, x + 4, y + 4))  # the markers
+    for x, y, text in points:
+        for dx, dy, ha, va in LABEL_SPOTS:
+            label = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7, ha=ha, va=va)
+            box = label.get_window_extent(renderer)
+            fits = inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1)
+            if fits and not any(box.overlaps(b) for b in taken):
+                break
+            label.remove()
+        else:  # no free spot: the first one, overlapping
+            dx, dy, ha, va = LABEL_SPOTS[0]
+            label = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7, ha=ha, va=va)
+            box = label.get_window_extent(renderer)
+        taken.append(box)
+    return taken[len(points):]
 
 
 def curves_figure(history: list[dict], panels: Sequence[str | Sequence[str]], path: Path, columns: int = 4) -> None:

@@ -33,7 +33,7 @@ from .divergence import DivergenceWatch
 from .errors import TrainingAborted
 from .files import write_text_atomic
 from .preemption import StopSignals
-from .registry import build_backbone, check_training_inputs
+from .registry import build_backbone, check_backbone_matches, check_training_inputs
 from .report import image_grid
 from .resume import load_newest, no_usable_checkpoint, set_aside
 from .roles import Roles, require_compiler
@@ -81,6 +81,8 @@ class Trainer:
         """`backbone`: an already built `config.backbone` (benchmarks reuse one across runs); None builds it."""
         if backbone is None:
             check_training_inputs(config.backbone)  # before loading anything
+        else:
+            check_backbone_matches(config.backbone, backbone)  # the saved config must rebuild it
         self.config, self.out_dir = config, Path(out_dir)
         # DDP without a buffer broadcast at each forward: the rollout calls the student per level on the samples
         # still running it, so ranks make different numbers of calls (the networks' buffers are constants).

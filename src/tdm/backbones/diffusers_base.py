@@ -60,6 +60,7 @@ class DiffusersBackbone(DiffusersConditioning, Backbone):
     pipeline_load_kwargs: ClassVar[dict[str, Any]] = {}  # extra `from_pretrained` kwargs (components to skip)
     is_image = True
     features_description = "the raw latents (no image metric is built in for diffusers teachers)"
+    needs_feature_network = True
 
     def __init__(self, pipeline, vae_config: dict, conditioner: PromptConditioner, *, prompts: Sequence[str] = (),
                  height: int = 0, width: int = 0, negative_prompt: str | None = None):
@@ -159,13 +160,6 @@ class DiffusersBackbone(DiffusersConditioning, Backbone):
     def pipeline_kwargs(self) -> dict[str, Any]:
         """`pipe(...)` arguments under which the stock pipeline encodes prompts and sizes samples as we do."""
         return {"height": self.height, "width": self.width}
-
-    # ---- metrics: provided by tdm.evaluate for text-to-image teachers, none built in here ----
-    def metrics(self, samples: Tensor, cond: Cond) -> dict[str, float]:
-        return {}
-
-    def floor_metrics(self, num_samples: int) -> dict[str, float]:
-        return {}
 
     # ---- decoding ----
     @property

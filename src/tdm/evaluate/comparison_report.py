@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from ..files import write_text_atomic
-from ..report import markdown_table, quality_cost_figure, sampler_grid_figure
+from ..report import markdown_table, quality_cost_figure, sampler_grid_figure, scatter_figure
 
 ROW_INFO = ("sampler", "label", "kind", "steps", "nfe")
 TIMINGS = (("latency_ms", "latency ms (batch 1)", ".3g"), ("ms_per_sample", "ms / sample", ".3g"),
@@ -54,11 +56,23 @@ def write_comparison(out_dir: Path, result: dict, backbone, grid_columns: int = 
     if backbone.is_image:
         grid = [(f"{r['sampler']}, NFE {r['nfe']}", backbone.to_images(samples[r["sampler"]][:grid_columns]))
                 for r in rows]
-        sampler_grid_figure(grid, out_dir / "samples.png")
+        shown = min(grid_columns, len(samples[rows[0]["sampler"]]))
+        prompts = backbone.evaluation_prompts(shown)
+        sampler_grid_figure(grid, out_dir / "samples.png", column_labels=prompts)
         lines += ["## Samples", "",
                   f"One row per sampler; each column is the same condition and seed in every row "
-                  f"(the first {min(grid_columns, len(samples[rows[0]['sampler']]))} evaluation conditions).", "",
-                  "![samples](samples.png)", ""]
+                  f"(the first {shown} evaluation conditions{', prompts under the columns' if prompts else ''}).",
+                  "", "![samples](samples.png)", ""]
+    elif tuple(backbone.sample_shape) == (2,):
+        n = len(samples[rows[0]["sampler"]])
+        cond = backbone.evaluation_conditions(n)
+        labels = cond if isinstance(cond, torch.Tensor) and cond.shape == (n,) and not cond.is_floating_point() \
+            else None
+        panels = [(f"{r['label']} (NFE {r['nfe']})", samples[r["sampler"]]) for r in rows]
+        scatter_figure(panels, samples[reference], out_dir / "samples.png", labels)
+        lines += ["## Samples", "",
+                  f"{n} samples per sampler{', coloured by condition' if labels is not None else ''}, over the "
+                  f"reference sampler's (`{reference}`, grey).", "", "![samples](samples.png)", ""]
     fd_key = f"fd_{reference}"
     if any(fd_key in r for r in rows):
         quality_cost_figure(rows, fd_key, f"FD to {reference} samples ({result['features']['name']} features)",

@@ -95,6 +95,38 @@ class InceptionFeatures:
         return _batched(self._features, images, self.batch_size, self.device)
 
 
+# ------------------------------------------------------------------------------------------- CLIP
+
+DEFAULT_CLIP_FEATURES = "openai/clip-vit-base-patch32"  # the end-of-run report's fallback, from the local hub cache
+
+
+class CLIPFeatures:
+    """A transformers CLIP model's image embeddings (projected, before normalisation), from a local folder or a
+    hub id already in the local cache (never downloaded): an FD in CLIP's space (FD_CLIP), not FID."""
+
+    name = "clip"
+
+    def __init__(self, model: str, device="cpu", batch_size: int = 64):
+        from .clip_score import clip_pixels
+
+        transformers = require("transformers", "CLIP features")
+        try:
+            self.model = transformers.CLIPModel.from_pretrained(model, local_files_only=True).eval().to(device)
+        except (OSError, ValueError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise MissingModel(f"no CLIP model {model!r} on this machine (tdm never downloads it): {first}") from None
+        self.pixels, self.device, self.batch_size = clip_pixels, device, batch_size
+        self.description = f"CLIP image embeddings ({model}; an FD in CLIP's space, not FID)"
+
+    def _features(self, images: Tensor) -> Tensor:
+        output = self.model.get_image_features(pixel_values=self.pixels(images, self.model.config.vision_config.
+                                                                        image_size))
+        return getattr(output, "pooler_output", output)  # a tensor, or an output object in newer transformers
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return _batched(self._features, images, self.batch_size, self.device)
+
+
 # ------------------------------------------------------------------------------------------- digits
 
 class DigitsClassifierFeatures:

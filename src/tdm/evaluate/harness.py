@@ -27,6 +27,7 @@ from ..samplers import student_samplers, teacher_samplers
 from .compare import SetScorer, compare_to_reference
 from .comparison_report import write_comparison
 from .features import (
+    CLIPFeatures,
     DigitsClassifierFeatures,
     FeatureExtractor,
     InceptionFeatures,
@@ -55,33 +56,43 @@ def load_student(path: str | Path, backbone: Backbone | None = None) -> tuple[Lo
     return LoadedStudent(run, run.load_student(backbone)), backbone
 
 
-def feature_space(choice: str, backbone: Backbone, inception: str | None,
-                  device) -> tuple[Callable[[Tensor], Tensor] | None, FeatureExtractor | None, dict]:
+def feature_space(choice: str, backbone: Backbone, inception: str | None, device, clip_model: str | None = None
+                  ) -> tuple[Callable[[Tensor], Tensor] | None, FeatureExtractor | None, dict]:
     """(features of samples for FD / KID, the image extractor for reference images, a description for the
     report). `auto`: the digits classifier for digits, raw samples for non-image toys, else Inception when
-    its file is found (FD / KID are skipped with a note when it is not)."""
+    its file is found, else CLIP's image embeddings with `clip_model` when given (FD / KID are skipped with a
+    note when neither is there)."""
     if choice == "none":
         return None, None, {"name": "none"}
     if not backbone.is_image:
         if choice != "auto":
             raise TDMError(f"--features {choice}: {backbone.name} samples are not images (use auto or none)")
+        if backbone.needs_feature_network:  # latents without a decoder: FD in them would mean nothing
+            return None, None, {"name": "none", "description": f"none, skipped: {backbone.name} samples are "
+                                                              f"latents without a decoder to images"}
         return backbone.features, None, {"name": "samples", "description": backbone.features_description}
     if choice == "auto" and backbone.name == "digits":
         choice = "digits-classifier"
+    meta = {}
     if choice == "digits-classifier":
         if backbone.name != "digits":
             raise TDMError(f"--features digits-classifier works only for the digits toy, not {backbone.name}")
         extractor: FeatureExtractor = DigitsClassifierFeatures(backbone)
-        meta = {}
-    else:  # inception, asked for or chosen by auto
+    elif choice == "clip":
+        if not clip_model:
+            raise TDMError("--features clip needs --clip-model ID_OR_DIR (a transformers CLIP model)")
+        extractor = CLIPFeatures(clip_model, device)
+    else:  # inception, asked for or chosen by auto, then CLIP for auto
         try:
             extractor = InceptionFeatures(inception, device)
+            meta = {"file": str(extractor.path), "sha256": sha256_file(extractor.path)}
         except MissingModel as err:
             if choice != "auto":
                 raise
-            print(f"tdm: note: FD and KID skipped: {err}", file=sys.stderr)
-            return None, None, {"name": "none", "description": f"none, skipped: {err}"}
-        meta = {"file": str(extractor.path), "sha256": sha256_file(extractor.path)}
+            if not clip_model:
+                print(f"tdm: note: FD and KID skipped: {err}", file=sys.stderr)
+                return None, None, {"name": "none", "description": f"none, skipped: {err}"}
+            extractor = CLIPFeatures(clip_model, device)
     meta = {"name": extractor.name, "description": extractor.description, **meta}
     return (lambda samples: extractor(backbone.to_images(samples))), extractor, meta
 
@@ -128,11 +139,12 @@ def evaluate(run: str | Path, baseline: str | Path | None, options: EvaluateOpti
         samplers += student_samplers(base.model.to(device), base.run.config.tdm, backbone.schedule, [k], prefix=prefix,
                                      label=label, kind="baseline")
     samplers += student_samplers(student.model.to(device), cfg.tdm, backbone.schedule, options.student_steps)
-    features, extractor, features_info = feature_space(options.features, backbone, options.inception, device)
+    features, extractor, features_info = feature_space(options.features, backbone, options.inception, device,
+                                                       options.clip_model)
     references = {}
     if options.reference_dir:
         if extractor is None:
-            raise TDMError("--reference-dir needs image features: --features inception or digits-classifier")
+            raise TDMError("--reference-dir needs image features: --features inception, clip or digits-classifier")
         shape = backbone.sample_shape
         references["reference"] = extractor(load_image_folder(options.reference_dir, shape[0], shape[1:]))
     result = compare_to_reference(backbone, samplers, options.num_samples, options.seed, features, references,

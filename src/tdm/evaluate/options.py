@@ -10,14 +10,14 @@ import torch
 from ..config import EvalConfig, setting
 from ..errors import TDMError
 
-FEATURE_CHOICES = ("auto", "inception", "digits-classifier", "none")
+FEATURE_CHOICES = ("auto", "inception", "clip", "digits-classifier", "none")
 
 
 @dataclass(frozen=True)
 class EvaluateOptions(EvalConfig):
     batch_size: int = setting(250, "samples per sampling call (timed)")
     features: str = setting("auto", "feature network of FD / KID (auto: digits classifier for digits, else "
-                                    "Inception if found)", choices=FEATURE_CHOICES)
+                                    "Inception if found, else CLIP with --clip-model)", choices=FEATURE_CHOICES)
     inception: str | None = setting(None, "inception-2015-12-05.pt (else $TDM_INCEPTION, ~/.cache/tdm/, "
                                           "$TORCH_HOME/hub/checkpoints/; never downloaded)", metavar="PATH")
     reference_dir: str | None = setting(None, "folder of reference images for fd_reference, kid_reference",

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from torch import Tensor
+
 from ..config import to_dict
+from ..errors import MissingModel
 from ..files import write_text_atomic
 from ..report import curves_figure
 from ..samplers import student_samplers, teacher_samplers
 from .compare import compare_to_reference
 from .comparison_report import write_comparison
+from .features import DEFAULT_CLIP_FEATURES
+from .harness import feature_space
 
 CURVES = ("fake/loss", "generator/loss", "generator/teacher_fake_gap", "generator/grad_norm",
           ("student/x0_mean", "student/x0_std"), ("eval/student_std", "eval/teacher_std"),
@@ -23,16 +30,46 @@ def evaluate_distillation(trainer) -> dict:
     cfg, backbone = trainer.config, trainer.backbone
     samplers = teacher_samplers(trainer.teacher, backbone.schedule, cfg.eval.teacher_steps, cfg.tdm.guidance_scale)
     samplers += student_samplers(trainer.student_for_sampling(), cfg.tdm, backbone.schedule, cfg.eval.student_steps)
-    result = compare_to_reference(backbone, samplers, cfg.eval.num_samples, cfg.eval.seed, backbone.features,
+    features, info = report_features(backbone, trainer.accelerator.device)
+    result = compare_to_reference(backbone, samplers, cfg.eval.num_samples, cfg.eval.seed, features,
                                   device=trainer.accelerator.device)
-    features = {"name": backbone.name, "description": backbone.features_description}
-    return {**result, "features": features, "iterations": trainer.state.step, "config": to_dict(cfg),
+    return {**result, "features": info, "iterations": trainer.state.step, "config": to_dict(cfg),
             "warnings": trainer.diagnostics.warnings}
+
+
+def report_features(backbone, device) -> tuple[Callable[[Tensor], Tensor] | None, dict]:
+    """The features of the report's FD / KID and their description: the backbone's own, or where those mean
+    nothing (a diffusers teacher's latents) an image network's on the decoded images: Inception's when its file
+    is found, else CLIP's (DEFAULT_CLIP_FEATURES) when the local hub cache holds it; else none, with the reason."""
+    if not backbone.needs_feature_network:
+        return backbone.features, {"name": backbone.name, "description": backbone.features_description}
+    if not backbone.is_image:  # latents without a decoder: feature_space says why there are none
+        features, _, info = feature_space("auto", backbone, None, device)
+        return features, info
+    missing = []
+    for choice in ("inception", "clip"):
+        try:
+            features, _, info = feature_space(choice, backbone, None, device, DEFAULT_CLIP_FEATURES)
+            return features, info
+        except MissingModel as err:
+            missing.append(str(err))
+    print(f"tdm: note: FD and KID skipped: {missing[0]}", file=sys.stderr)
+    return None, {"name": "none", "description": "none, skipped: " + "; and ".join(missing)}
 
 
 def _trained_steps(tdm_config: dict) -> str:
     steps = tdm_config["num_steps_set"]
     return f"any of {sorted(steps)} (TDM-unify)" if steps else str(tdm_config["num_steps"])
+
+
+def _distance_note(result: dict, n: int) -> str:
+    """What the FD / KID columns measure, or why there are none."""
+    ref, features = result["reference"], result["features"]
+    if not any(f"fd_{ref}" in row for row in result["rows"]):
+        return f"FD and KID skipped: {features['description'].removeprefix('none, skipped: ')}."
+    return (f"`fd_{ref}` / `kid_{ref}`: Frechet distance and KID to {n} samples of the reference teacher sampler "
+            f"drawn with other seeds (its own row is the teacher-vs-teacher floor), measured in "
+            f"{features['description']}.")
 
 
 def write_report(out_dir: Path, result: dict, history: list[dict], backbone, command: str) -> None:
@@ -49,10 +86,10 @@ def write_report(out_dir: Path, result: dict, history: list[dict], backbone, com
         f"the same seeds (eval.seed = {cfg['eval']['seed']}) in every row.",
         "",
         *table,
-        f"`fd_{result['reference']}` / `kid_{result['reference']}`: Frechet distance and KID to {n} samples of the "
-        f"reference teacher sampler drawn with other seeds (its own row is the teacher-vs-teacher floor), measured "
-        f"in {backbone.features_description}. {backbone.metrics_description or 'The floor row scores real data.'} "
-        "Times are wall-clock on this machine, over the whole set in batches of 1000.",
+        " ".join(filter(None, [_distance_note(result, n),
+                               backbone.metrics_description or ("The floor row scores real data." if result["floor"]
+                                                                else ""),
+                               "Times are wall-clock on this machine, over the whole set in batches of 1000."])),
         "",
         *figures,
     ]
