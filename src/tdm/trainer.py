@@ -119,7 +119,6 @@ class Trainer:
         o = config.optim
         opt_g = build_optimizer(roles.student.parameters(), o.generator_lr, o)
         opt_f = build_optimizer(roles.fake_score.parameters(), o.fake_lr, o)
-        self._raw_optimizers = {GENERATOR: opt_g, FAKE_SCORE: opt_f}  # what the lr schedules drive
         if roles.shared is None:
             self.student, self.fake_score, self.opt_g, self.opt_f = self.accelerator.prepare(
                 roles.student, roles.fake_score, opt_g, opt_f)
@@ -132,6 +131,8 @@ class Trainer:
             # of communication with the backward is not missed.
             self.student, self.fake_score = roles.student, roles.fake_score
             self.opt_g, self.opt_f = self.accelerator.prepare(opt_g, opt_f)
+        # the lr schedules drive the torch optimisers (after accelerate's fp16 patch of their step, so it is theirs)
+        self._raw_optimizers = {GENERATOR: self.opt_g.optimizer, FAKE_SCORE: self.opt_f.optimizer}
         self.state = TrainState(lr_schedule_steps=config.train.iterations)  # the run's progress, checkpointed
         self.lr_schedulers = self._lr_schedulers(config.train.iterations)
         self.history: list[dict] = []  # logged scalars, for the end-of-run curves
@@ -156,11 +157,20 @@ class Trainer:
                 print(f"tdm: note: the lr schedule keeps the length of the run's first start ({steps} iterations), "
                       f"not train.iterations={self.config.train.iterations}", file=sys.stderr)
         self.state.lr_schedule_steps = steps
-        with warnings.catch_warnings():  # stepping a schedule before its optimiser: intended here
-            warnings.simplefilter("ignore", UserWarning)
+        for scheduler in self.lr_schedulers.values():
+            if scheduler is not None:
+                scheduler.last_epoch = self.state.step - 1  # the next step sets the lr of iteration `step`,
+        self._step_lr_schedules()                           # as the uninterrupted run computed it
+
+    def _step_lr_schedules(self) -> None:
+        """Advance both schedules by one iteration. They follow the iteration, not the optimiser's step, so
+        torch's warnings about the order of the two (a skipped first update; accelerate swapping the step method
+        under fp16) do not apply."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
+            warnings.filterwarnings("ignore", r"Seems like `optimizer.step\(\)` has been overridden", UserWarning)
             for scheduler in self.lr_schedulers.values():
-                if scheduler is not None:  # lr of iteration `step`, as the uninterrupted run computes it
-                    scheduler.last_epoch = self.state.step - 1
+                if scheduler is not None:
                     scheduler.step()
 
     # ---- the parts of one iteration ----
@@ -292,9 +302,7 @@ class Trainer:
             else:
                 logs = self.fake_score_step(micro, d)
         logs.update(self.generator_step(micro, gen_draws, uncond))
-        for scheduler in self.lr_schedulers.values():  # the lr of the next iteration, also after a skipped update
-            if scheduler is not None:
-                scheduler.step()
+        self._step_lr_schedules()  # the lr of the next iteration, also after a skipped update
         logs.update({f"skipped/{role}": n for role, n in self.state.skipped.items()})
         if self.accelerator.scaler is not None:
             logs.update({f"fp16/overflows_{role}": n for role, n in self.state.overflows.items()})
