@@ -149,13 +149,17 @@ class Trainer:
                 for role, opt in self._raw_optimizers.items()}
 
     def _restore_lr_schedules(self) -> None:
-        """After a resume: the schedules of the run's first start (their length), at the resumed step."""
+        """After a resume: the config's learning rates (--allow-config-change may change them) on schedules of the
+        length of the run's first start, at the resumed step."""
         steps = self.state.lr_schedule_steps or self.config.train.iterations
-        if steps != self.config.train.iterations:
-            self.lr_schedulers = self._lr_schedulers(steps)
-            if self.accelerator.is_main_process and self.config.optim.lr_scheduler != "constant":
-                print(f"tdm: note: the lr schedule keeps the length of the run's first start ({steps} iterations), "
-                      f"not train.iterations={self.config.train.iterations}", file=sys.stderr)
+        o = self.config.optim
+        for role, opt in self._raw_optimizers.items():
+            for group in opt.param_groups:  # a new schedule takes its base lr from initial_lr
+                group["lr"] = group["initial_lr"] = o.generator_lr if role == GENERATOR else o.fake_lr
+        self.lr_schedulers = self._lr_schedulers(steps)
+        if steps != self.config.train.iterations and self.accelerator.is_main_process and o.lr_scheduler != "constant":
+            print(f"tdm: note: the lr schedule keeps the length of the run's first start ({steps} iterations), "
+                  f"not train.iterations={self.config.train.iterations}", file=sys.stderr)
         self.state.lr_schedule_steps = steps
         for scheduler in self.lr_schedulers.values():
             if scheduler is not None:
