@@ -258,12 +258,13 @@ def test_a_launch_that_starts_fewer_processes_than_its_config_asks_is_an_error(t
 @pytest.mark.skipif(not ACCELERATE.exists(), reason="accelerate's launcher not installed")
 def test_a_two_process_launch_from_a_config_file_honours_its_processes_and_mixed_precision(tmp_path):
     """The working multi-process CPU launch (distributed_type MULTI_GPU: ranks on gloo) with mixed_precision bf16
-    in the file: 2 processes, and the training forwards autocast to bfloat16."""
+    in the file: 2 processes, and the training forwards autocast to bfloat16 (with 2 micro-batches per update, so
+    DDP's all-reduce is skipped on the first: Accelerator.no_sync)."""
     result = _launch(tmp_path, ACCELERATE_CONFIG.format(kind="MULTI_GPU", cpu="false"), *TOY_RUN,
-                     "--out", str(tmp_path / "run"))
+                     "--set", "train.gradient_accumulation_steps=2", "--out", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr[-3000:]
     launch = json.loads((tmp_path / "run" / "launch.json").read_text())
     assert launch["num_processes"] == 2 and launch["distributed_type"] == "DistributedType.MULTI_CPU"
     assert launch["mixed_precision"] == "bf16" and launch["autocast_dtype"] == "bfloat16"
-    assert launch["mixed_precision_from"] == "accelerate"
+    assert launch["mixed_precision_from"] == "accelerate" and launch["gradient_accumulation_steps"] == 2
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_0000002"
