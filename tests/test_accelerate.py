@@ -141,10 +141,15 @@ def test_resume_with_a_schedule_is_bit_exact_and_keeps_the_schedule_length(tmp_p
 # ---- optimiser ----
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
-def test_adamw8bit_without_bitsandbytes_is_one_line_with_the_install_hint(tmp_path):
+def test_adamw8bit_without_bitsandbytes_is_one_line_with_the_install_hint(tmp_path, monkeypatch):
+    def no_loading(_):
+        raise AssertionError("the teacher was loaded before the missing package was found")
+
+    monkeypatch.setattr(tdm.trainer, "build_backbone", no_loading)
     with pytest.raises(MissingPackage, match=r"^optim.optimizer=adamw8bit needs the `bitsandbytes` package, which "
                                              r"is not installed: pip install bitsandbytes$"):
         _trainer(tmp_path, "optim.optimizer=adamw8bit")
+    monkeypatch.undo()
     trainer = _trainer(tmp_path / "default")
     assert type(trainer.opt_g.optimizer) is torch.optim.AdamW and type(trainer.opt_f.optimizer) is torch.optim.AdamW
     trainer.close()

@@ -19,6 +19,15 @@ from .optional import require
 GENERATOR, FAKE_SCORE = "generator", "fake_score"
 
 
+def check_optimizer_packages(optim: OptimConfig) -> None:
+    """Import what optim.optimizer and optim.lr_scheduler need (before any model loads): a missing package is a
+    one-line error with its install line."""
+    if optim.optimizer == "adamw8bit":
+        require("bitsandbytes", "optim.optimizer=adamw8bit")
+    if optim.lr_scheduler != "constant":
+        require("diffusers.optimization", f"optim.lr_scheduler={optim.lr_scheduler}", install="diffusers")
+
+
 def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, optim: OptimConfig) -> torch.optim.Optimizer:
     """optim.optimizer over `params`: torch's AdamW, or bitsandbytes' 8-bit AdamW (same betas and weight decay)."""
     kwargs = {"lr": lr, "betas": optim.betas, "weight_decay": optim.weight_decay}

@@ -48,7 +48,7 @@ from .divergence import DivergenceWatch
 from .errors import TrainingAborted
 from .files import atomic_write, write_text_atomic
 from .launch import check_process_count, mixed_precision
-from .optimizers import FAKE_SCORE, GENERATOR, build_lr_scheduler, build_optimizer
+from .optimizers import FAKE_SCORE, GENERATOR, build_lr_scheduler, build_optimizer, check_optimizer_packages
 from .preemption import StopSignals
 from .registry import build_backbone, check_training_inputs
 from .report import image_grid
@@ -95,7 +95,8 @@ class Trainer:
         if backbone is None:
             check_training_inputs(config.backbone)  # before loading anything
         self.config, self.out_dir = config, Path(out_dir)
-        trackers = tracker_names(config.train.report_to)  # a missing tracker package stops the run here
+        trackers = tracker_names(config.train.report_to)  # a missing tracker package stops the run here,
+        check_optimizer_packages(config.optim)             # as does a missing optimiser or schedule package
         # DDP without a buffer broadcast at each forward: the rollout calls the student per level on the samples
         # still running it, so ranks make different numbers of calls (the networks' buffers are constants).
         self.accelerator = Accelerator(mixed_precision=mixed_precision(config.train.mixed_precision),
