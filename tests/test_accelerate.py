@@ -106,11 +106,11 @@ def _checkpoint_tensors(path):
 
 
 def test_resume_with_a_schedule_is_bit_exact_and_keeps_the_schedule_length(tmp_path):
-    """A cosine run of 6 iterations resumed from its checkpoint at 3 (in another folder, as after a crash) ends
-    bit for bit as the uninterrupted run (weights, optimiser states with their lr); resumed with
+    """A cosine run of 6 iterations (2 micro-batches each) resumed from its checkpoint at 3 (in another folder, as
+    after a crash) ends bit for bit as the uninterrupted run (weights, optimiser states with their lr); resumed with
     train.iterations=8, its schedule keeps the length of the run's first start."""
-    extra = ["train.batch_size=2", "optim.lr_scheduler=cosine", "optim.warmup_steps=2", "train.checkpoint_every=3",
-             "train.keep_checkpoints=0"]
+    extra = ["train.batch_size=2", "train.gradient_accumulation_steps=2", "optim.lr_scheduler=cosine",
+             "optim.warmup_steps=2", "train.checkpoint_every=3", "train.keep_checkpoints=0"]
 
     def run(out, iterations, resume=None):
         trainer = _trainer(out, f"train.iterations={iterations}", *extra)
@@ -246,6 +246,24 @@ same_network: true
 TOY_RUN = ["distill", "--config", "toy-gmm", "--no-report", "--set", "train.iterations=2", "--set",
            "train.batch_size=16", "--set", "train.eval_every=0", "--set", "train.ema_decay=0", "--set",
            "train.mixed_precision="]
+
+
+def test_plain_python_warns_where_accelerates_default_config_asks_for_more_processes(tmp_path, monkeypatch,
+                                                                                     capsys):
+    from accelerate.commands.config import config_args
+
+    from tdm.launch import check_process_count
+
+    default = tmp_path / "default_config.yaml"
+    default.write_text(ACCELERATE_CONFIG.format(kind="MULTI_GPU", cpu="false"))
+    monkeypatch.setattr(config_args, "default_config_file", str(default))
+    for name in ("ACCELERATE_MIXED_PRECISION", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    check_process_count(1)
+    assert f"accelerate's config {default} asks for 2 processes, but this run was started without `accelerate " \
+           f"launch` and runs 1" in capsys.readouterr().err
+    check_process_count(2)
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.skipif(not ACCELERATE.exists(), reason="accelerate's launcher not installed")
