@@ -376,12 +376,12 @@ class Trainer:
     def _validate(self, trackers: Trackers) -> None:
         """The validation grid (train.validation_every): to the trackers and <run>/validation/step_*.png."""
         t = self.config.train
-        if self._validation is None:
+        first = self._validation is None
+        if first:
             self._validation = validation_conditions(self.backbone, t.validation_prompts, t.validation_samples)
-            cond, prompts = self._validation
-            if prompts is not None:
-                write_text_atomic(self.out_dir / "validation" / "prompts.txt", "".join(f"{p}\n" for p in prompts))
         cond, prompts = self._validation
+        if first and prompts is not None:
+            write_text_atomic(self.out_dir / "validation" / "prompts.txt", "".join(f"{p}\n" for p in prompts))
         count = len(prompts) if prompts is not None else t.validation_samples
         student = student_samplers(self.student_for_sampling(), self.config.tdm, self.backbone.schedule,
                                    [self.tdm.grid.num_steps])[0]
