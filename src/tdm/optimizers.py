@@ -24,8 +24,9 @@ def check_optimizer_packages(optim: OptimConfig) -> None:
     one-line error with its install line."""
     if optim.optimizer == "adamw8bit":
         require("bitsandbytes", "optim.optimizer=adamw8bit")
-    if optim.lr_scheduler != "constant":
-        require("diffusers.optimization", f"optim.lr_scheduler={optim.lr_scheduler}", install="diffusers")
+    if optim.lr_scheduler != "constant" or optim.warmup_steps:
+        require("diffusers.optimization", f"optim.lr_scheduler={optim.lr_scheduler} with optim.warmup_steps="
+                f"{optim.warmup_steps}", install="diffusers")
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, optim: OptimConfig) -> torch.optim.Optimizer:
