@@ -240,7 +240,7 @@ def test_fp32_signal_runs_teacher_and_fake_score_without_autocast(tmp_path, fres
     traj = trainer.tdm.student_trajectory(trainer.student, torch.randn(2, 1, 8, 8), torch.arange(2), 4)
     seen.clear()
     draws = trainer.tdm.draw((2, 1, 8, 8), torch.Generator().manual_seed(0))
-    trainer.generator_step(traj, draws, torch.arange(2), trainer.backbone.null_condition(2))
+    trainer.generator_step([(slice(0, 2), torch.arange(2), traj)], draws, trainer.backbone.null_condition(2))
     for h in hooks:
         h.remove()
     signal = torch.float32 if fp32_signal else torch.bfloat16

@@ -100,26 +100,28 @@ def test_further_fake_updates_reuse_the_rollout_or_draw_fresh_ones(tmp_path, fre
     trainer = Trainer(load_config("digits-demo", [*SMALL, "optim.fake_updates=3",
                                                   f"optim.fresh_fake_rollouts={str(fresh).lower()}"]), tmp_path)
     rollouts, seen = [], []
-    rollout = trainer._rollout
+    rollout = trainer._rollouts
 
-    def recording_rollout(noise, cond, *draws):
+    def recording_rollouts(noise, cond, *draws):
         rollouts.append((noise, cond, rollout(noise, cond, *draws)))
         return rollouts[-1][2]
 
     def recording(step):
-        def record(traj, draws, cond, *rest):
-            seen.append((traj, cond))
-            return step(traj, draws, cond, *rest)
+        def record(micro, *rest):
+            seen.append(micro)  # [(rows, cond, trajectory)] per micro-batch
+            return step(micro, *rest)
         return record
 
-    trainer._rollout = recording_rollout
+    trainer._rollouts = recording_rollouts
     trainer.fake_score_step, trainer.generator_step = map(recording, (trainer.fake_score_step, trainer.generator_step))
     trainer.train_step()
     assert len(rollouts) == (3 if fresh else 1) and len(seen) == 4
-    (noise, cond, traj), generator = rollouts[0], seen[3]
-    assert generator[0] is traj and generator[1] is cond and seen[0][0] is traj  # consistent with its draws
-    for (fake_traj, fake_cond), rolled in zip(seen[1:3], rollouts[1:] if fresh else [rollouts[0]] * 2):
-        assert fake_traj is rolled[2] and fake_cond is rolled[1]
+    (noise, cond, micro), generator = rollouts[0], seen[3]
+    assert generator is micro and seen[0] is micro  # consistent with its draws
+    (_, micro_cond, traj), = micro
+    assert torch.equal(micro_cond, cond)
+    for fake_micro, rolled in zip(seen[1:3], rollouts[1:] if fresh else [rollouts[0]] * 2):
+        assert fake_micro is rolled[2]
         if fresh:
-            assert not torch.equal(rolled[0], noise) and not torch.equal(fake_traj.x0[4], traj.x0[4])
+            assert not torch.equal(rolled[0], noise) and not torch.equal(fake_micro[0][2].x0[4], traj.x0[4])
     trainer.close()

@@ -70,6 +70,11 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+OPTIMIZERS = ("adamw", "adamw8bit")
+MIXED_PRECISIONS = ("", "no", "fp16", "bf16")
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     generator_lr: float = 1e-5
@@ -77,7 +82,15 @@ class OptimConfig:
     betas: tuple[float, float] = (0.0, 0.95)  # AdamW betas of both roles (official code; paper: (0, 0.999))
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0                # generator gradient clipping (0 = off)
-    warmup_steps: int = 0                     # linear generator-lr warm-up
+    warmup_steps: int = 0                     # linear generator-lr warm-up (every schedule)
+    lr_scheduler: str = "constant"            # both roles' lr over the run (diffusers.optimization.get_scheduler):
+                                              # constant | constant_with_warmup | linear | cosine |
+                                              # cosine_with_restarts | polynomial; length: train.iterations at the
+                                              # run's first start (kept on resume)
+    lr_num_cycles: int = 1                    # cosine_with_restarts: hard restarts
+    lr_power: float = 1.0                     # polynomial: power of the decay
+    optimizer: str = "adamw"                  # adamw (torch) | adamw8bit (bitsandbytes' 8-bit AdamW; needs it
+                                              # installed: pip install bitsandbytes)
     fake_updates: int = 1                     # fake-score updates per generator update
     fresh_fake_rollouts: bool = False         # each further fake update on a new student rollout (DMD2), not
                                               # the generator's (docs/fake_rollouts.md)
@@ -88,6 +101,12 @@ class OptimConfig:
         _require(self.weight_decay >= 0 and self.max_grad_norm >= 0 and self.warmup_steps >= 0,
                  "optim.weight_decay, optim.max_grad_norm and optim.warmup_steps must be >= 0")
         _require(self.fake_updates >= 1, f"optim.fake_updates must be >= 1, got {self.fake_updates}")
+        _require(self.lr_scheduler in LR_SCHEDULERS, f"optim.lr_scheduler must be one of "
+                 f"{', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        _require(self.lr_num_cycles >= 1, f"optim.lr_num_cycles must be >= 1, got {self.lr_num_cycles}")
+        _require(self.lr_power > 0, f"optim.lr_power must be > 0, got {self.lr_power}")
+        _require(self.optimizer in OPTIMIZERS, f"optim.optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                 f"got {self.optimizer!r}")
 
 
 GENERATOR_FORWARDS = ("rollout", "recompute")
@@ -99,9 +118,18 @@ class TrainConfig:
     batch_size: int = 64          # per process
     seed: int = 0
     ema_decay: float = 0.0        # EMA of the student; 0 = off
-    mixed_precision: str = "no"   # no | fp16 | bf16 (accelerate)
-    log_every: int = 10           # scalars to tensorboard and the progress bar
+    mixed_precision: str = ""     # no | fp16 | bf16; "" = accelerate's (`accelerate launch --mixed_precision`
+                                  # or its config file; plain python: no). A value here wins over accelerate's
+    gradient_accumulation_steps: int = 1  # micro-batches of batch_size per update of each role (tdm.accumulation)
+    log_every: int = 10           # scalars to the trackers and the progress bar
+    report_to: str = "tensorboard"  # trackers (accelerate's log_with): tensorboard | wandb | comet_ml | mlflow |
+                                  # aim | clearml | dvclive | swanlab | trackio, comma-separated, or all | none
     eval_every: int = 0           # sample grid and toy metrics; 0 = off
+    validation_every: int = 0     # image backbones: a grid of the student's samples on validation_prompts (fixed
+                                  # noise) every N iterations, to the trackers and validation/step_*.png; 0 = off
+    validation_prompts: tuple[str, ...] = ()  # prompts of that grid (diffusers teachers); () = the first
+                                  # validation_samples training prompts
+    validation_samples: int = 4   # samples in the grid when validation_prompts is () (and for prompt-free teachers)
     eval_samples: int = 100
     checkpoint_every: int = 0     # 0 = only at the end
     keep_checkpoints: int = 3     # newest complete checkpoints kept; 0 = keep all
@@ -127,15 +155,18 @@ class TrainConfig:
                                   # needs a C++ compiler on CPU, triton on CUDA
 
     def __post_init__(self):
-        for name in ("iterations", "batch_size", "log_every", "eval_samples", "max_nonfinite"):
+        for name in ("iterations", "batch_size", "log_every", "eval_samples", "max_nonfinite",
+                     "gradient_accumulation_steps", "validation_samples"):
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "threads"):
+        for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "threads", "validation_every"):
             _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         _require(0 <= self.ema_decay < 1, f"train.ema_decay must lie in [0, 1), got {self.ema_decay}")
         unknown = [n for n in self.stop_signals if not hasattr(signal, n)]
         _require(not unknown, f"train.stop_signals: unknown signal names {unknown} (e.g. SIGTERM, SIGINT, SIGUSR1)")
-        _require(self.mixed_precision in ("no", "fp16", "bf16"),
-                 f"train.mixed_precision must be one of no, fp16, bf16, got {self.mixed_precision!r}")
+        _require(self.mixed_precision in MIXED_PRECISIONS, f"train.mixed_precision must be one of no, fp16, bf16 "
+                 f"or \"\" (accelerate's setting), got {self.mixed_precision!r}")
+        _require(all(p.strip() for p in self.validation_prompts),
+                 f"train.validation_prompts: entries must be non-empty prompts, got {list(self.validation_prompts)}")
         _require(self.roles in ("separate", "lora"), f"train.roles must be separate or lora, got {self.roles!r}")
         _require(self.generator_forward in GENERATOR_FORWARDS, f"train.generator_forward must be one of "
                  f"{', '.join(GENERATOR_FORWARDS)}, got {self.generator_forward!r}")

@@ -1,44 +1,63 @@
-"""The training loop: accelerate, two AdamW optimisers, EMA, logging, sample grids, checkpoints, resume.
+"""The training loop: accelerate, two optimisers with lr schedules, gradient accumulation, EMA, trackers, sample
+and validation grids, checkpoints, resume.
 
 The roles come from `Roles.from_config` (train.roles): whichever the strategy, each optimiser, the gradient
 clipping, the non-finite checks, the EMA and the checkpoint see only that role's trainable weights.
 
-Runs under plain `python` (one process) and under `accelerate launch` / `torchrun` (DDP). Randomness of
+Runs under plain `python` (one process) and under `accelerate launch` / `torchrun` (DDP); tdm.launch says which
+mixed precision applies and refuses a launch that started fewer processes than it asked for. Randomness of
 step n on rank r comes from a generator seeded with (seed, r, n), so a resumed run replays the same draws.
+
+Gradient accumulation (train.gradient_accumulation_steps = M): an iteration draws conditions, noise and TDM draws
+for M x batch_size samples exactly as one batch of that size would, and splits them into M micro-batches. The
+fake score accumulates its gradient over all M (each loss scaled by 1/M) and steps once; then the generator does
+the same against the updated fake score. So an iteration with M micro-batches of B computes what one of M x B
+does, up to the order of floating-point sums, and updates each role once: accelerate's `accumulate` counts
+micro-batches for one optimiser and cannot order two roles in one iteration, so the loop does it with
+`Accelerator.no_sync` on every micro-batch but the last. With M > 1 the generator's student forward is
+recomputed per micro-batch after the fake update (train.generator_forward=recompute): holding M rollout graphs
+would cost the memory accumulation saves.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gc
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object
-from torch.utils.tensorboard import SummaryWriter
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .backbones.base import Backbone
 from .checkpoint import load_checkpoint, prune_checkpoints, read_manifest, save_checkpoint
 from .config import Config, to_dict
-from .core.algorithm import TDM
-from .core.sampling import cond_to
+from .core.algorithm import TDM, Draws
+from .core.sampling import cond_to, map_cond
 from .cpu_threads import thread_budget
 from .diagnostics import Diagnostics, per_step_losses, sample_statistics
 from .divergence import DivergenceWatch
 from .errors import TrainingAborted
-from .files import write_text_atomic
+from .files import atomic_write, write_text_atomic
+from .launch import check_process_count, mixed_precision
+from .optimizers import FAKE_SCORE, GENERATOR, build_lr_scheduler, build_optimizer, check_optimizer_packages
 from .preemption import StopSignals
 from .registry import build_backbone, check_backbone_matches, check_training_inputs
 from .report import image_grid
 from .resume import load_newest, no_usable_checkpoint, set_aside
 from .roles import Roles, require_compiler
 from .samplers import draw_samples, student_samplers, teacher_samplers
+from .tracking import Trackers, tracker_names
 from .train_state import TrainState
+from .validation import check_validation, validation_conditions, validation_grid
 
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
@@ -59,21 +78,15 @@ def autocast_off(model: torch.nn.Module):
     return call
 
 
-class LazySummaryWriter:
-    """A tensorboard writer that creates its event file at the first write: a run that fails before it logs
-    anything leaves no file behind."""
+def draw_rows(draws: Draws, rows: slice) -> Draws:
+    """The draws of a micro-batch: `rows` of every per-sample field."""
+    return dataclasses.replace(draws, **{f.name: getattr(draws, f.name)[rows] for f in dataclasses.fields(draws)
+                                         if f.name != "num_steps"})
 
-    def __init__(self, log_dir: Path):
-        self.log_dir, self._writer = log_dir, None
 
-    def __getattr__(self, name: str):  # add_scalar, add_image, add_text
-        if self._writer is None:
-            self._writer = SummaryWriter(str(self.log_dir))
-        return getattr(self._writer, name)
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+def mean_logs(logs: list[dict]) -> dict:
+    """Per key, the mean over micro-batches of their logged means."""
+    return {k: torch.stack([torch.as_tensor(log[k]) for log in logs]).mean() for k in logs[0]}
 
 
 class Trainer:
@@ -84,16 +97,22 @@ class Trainer:
         else:
             check_backbone_matches(config.backbone, backbone)  # the saved config must rebuild it
         self.config, self.out_dir = config, Path(out_dir)
+        trackers = tracker_names(config.train.report_to)  # a missing tracker package stops the run here,
+        check_optimizer_packages(config.optim)             # as does a missing optimiser or schedule package
         # DDP without a buffer broadcast at each forward: the rollout calls the student per level on the samples
         # still running it, so ranks make different numbers of calls (the networks' buffers are constants).
-        self.accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
+        self.accelerator = Accelerator(mixed_precision=mixed_precision(config.train.mixed_precision),
                                        cpu=not torch.cuda.is_available(),  # gloo DDP on CPU-only machines
                                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        check_process_count(self.accelerator.num_processes)  # before loading anything
+        self.trackers = Trackers(self.accelerator, trackers, self.out_dir, to_dict(config)) \
+            if self.accelerator.is_main_process else None
         on_cpu = self.accelerator.device.type == "cpu"
         self.thread_budget = thread_budget(config.train.threads) if on_cpu else None  # before any network runs
         if config.train.compile:
             require_compiler(self.accelerator.device)  # before loading anything
         self.backbone = backbone or build_backbone(config.backbone)
+        check_validation(self.backbone, config.train.validation_every, config.train.validation_prompts)
         self.tdm = TDM(self.backbone.schedule, self.backbone.prediction, config.tdm)
         self.roles = roles = Roles.from_config(config, self.backbone).to(self.accelerator.device)
         self.teacher = roles.teacher
@@ -101,10 +120,8 @@ class Trainer:
         if config.train.compile:  # after the EMA copy: only the networks training calls are compiled
             roles.compile()
         o = config.optim
-        opt_g = torch.optim.AdamW(roles.student.parameters(), lr=o.generator_lr, betas=o.betas,
-                                  weight_decay=o.weight_decay)
-        opt_f = torch.optim.AdamW(roles.fake_score.parameters(), lr=o.fake_lr, betas=o.betas,
-                                  weight_decay=o.weight_decay)
+        opt_g = build_optimizer(roles.student.parameters(), o.generator_lr, o)
+        opt_f = build_optimizer(roles.fake_score.parameters(), o.fake_lr, o)
         if roles.shared is None:
             self.student, self.fake_score, self.opt_g, self.opt_f = self.accelerator.prepare(
                 roles.student, roles.fake_score, opt_g, opt_f)
@@ -117,34 +134,91 @@ class Trainer:
             # of communication with the backward is not missed.
             self.student, self.fake_score = roles.student, roles.fake_score
             self.opt_g, self.opt_f = self.accelerator.prepare(opt_g, opt_f)
-        self.state = TrainState()  # the run's progress, checkpointed
+        # the lr schedules drive the torch optimisers (after accelerate's fp16 patch of their step, so it is theirs)
+        self._raw_optimizers = {GENERATOR: self.opt_g.optimizer, FAKE_SCORE: self.opt_f.optimizer}
+        self.state = TrainState(lr_schedule_steps=config.train.iterations)  # the run's progress, checkpointed
+        self.lr_schedulers = self._lr_schedulers(config.train.iterations)
         self.history: list[dict] = []  # logged scalars, for the end-of-run curves
         self.diagnostics = Diagnostics()  # drift and collapse warnings
         self._teacher_samples: torch.Tensor | None = None  # the diagnostics' reference, drawn at the first eval
         self.divergence = DivergenceWatch(config.train.max_nonfinite, verbose=self.accelerator.is_main_process)
         self.stopped_by: str | None = None  # the stop signal that ended train(), if any
-        self._tic = time.perf_counter()  # start of the current logging interval
+        self._tic, self._tic_step = time.perf_counter(), 0  # start (time, step) of the current logging interval
+        self._validation: tuple | None = None  # the validation grid's (conditions, prompts), made at its first use
+
+    def _lr_schedulers(self, steps: int) -> dict:
+        """Each optimiser's lr schedule over `steps` iterations (None: constant, no scheduler)."""
+        return {role: build_lr_scheduler(opt, self.config.optim, role, steps)
+                for role, opt in self._raw_optimizers.items()}
+
+    def _restore_lr_schedules(self) -> None:
+        """After a resume: the config's learning rates (--allow-config-change may change them) on schedules of the
+        length of the run's first start, at the resumed step."""
+        steps = self.state.lr_schedule_steps or self.config.train.iterations
+        o = self.config.optim
+        for role, opt in self._raw_optimizers.items():
+            for group in opt.param_groups:  # a new schedule takes its base lr from initial_lr
+                group["lr"] = group["initial_lr"] = o.generator_lr if role == GENERATOR else o.fake_lr
+        self.lr_schedulers = self._lr_schedulers(steps)
+        if steps != self.config.train.iterations and self.accelerator.is_main_process and o.lr_scheduler != "constant":
+            print(f"tdm: note: the lr schedule keeps the length of the run's first start ({steps} iterations), "
+                  f"not train.iterations={self.config.train.iterations}", file=sys.stderr)
+        self.state.lr_schedule_steps = steps
+        for scheduler in self.lr_schedulers.values():
+            if scheduler is not None:
+                scheduler.last_epoch = self.state.step - 1  # the next step sets the lr of iteration `step`,
+        self._step_lr_schedules()                           # as the uninterrupted run computed it
+
+    def _step_lr_schedules(self) -> None:
+        """Advance both schedules by one iteration. They follow the iteration, not the optimiser's step, so
+        torch's warnings about the order of the two (a skipped first update; accelerate swapping the step method
+        under fp16) do not apply."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
+            warnings.filterwarnings("ignore", r"Seems like `optimizer.step\(\)` has been overridden", UserWarning)
+            for scheduler in self.lr_schedulers.values():
+                if scheduler is not None:
+                    scheduler.step()
 
     # ---- the parts of one iteration ----
-    def fake_score_step(self, traj, draws, cond) -> dict:
-        with self.accelerator.autocast():
-            loss, logs = self.tdm.fake_score_loss(self.fake_score, traj, draws, cond)
+    def _sync_unless_last(self, module: torch.nn.Module, index: int, count: int):
+        """DDP's gradient all-reduce only on the last of `count` micro-batches."""
+        return self.accelerator.no_sync(module) if index < count - 1 else contextlib.nullcontext()
+
+    def fake_score_step(self, micro: list[tuple], draws: Draws) -> dict:
+        """One fake-score update from the micro-batches `micro` [(rows, cond, trajectory)] with `draws`."""
+        losses, logs = [], []
         self.opt_f.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss.mean())
+        for i, (rows, cond, traj) in enumerate(micro):
+            with self._sync_unless_last(self.fake_score, i, len(micro)):
+                with self.accelerator.autocast():
+                    loss, log = self.tdm.fake_score_loss(self.fake_score, traj, draw_rows(draws, rows), cond)
+                self.accelerator.backward(loss.mean() / len(micro))
+            losses.append(loss.detach())
+            logs.append(log)
+        loss = torch.cat(losses)
         self._average_gradients(self.fake_score)
         self._update("fake_score", self.fake_score, self.opt_f, loss)
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.fake_score.parameters() if p.grad is not None])
-        return {"fake/loss": loss.detach().mean(), "fake/grad_norm": grad_norm, **logs,
+        return {"fake/loss": loss.mean(), "fake/grad_norm": grad_norm, **mean_logs(logs),
                 **per_step_losses(loss, draws.k, "fake")}
 
-    def generator_step(self, traj, draws, cond, uncond) -> dict:
+    def generator_step(self, micro: list[tuple], draws: Draws, uncond) -> dict:
+        """One generator update from the micro-batches `micro` [(rows, cond, trajectory)] with `draws`."""
         teacher, fake = self.teacher, self.fake_score
         if self.config.train.fp32_signal:  # no gradient flows through either: the unwrapped fake score will do
             teacher, fake = autocast_off(teacher), autocast_off(self.accelerator.unwrap_model(fake))
-        with self.accelerator.autocast():
-            loss, logs = self.tdm.generator_loss(self.student, teacher, fake, traj, draws, cond, uncond)
+        losses, logs = [], []
         self.opt_g.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss.mean())
+        for i, (rows, cond, traj) in enumerate(micro):
+            with self._sync_unless_last(self.student, i, len(micro)):
+                with self.accelerator.autocast():
+                    loss, log = self.tdm.generator_loss(self.student, teacher, fake, traj, draw_rows(draws, rows),
+                                                        cond, uncond)
+                self.accelerator.backward(loss.mean() / len(micro))
+            losses.append(loss.detach())
+            logs.append(log)
+        loss = torch.cat(losses)
         self._average_gradients(self.student)
         o = self.config.optim
         grad_norm = torch.tensor(float("nan"))
@@ -154,11 +228,9 @@ class Trainer:
             # back the scale off a second time.
             self.accelerator.unscale_gradients(self.opt_g)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), o.max_grad_norm)
-        for group in self.opt_g.param_groups:  # linear warm-up, a pure function of the step
-            group["lr"] = o.generator_lr * min(1.0, (self.state.step + 1) / max(o.warmup_steps, 1))
         if self._update("student", self.student, self.opt_g, loss) and self.ema is not None:
             self._update_ema()
-        return {"generator/loss": loss.detach().mean(), "generator/grad_norm": grad_norm, **logs,
+        return {"generator/loss": loss.mean(), "generator/grad_norm": grad_norm, **mean_logs(logs),
                 **per_step_losses(loss, draws.k, "generator")}
 
     def _average_gradients(self, module: torch.nn.Module) -> None:
@@ -216,7 +288,8 @@ class Trainer:
         return False
 
     def train_step(self) -> dict:
-        """One TDM iteration: draws, the student's rollout(s), fake-score update(s), then the generator update.
+        """One TDM iteration: draws, the student's rollout(s), fake-score update(s), then the generator update,
+        each over train.gradient_accumulation_steps micro-batches; then both lr schedules step.
 
         The rollout the generator update differentiates from also feeds the first fake update. Further fake
         updates (optim.fake_updates > 1) reuse it, or with optim.fresh_fake_rollouts each rolls out new
@@ -227,15 +300,16 @@ class Trainer:
         uncond = cond_to(self.backbone.null_condition(cfg.train.batch_size), self.accelerator.device)
         fake_draws, gen_draws = self.tdm.draw_iteration(noise.shape, g, noise.device, cfg.optim.fake_updates)
         fresh = cfg.optim.fresh_fake_rollouts
-        traj = self._rollout(noise, cond, fake_draws[:1] if fresh else fake_draws, gen_draws)
-        logs = self.fake_score_step(traj, fake_draws[0], cond)
+        micro = self._rollouts(noise, cond, fake_draws[:1] if fresh else fake_draws, gen_draws)
+        logs = self.fake_score_step(micro, fake_draws[0])
         for d in fake_draws[1:]:
             if fresh:
                 fresh_cond, fresh_noise = self._batch(g)
-                logs = self.fake_score_step(self._rollout(fresh_noise, fresh_cond, [d]), d, fresh_cond)
+                logs = self.fake_score_step(self._rollouts(fresh_noise, fresh_cond, [d]), d)
             else:
-                logs = self.fake_score_step(traj, d, cond)
-        logs.update(self.generator_step(traj, gen_draws, cond, uncond))
+                logs = self.fake_score_step(micro, d)
+        logs.update(self.generator_step(micro, gen_draws, uncond))
+        self._step_lr_schedules()  # the lr of the next iteration, also after a skipped update
         logs.update({f"skipped/{role}": n for role, n in self.state.skipped.items()})
         if self.accelerator.scaler is not None:
             logs.update({f"fp16/overflows_{role}": n for role, n in self.state.overflows.items()})
@@ -246,17 +320,27 @@ class Trainer:
         return {k: float(v) for k, v in logs.items()}
 
     def _batch(self, g: torch.Generator) -> tuple:
-        """A training batch of conditions and initial noise, drawn with `g`, on the device."""
-        batch, device = self.config.train.batch_size, self.accelerator.device
+        """An iteration's conditions and initial noise (all its micro-batches), drawn with `g`, on the device."""
+        t, device = self.config.train, self.accelerator.device
+        batch = t.batch_size * t.gradient_accumulation_steps
         cond = cond_to(self.backbone.sample_conditions(batch, g), device)
         return cond, torch.randn((batch, *self.backbone.sample_shape), generator=g).to(device)
 
-    def _rollout(self, noise: torch.Tensor, cond, fake_draws: list, gen_draws=None):
-        """The current student's rollout from `noise` that the draws need; with generator draws it also takes the
-        generator's student step, with gradient, unless train.generator_forward=recompute."""
-        take_step = self.config.train.generator_forward == "rollout"
-        with self.accelerator.autocast():
-            return self.tdm.rollout_for(self.student, noise, cond, fake_draws, gen_draws, generator_step=take_step)
+    def _rollouts(self, noise: torch.Tensor, cond, fake_draws: list, gen_draws=None) -> list[tuple]:
+        """Per micro-batch (rows, cond, the current student's rollout from its noise that the draws need). With
+        generator draws and one micro-batch the rollout also takes the generator's student step, with gradient,
+        unless train.generator_forward=recompute."""
+        t = self.config.train
+        take_step = t.generator_forward == "rollout" and t.gradient_accumulation_steps == 1
+        micro = []
+        for start in range(0, noise.shape[0], t.batch_size):
+            rows = slice(start, start + t.batch_size)
+            part = map_cond(lambda v, rows=rows: v[rows], cond)
+            with self.accelerator.autocast():
+                traj = self.tdm.rollout_for(self.student, noise[rows], part, [draw_rows(d, rows) for d in fake_draws],
+                                            gen_draws and draw_rows(gen_draws, rows), generator_step=take_step)
+            micro.append((rows, part, traj))
+        return micro
 
     @torch.no_grad()
     def _update_ema(self):
@@ -269,16 +353,15 @@ class Trainer:
         """The student to sample from: its EMA when one is kept, else the raw (unwrapped) weights."""
         return self.ema if self.ema is not None else self.accelerator.unwrap_model(self.student)
 
-    def _evaluate(self, writer: SummaryWriter | None) -> dict:
+    def _evaluate(self, trackers: Trackers | None) -> dict:
         student = student_samplers(self.student_for_sampling(), self.config.tdm, self.backbone.schedule,
                                    [self.tdm.grid.num_steps])[0]
         samples, cond, _ = draw_samples(self.backbone, student, self.config.train.eval_samples,
                                         self.config.train.seed, device=self.accelerator.device)
         metrics = {f"eval/{k}": v for k, v in self.backbone.metrics(samples, cond).items()}
         metrics.update(sample_statistics(samples, self._teacher_reference()))
-        if writer is not None and self.backbone.is_image:
-            writer.add_image("eval/samples", image_grid(self.backbone.to_images(samples), nrow=10),
-                             self.state.step, dataformats="HWC")
+        if trackers is not None and self.backbone.is_image:
+            trackers.images({"eval/samples": image_grid(self.backbone.to_images(samples), nrow=10)}, self.state.step)
         return metrics
 
     def _teacher_reference(self) -> torch.Tensor:
@@ -292,18 +375,34 @@ class Trainer:
                                                  device=self.accelerator.device)[0]
         return self._teacher_samples
 
-    def _warn(self, writer: SummaryWriter | None, logs: dict):
-        """Drift and collapse warnings (diagnostics.py): a log line and a tensorboard text entry."""
-        for message in self.diagnostics.update(self.state.step, logs):
-            if writer is not None:
-                tqdm.write(f"tdm: warning: {message}", file=sys.stderr)
-                writer.add_text("warnings", message, self.state.step)
+    def _validate(self, trackers: Trackers) -> None:
+        """The validation grid (train.validation_every): to the trackers and <run>/validation/step_*.png."""
+        t = self.config.train
+        first = self._validation is None
+        if first:
+            self._validation = validation_conditions(self.backbone, t.validation_prompts, t.validation_samples)
+        cond, prompts = self._validation
+        if first and prompts is not None:
+            write_text_atomic(self.out_dir / "validation" / "prompts.txt", "".join(f"{p}\n" for p in prompts))
+        count = len(prompts) if prompts is not None else t.validation_samples
+        student = student_samplers(self.student_for_sampling(), self.config.tdm, self.backbone.schedule,
+                                   [self.tdm.grid.num_steps])[0]
+        grid = validation_grid(self.backbone, student, cond, count, t.seed + 2, self.accelerator.device)
+        step = self.state.step
+        atomic_write(self.out_dir / "validation" / f"step_{step:07d}.png", lambda tmp: Image.fromarray(grid).save(tmp))
+        trackers.images({"validation/samples": grid}, step)
 
-    def _log(self, writer: SummaryWriter | None, scalars: dict):
+    def _warn(self, trackers: Trackers | None, logs: dict):
+        """Drift and collapse warnings (diagnostics.py): a log line and a tracker text entry."""
+        for message in self.diagnostics.update(self.state.step, logs):
+            if trackers is not None:
+                tqdm.write(f"tdm: warning: {message}", file=sys.stderr)
+                trackers.text("warnings", message, self.state.step)
+
+    def _log(self, trackers: Trackers | None, scalars: dict):
         self.history.append({"step": self.state.step, **scalars})
-        if writer is not None:
-            for k, v in scalars.items():
-                writer.add_scalar(k, v, self.state.step)
+        if trackers is not None:
+            trackers.scalars(scalars, self.state.step)
 
     # ---- checkpoints ----
     def _modules(self) -> dict:
@@ -355,6 +454,7 @@ class Trainer:
                 return None
             step, rng, _ = loaded
         self.state = TrainState.resumed(path, step, read_manifest(path).get("trainer"))
+        self._restore_lr_schedules()
         rank_state = rng.get(f"torch_rank{self.accelerator.process_index}")
         if rank_state is not None:  # absent when resuming on more processes than saved the checkpoint
             torch.set_rng_state(rank_state)
@@ -366,18 +466,20 @@ class Trainer:
     # ---- the loop ----
     def train(self) -> Path | None:
         cfg, acc = self.config.train, self.accelerator
-        writer = LazySummaryWriter(self.out_dir / "tensorboard") if acc.is_main_process else None
+        trackers = self.trackers
+        if acc.is_main_process:
+            self._record_launch()
         bar = tqdm(total=cfg.iterations, initial=self.state.step, disable=not acc.is_main_process, desc="distill",
                    mininterval=2.0)
-        self._tic = time.perf_counter()
+        self._tic, self._tic_step = time.perf_counter(), self.state.step
         with StopSignals(cfg.stop_signals) as stop:
             while self.state.step < cfg.iterations and not self._stop_requested(stop):
-                self._iteration(writer, bar)
+                self._iteration(trackers, bar)
         bar.close()
         state = self.state
         path = state.checkpoint_path if state.checkpointed_step == state.step else self.save()
-        if writer is not None:
-            writer.close()
+        if trackers is not None:
+            trackers.close()
         acc.wait_for_everyone()
         return path
 
@@ -390,7 +492,19 @@ class Trainer:
             self.stopped_by = stop.received or "a stop signal on another rank"
         return self.stopped_by is not None
 
-    def _iteration(self, writer: SummaryWriter | None, bar) -> None:
+    def _record_launch(self) -> None:
+        """<run>/launch.json: the processes, mixed precision and autocast dtype this run trains with."""
+        acc = self.accelerator
+        with acc.autocast():
+            autocast_dtype = torch.mm(torch.ones(1, 1, device=acc.device), torch.ones(1, 1, device=acc.device)).dtype
+        record = {"num_processes": acc.num_processes, "distributed_type": str(acc.distributed_type),
+                  "mixed_precision": acc.mixed_precision, "autocast_dtype": str(autocast_dtype).removeprefix("torch."),
+                  "mixed_precision_from": "train.mixed_precision" if self.config.train.mixed_precision else
+                  "accelerate", "gradient_accumulation_steps": self.config.train.gradient_accumulation_steps,
+                  "trackers": self.trackers.names}
+        write_text_atomic(self.out_dir / "launch.json", json.dumps(record, indent=1))
+
+    def _iteration(self, trackers: Trackers | None, bar) -> None:
         """One training iteration plus its logging, evaluation and periodic checkpoint."""
         cfg = self.config.train
         logs = self.train_step()
@@ -402,14 +516,17 @@ class Trainer:
         eval_now = cfg.eval_every > 0 and step % cfg.eval_every == 0
         if log_now:
             now = time.perf_counter()
-            logs["time/iteration_s"] = (now - self._tic) / cfg.log_every
-            self._tic = now
-            bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k.endswith("loss")})
+            logs["time/iteration_s"] = (now - self._tic) / (step - self._tic_step)  # the iterations this interval ran
+            self._tic, self._tic_step = now, step
+            bar.set_postfix({"generator_loss": f"{logs['generator/loss']:.3g}",
+                             "fake_loss": f"{logs['fake/loss']:.3g}"})
         if eval_now:
-            logs.update(self._evaluate(writer))
+            logs.update(self._evaluate(trackers))
         if log_now or eval_now:
-            self._log(writer, logs)
-            self._warn(writer, logs)
+            self._log(trackers, logs)
+            self._warn(trackers, logs)
+        if cfg.validation_every and step % cfg.validation_every == 0 and trackers is not None:
+            self._validate(trackers)
         healthy = not any(self.state.nonfinite_in_a_row.values())  # never rotate good checkpoints out mid-fault
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.iterations and healthy:
             self.save()
