@@ -52,7 +52,8 @@ def main():
     for name, overrides in cells([float(m) for m in args.multipliers.split(",")], preset).items():
         runs = data["cells"].setdefault(name, {"overrides": overrides, "runs": []})["runs"]
         for seed in seeds[len(runs):]:
-            runs.append(train_and_sample(overrides, seed, backbone, ref_features, spec))
+            # LoRA roles inject their adapters into the teacher: each run gets a fresh one
+            runs.append(train_and_sample(overrides, seed, build_backbone(preset.backbone), ref_features, spec))
             path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(path, json.dumps(data, indent=1))
             print(f"{name} seed {seed}: fd_teacher50 at K=4 {runs[-1]['steps']['4']['fd_teacher50']:.4g}",
