@@ -41,6 +41,8 @@ TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "joint_attention": ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),  # MMDiT (SD3) text-stream projections
     "feedforward": ("ff.net.0.proj", "ff.net.2"),       # diffusers `FeedForward`: GELU projection in, linear out
     "conv": ("conv1", "conv2", "conv_shortcut"),        # diffusers `ResnetBlock2D` convolutions
+    "projections": ("proj_in", "proj_out"),             # a UNet's `Transformer2DModel` input and output projections
+    "time_embedding": ("time_emb_proj",),                # `ResnetBlock2D`'s projection of the time embedding
 }
 RECOMPILE_LIMIT = 32  # train.compile: graphs per compiled function (Roles.compile)
 LORA_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)  # what peft's LoRA can wrap
