@@ -61,7 +61,8 @@ def config_overrides(batch: int, checkpointing: bool, compile_: bool, bf16: bool
             f"train.mixed_precision={'bf16' if bf16 else 'no'}",
             *([f"train.batch_size={batch}"] if batch else []),
             f"backbone.gradient_checkpointing={str(checkpointing).lower()}", f"train.compile={str(compile_).lower()}",
-            "train.iterations=1000000", "train.eval_every=0", "train.ema_decay=0", "eval.num_samples=0"]
+            "train.iterations=1000000", "train.eval_every=0", "train.validation_every=0", "train.ema_decay=0",
+            "eval.num_samples=0"]
 
 
 def measure(name: str, setting: str, args) -> dict:

@@ -16,8 +16,10 @@ GRID_COLUMNS = 4
 
 
 def check_validation(backbone: Backbone, every: int, prompts: tuple[str, ...]) -> None:
-    """A ConfigError where the run asks for a validation grid the backbone cannot give."""
-    if every and not backbone.is_image:
+    """A ConfigError where the run asks for a validation grid the backbone cannot give (none: nothing to check)."""
+    if not every:
+        return
+    if not backbone.is_image:
         raise ConfigError(f"train.validation_every: the {backbone.name} teacher makes no images (set it to 0)")
     if prompts and not hasattr(backbone, "encode_prompts"):
         raise ConfigError(f"train.validation_prompts: the {backbone.name} teacher takes no text prompts "
