@@ -87,9 +87,13 @@ def test_distillation_moves_only_the_student_and_fake_adapters(trained):
     trainable = {id(p) for m in backbone.pipeline.components.values() if isinstance(m, torch.nn.Module)
                  for p in m.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in [*trainer.student.parameters(), *trainer.fake_score.parameters()]}
-    # the adapted layers are the family's default targets (SD3: both streams of its joint attention)
+    # the adapted layers are the family's default targets (SD3: both streams of its joint attention)...
     assert backbone.lora_targets == (("attention", "joint_attention") if trained.family == "sd3" else ("attention",))
-    patterns = [p for group in backbone.lora_targets for p in TARGET_GROUPS[group]]
+    # ... widened by the preset: attention and feed-forward everywhere, LCM-LoRA's layer kinds on the UNets
+    targets = trainer.config.train.lora_targets
+    assert {"attention", "feedforward"} <= set(targets) and (
+        {"conv", "projections", "time_embedding"} <= set(targets) if trained.family in ("sd15", "sdxl") else True)
+    patterns = [p for group in targets for p in TARGET_GROUPS[group]]
     layers = {k.split(".lora_")[0] for k in trainer.student.state_dict()}
     assert {p for p in patterns if any(layer.endswith(f".{p}") for layer in layers)} == set(patterns)
     assert all(any(layer.endswith(f".{p}") for p in patterns) for layer in layers)
