@@ -167,7 +167,7 @@ def export_student(backbone: DiffusersBackbone, student_model: nn.Module, out_di
             "num_inference_steps": grid.num_steps,
             "grid": list(grid.timesteps),
             "prediction_type": backbone.prediction.value,
-            "guidance_scale": 1.0,
+            "guidance_scale": backbone.unguided_scale,
             "scheduler": _config_of(written),
             "scheduler_kwargs": scheduler_kwargs,
             "stock_scheduler": None if stock is not None else (
