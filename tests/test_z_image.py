@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -17,6 +18,7 @@ from tdm.config import BackboneConfig, load_config  # noqa: E402
 from tdm.core.sampling import guided  # noqa: E402
 from tdm.errors import ConfigError  # noqa: E402
 from tdm.export import read_recipe  # noqa: E402
+from tdm.generate import generate  # noqa: E402
 from tdm.registry import build_backbone  # noqa: E402
 from tdm.scheduler import TDMScheduler  # noqa: E402
 from tdm.trainer import Trainer  # noqa: E402
@@ -97,8 +99,11 @@ def test_distillation_with_lora_roles(trained):
     assert not [k for k, v in frozen.items() if not torch.equal(v, after[k])]
     now = trainer.student.state_dict()
     assert any(not torch.equal(v, now[k]) for k, v in student.items())
-    layers = {k.split(".lora_")[0].rsplit(".", 2)[-2:][-1] for k in now}
-    assert {"to_q", "to_k", "to_v", "0", "w1", "w2", "w3"} == layers  # attention (to_out.0) and SwiGLU
+    patterns = ("to_q", "to_k", "to_v", "to_out.0", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+    layers = {k.split(".lora_")[0] for k in now}  # attention and the SwiGLU feed-forward, in every block
+    assert {next(p for p in patterns if layer.endswith(f".{p}")) for layer in layers} == set(patterns)
+    blocks = [m for m in trainer.backbone.denoiser.modules() if type(m).__name__ == "ZImageTransformerBlock"]
+    assert len(layers) == len(patterns) * len(blocks) == 7 * 4  # 1 noise + 1 context refiner + 2 main blocks
 
 
 def test_resume_after_one_iteration_equals_two_iterations(trained, root, tmp_path):
@@ -127,6 +132,8 @@ def test_export_round_trip(trained, root, tmp_path):
     assert (pipeline_latents(pipe, recipe, noise) - expected).abs().max() <= 1e-5
     pipe.scheduler = TDMScheduler.from_config(recipe["tdm_scheduler"])
     assert (pipeline_latents(pipe, recipe, noise) - expected).abs().max() <= 1e-5
+    (png,) = generate(out, PROMPTS[:1], tmp_path / "samples", device="cpu")  # tdm generate on the export
+    assert Image.open(png).size == (SIZE, SIZE)
 
 
 def test_cached_conditioning_equals_encoding_in_memory(root, tmp_path, monkeypatch, capsys):
