@@ -10,7 +10,7 @@ An export folder holds:
   scheduler/scheduler_config.json    the scheduler that replays the student's rollout: by default a stock diffusers
                                      one (`tdm.stock_scheduler`), so sampling needs diffusers alone; or `TDMScheduler`
   recipe.json                        base pipeline, grid, both scheduler configs, the `pipe(...)` arguments
-                                     (steps, timesteps or sigmas, guidance 1), LoRA scale
+                                     (steps, timesteps or sigmas, guidance off), LoRA scale
   README.md                          a Hugging Face model card with the loading code (`tdm.model_card`)
 The folder is written under a temporary name and renamed into place, so it is complete or absent.
 """
