@@ -10,7 +10,7 @@ An export folder holds:
   scheduler/scheduler_config.json    the scheduler that replays the student's rollout: by default a stock diffusers
                                      one (`tdm.stock_scheduler`), so sampling needs diffusers alone; or `TDMScheduler`
   recipe.json                        base pipeline, grid, both scheduler configs, the `pipe(...)` arguments
-                                     (steps, timesteps or sigmas, guidance 1), LoRA scale
+                                     (steps, timesteps or sigmas, guidance off), LoRA scale
   README.md                          a Hugging Face model card with the loading code (`tdm.model_card`)
 The folder is written under a temporary name and renamed into place, so it is complete or absent.
 """
@@ -167,7 +167,7 @@ def export_student(backbone: DiffusersBackbone, student_model: nn.Module, out_di
             "num_inference_steps": grid.num_steps,
             "grid": list(grid.timesteps),
             "prediction_type": backbone.prediction.value,
-            "guidance_scale": 1.0,
+            "guidance_scale": backbone.unguided_scale,
             "scheduler": _config_of(written),
             "scheduler_kwargs": scheduler_kwargs,
             "stock_scheduler": None if stock is not None else (

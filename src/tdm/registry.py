@@ -80,6 +80,7 @@ DIFFUSERS_FAMILIES: dict[str, tuple[str, str]] = {
     "pixart-alpha": ("pixart", "PixArtAlphaBackbone"),
     "sd3": ("sd3", "SD3Backbone"),
     "cogvideox": ("cogvideox", "CogVideoXBackbone"),
+    "z-image": ("z_image", "ZImageBackbone"),
 }
 
 

@@ -40,6 +40,7 @@ TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "attention": ("to_q", "to_k", "to_v", "to_out.0"),  # diffusers `Attention` projections (UNets and DiTs)
     "joint_attention": ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),  # MMDiT (SD3) text-stream projections
     "feedforward": ("ff.net.0.proj", "ff.net.2"),       # diffusers `FeedForward`: GELU projection in, linear out
+    "gated_feedforward": ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),  # Z-Image's SwiGLU FeedForward
     "conv": ("conv1", "conv2", "conv_shortcut"),        # diffusers `ResnetBlock2D` convolutions
     "projections": ("proj_in", "proj_out"),             # a UNet's `Transformer2DModel` input and output projections
     "time_embedding": ("time_emb_proj",),                # `ResnetBlock2D`'s projection of the time embedding

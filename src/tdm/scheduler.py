@@ -109,10 +109,13 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
 
     # ---- the grid ----
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
-                      timesteps: list[float] | None = None, sigmas: list[float] | None = None):
+                      timesteps: list[float] | None = None, sigmas: list[float] | None = None,
+                      mu: float | None = None):
         """The student's grid for K = num_inference_steps (default: the trained K), or an explicit grid:
         `timesteps` as the network sees them (VP: integer levels; flow: sigma * T), or, for a flow schedule,
-        `sigmas` before the shift (t / T on tdm's time axis, as FlowMatchEulerDiscreteScheduler takes them)."""
+        `sigmas` before the shift (t / T on tdm's time axis, as FlowMatchEulerDiscreteScheduler takes them).
+        `mu`, the resolution shift some pipelines pass (ZImagePipeline), is ignored: the config's shift is the
+        teacher's at the training resolution."""
         if timesteps is not None or sigmas is not None:
             self.grid = explicit_grid(self._explicit_levels(timesteps, sigmas))
         else:

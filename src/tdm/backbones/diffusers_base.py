@@ -58,6 +58,7 @@ class DiffusersBackbone(DiffusersConditioning, Backbone):
     denoiser_name: ClassVar[str]             # the pipeline component holding the network: unet | transformer
     lora_layers_kwarg: ClassVar[str | None]  # `save_lora_weights` argument for it; None: no diffusers LoRA loader
     pipeline_load_kwargs: ClassVar[dict[str, Any]] = {}  # extra `from_pretrained` kwargs (components to skip)
+    unguided_scale: ClassVar[float] = 1.0  # the `pipe(...)` guidance_scale that runs one unguided branch (exports)
     is_image = True
     features_description = "the raw latents (no image metric is built in for diffusers teachers)"
     needs_feature_network = True
