@@ -55,12 +55,15 @@ class BackboneConfig:
                                # float32 | bfloat16 | float16. Trained weights are float32 whatever this is
                                # (separate copies, LoRA adapters, the EMA): a bf16 weight loses lr-1e-6 updates
     text_encoder_3: bool = True  # sd3: load the T5 text encoder; false = the two CLIP encoders only
+    embedded_guidance: float = 0.0  # flux: the value a guidance-distilled teacher's guidance embedding gets (teacher,
+                                    # student and fake score alike; the export's guidance_scale); 0 = the pipeline's
+                                    # default (FluxPipeline: 3.5)
     gradient_checkpointing: bool = False  # diffusers families: recompute the network's blocks in the backward pass
                                           # (less activation memory, about a third more time per iteration)
 
     def __post_init__(self):
         _require(self.dtype in DTYPES, f"backbone.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
-        for key in ("height", "width", "frames"):
+        for key in ("height", "width", "frames", "embedded_guidance"):
             _require(getattr(self, key) >= 0, f"backbone.{key} must be >= 0 (0 = the model's default), "
                                               f"got {getattr(self, key)}")
 

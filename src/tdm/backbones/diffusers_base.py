@@ -23,7 +23,7 @@ from ..data.prompt_conditions import PromptConditions
 from ..errors import ConfigError
 from .base import Backbone
 from .diffusers_conditioning import DiffusersConditioning
-from .diffusers_pipeline import check_pipeline_class, import_diffusers, pipeline_folder
+from .diffusers_pipeline import check_local_parts, check_pipeline_class, import_diffusers, pipeline_folder
 from .diffusers_schedule import schedule_from_config
 
 
@@ -71,8 +71,6 @@ class DiffusersBackbone(DiffusersConditioning, Backbone):
                                            negative_prompt=negative_prompt, add_conditions=self.add_conditions,
                                            null_text=self.null_text)
         self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-        self.schedule, self.prediction = schedule_from_config(pipeline.scheduler)
-        self.teacher = self.denoiser_class(self.denoiser, self.schedule)
         default_h, default_w = (s * self.vae_scale_factor for s in self.default_latent_size())
         self.height, self.width = height or default_h, width or default_w
         step = self.vae_scale_factor * self.patch_size()
@@ -80,6 +78,9 @@ class DiffusersBackbone(DiffusersConditioning, Backbone):
             if size % step:
                 raise ConfigError(f"backbone.{key}: {self.name} needs a multiple of {step} pixels "
                                   f"(VAE factor x patch size), got {size}")
+        self.fix_scheduler()
+        self.schedule, self.prediction = schedule_from_config(pipeline.scheduler)
+        self.teacher = self.denoiser_class(self.denoiser, self.schedule)
         self._vae = None
 
     # ---- loading ----
@@ -104,6 +105,7 @@ class DiffusersBackbone(DiffusersConditioning, Backbone):
             cache = EmbeddingCache(prompt_cache, text.fingerprint(folder, dtype))
             if not cache.missing([*prompts, negative_prompt or ""]):
                 load.update(dict.fromkeys(text.parts))  # all cached: the text encoders are not loaded
+        check_local_parts(source, [part for part in text.parts if part not in load], cls.name)
         pipeline = getattr(diffusers, cls.pipeline_class).from_pretrained(source, vae=None, dtype=dtype, **load)
         vae_config = diffusers.AutoencoderKL.load_config(source, subfolder="vae", revision=kwargs.get("revision"))
         pipeline.to(device)
@@ -116,6 +118,10 @@ class DiffusersBackbone(DiffusersConditioning, Backbone):
                        negative_prompt=negative_prompt, **own)
         backbone.conditions.prepare()
         return backbone
+
+    def fix_scheduler(self) -> None:
+        """Make `pipeline.scheduler` one fixed noise process at this backbone's sample size, before the schedule
+        is read from it (FLUX: its resolution-dependent shift evaluated here); by default it is one already."""
 
     @classmethod
     def init_kwargs(cls) -> tuple[str, ...]:

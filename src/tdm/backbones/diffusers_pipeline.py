@@ -3,6 +3,7 @@ install), the check that a pipeline folder is of the family's class, and the fol
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -40,3 +41,16 @@ def pipeline_folder(pipeline_class: str, source: str, **load) -> Path:
     if Path(source).is_dir():
         return Path(source)
     return Path(getattr(import_diffusers(), pipeline_class).download(source, **load))
+
+
+def check_local_parts(source: str, parts: list[str], family: str) -> None:
+    """A local pipeline folder holds each component of `parts` (those about to load): otherwise diffusers fails on
+    a file it does not name the component of."""
+    folder = Path(source)
+    if not (folder / "model_index.json").is_file():
+        return  # a hub id, or not a pipeline folder: from_pretrained says why
+    index = json.loads((folder / "model_index.json").read_text())
+    for part in parts:
+        if (index.get(part) or [None])[0] is None or not (folder / part).is_dir():
+            raise ConfigError(f"backbone.teacher: {source} has no {part} (the {family} pipeline encodes prompts "
+                              f"with it; save the pipeline with it, or cache every prompt first: tdm cache-prompts)")
