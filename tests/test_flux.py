@@ -105,14 +105,15 @@ def test_distillation_moves_only_the_student_and_fake_adapters(trained):
         now = module.state_dict()
         assert any(not torch.equal(v, now[k]) for k, v in trained.adapters_before[role].items()), role
     layers = {k.split(".lora_")[0] for k in trainer.student.state_dict()}
+    double, single = "model.transformer_blocks.0.", "model.single_transformer_blocks.0."
     # double blocks: both attention streams and both feed-forwards; single blocks: q, k, v (no output projection)
-    assert {layer.split(".", 1)[1] for layer in layers if layer.startswith("model.transformer_blocks.0.")} == {
+    assert {layer.removeprefix(double) for layer in layers if layer.startswith(double)} == {
         "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
         "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
         "ff_context.net.2"}
-    assert {layer.split(".", 1)[1] for layer in layers if layer.startswith("model.single_transformer_blocks.0.")} \
-        == {"attn.to_q", "attn.to_k", "attn.to_v"}
-    assert backbone.denoiser.gradient_checkpointing and trainer.roles.checkpointing
+    assert {layer.removeprefix(single) for layer in layers if layer.startswith(single)} == {
+        "attn.to_q", "attn.to_k", "attn.to_v"}
+    assert backbone.denoiser.gradient_checkpointing and trainer.roles.shared.checkpointing
 
 
 def test_resume_after_one_iteration_equals_two_iterations(trained, flux_dir, tmp_path):
@@ -197,6 +198,6 @@ def test_preset_offline_fails_naming_the_hub_id(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n")
     code = main(["distill", "--config", PRESET, "--out", str(tmp_path / "run"), "--no-report",
-                 "--set", f"backbone.prompts={prompts}"])
+                 "--set", f"backbone.prompts={prompts}", "--set", "train.mixed_precision=no"])  # CPU, as earlier tests
     err = capsys.readouterr().err.strip()
     assert code == 2 and "black-forest-labs/FLUX.1-dev" in err and len(err.splitlines()) == 1, err
