@@ -11,6 +11,7 @@ tdm cannot express raise a `ConfigError` naming the key.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping
 
 import torch
@@ -77,6 +78,14 @@ def _vp_alphas_cumprod(config: dict) -> torch.Tensor:
 def is_flow(config) -> bool:
     """Whether a (full) scheduler config describes a flow-matching teacher."""
     return config.get("_class_name") in FLOW_SCHEDULERS or bool(config.get("use_flow_sigmas"))
+
+
+def fixed_shift_config(config: Mapping, mu: float) -> dict:
+    """A FlowMatchEulerDiscreteScheduler config whose resolution-dependent shift (`use_dynamic_shifting`) is fixed
+    at `mu`, the value a pipeline computes for its sample size (FLUX): sigma = e^mu / (e^mu + 1 / u - 1) is the fixed
+    shift s u / (1 + (s - 1) u) with s = e^mu (s = mu for time_shift_type='linear')."""
+    shift = math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else mu
+    return {**config, "shift": shift, "use_dynamic_shifting": False}
 
 
 def schedule_from_config(config, kind: str | None = None) -> tuple[Schedule, PredictionType]:

@@ -4,14 +4,13 @@ is guidance-distilled: it has no unconditional branch; the guidance value is an 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from ..core.schedules import Schedule
 from ..errors import ConfigError
 from .diffusers_base import DiffusersBackbone, DiffusersDenoiser
+from .diffusers_schedule import fixed_shift_config
 
 MAX_SEQUENCE_LENGTH = 512  # T5 tokens, the pipeline's default (FLUX.1-dev's)
 DEFAULT_GUIDANCE = 3.5     # FluxPipeline's default guidance_scale (FLUX.1-dev's model card)
@@ -39,19 +38,6 @@ class FluxDenoiser(DiffusersDenoiser):
         return self.model(hidden_states=x, timestep=self.schedule.sigma(t), guidance=cond.get("guidance"),
                           pooled_projections=cond["pooled_projections"], encoder_hidden_states=cond["prompt_embeds"],
                           txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-
-
-def fixed_shift_config(config, image_seq_len: int) -> dict:
-    """A FlowMatchEulerDiscreteScheduler config with its dynamic shift evaluated at `image_seq_len` tokens, as
-    FluxPipeline does (mu = calculate_shift(...)): sigma = e^mu / (e^mu + 1 / u - 1) is the fixed shift
-    s u / (1 + (s - 1) u) with s = e^mu (s = mu for time_shift_type='linear')."""
-    if not config.get("use_dynamic_shifting"):
-        return dict(config)
-    mu = _pipeline_module().calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
-                                            config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                            config.get("max_shift", 1.15))
-    shift = math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else mu
-    return {**config, "shift": shift, "use_dynamic_shifting": False}
 
 
 class FluxBackbone(DiffusersBackbone):
@@ -107,9 +93,14 @@ class FluxBackbone(DiffusersBackbone):
         return (h * w, self.denoiser.config.in_channels)
 
     def fix_scheduler(self):
-        h, w = self.packed_grid
-        scheduler = self.pipeline.scheduler
-        self.pipeline.scheduler = type(scheduler).from_config(fixed_shift_config(scheduler.config, h * w))
+        """The dynamic shift at this size: mu from the number of image tokens, as FluxPipeline computes it."""
+        scheduler, (h, w) = self.pipeline.scheduler, self.packed_grid
+        config = scheduler.config
+        if config.get("use_dynamic_shifting"):
+            mu = _pipeline_module().calculate_shift(h * w, config.get("base_image_seq_len", 256),
+                                                    config.get("max_image_seq_len", 4096),
+                                                    config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+            self.pipeline.scheduler = type(scheduler).from_config(fixed_shift_config(config, mu))
 
     def pipeline_kwargs(self):
         guidance = {"guidance_scale": self.embedded_guidance} if self.embedded_guidance else {}
