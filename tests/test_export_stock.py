@@ -182,7 +182,8 @@ def test_model_card_code_runs_with_diffusers_alone(family, exports, tmp_path):
     out = exports(family)
     _, code = _card(out)
     code = code.replace("EXPORT_DIR", str(out)).replace(
-        f'pipe("{PROMPT}", ', f'pipe("{PROMPT}", generator=torch.Generator().manual_seed(0), output_type="np", ')
+        f'pipe(prompt="{PROMPT}", ',
+        f'pipe(prompt="{PROMPT}", generator=torch.Generator().manual_seed(0), output_type="np", ')
     assert "generator=" in code
     script = NO_TDM + code + f"\nnumpy.save({str(tmp_path / 'images.npy')!r}, out[0])\n"
     done = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=300)

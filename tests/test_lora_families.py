@@ -154,7 +154,7 @@ def tdm_latents(trainer, model, noise) -> torch.Tensor:
 def pipeline_latents(pipe, recipe, noise) -> torch.Tensor:
     """The pipeline's latents under the recipe's arguments (with its scheduler's timesteps or sigmas)."""
     pipe.set_progress_bar_config(disable=True)
-    return pipe(PROMPTS[:2], output_type="latent", latents=noise.clone(), **sampling_kwargs(recipe))[0]
+    return pipe(prompt=PROMPTS[:2], output_type="latent", latents=noise.clone(), **sampling_kwargs(recipe))[0]
 
 
 def test_exported_lora_in_the_stock_pipeline_reproduces_the_trained_student(trained, tmp_path):

@@ -42,7 +42,7 @@ def generate(model_dir: str | Path, prompts: list[str], out_dir: str | Path, *, 
     LongPromptWarning().check(pipe, prompts, recipe["pipeline_kwargs"])
     for i, prompt in enumerate(prompts):
         with quiet_truncation(pipe):
-            result = pipe(prompt, generator=torch.Generator().manual_seed(seed + i), **kwargs)
+            result = pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed + i), **kwargs)
         path = save_media(result[0][0], out_dir / f"{i:04d}")
         written.append(path)
         index.append({"file": path.name, "prompt": prompt, "seed": seed + i, "steps": steps})

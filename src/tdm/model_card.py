@@ -63,7 +63,7 @@ def _load_code(recipe: dict) -> str:
 def _call(recipe: dict) -> str:
     kwargs = {"num_inference_steps": recipe["num_inference_steps"], "guidance_scale": recipe["guidance_scale"],
               **recipe["pipeline_kwargs"], **recipe["scheduler_kwargs"]}
-    return "out = pipe(\"a photo of a cat\", " + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"
+    return "out = pipe(prompt=\"a photo of a cat\", " + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"
 
 
 def _recipe_rows(recipe: dict) -> str:

@@ -82,6 +82,7 @@ DIFFUSERS_FAMILIES: dict[str, tuple[str, str]] = {
     "cogvideox": ("cogvideox", "CogVideoXBackbone"),
     "z-image": ("z_image", "ZImageBackbone"),
     "flux": ("flux", "FluxBackbone"),
+    "flux2-klein": ("flux2_klein", "Flux2KleinBackbone"),
 }
 
 
