@@ -67,10 +67,10 @@ def test_adapter_matches_the_stock_pipeline_network_call(flux_dir):
 
     handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
     pipe.set_progress_bar_config(disable=True)
-    pipe(PROMPTS[:2], num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0),
-         **backbone.pipeline_kwargs())
+    pipe(prompt=PROMPTS[:2], num_inference_steps=2, guidance_scale=backbone.unguided_scale, output_type="latent",
+         generator=torch.Generator().manual_seed(0), **backbone.pipeline_kwargs())
     handle.remove()
-    assert len(calls) == 2 and backbone.pipeline_kwargs()["guidance_scale"] == 3.5
+    assert len(calls) == 2 and backbone.unguided_scale == 3.5
     cond = backbone.encode_prompts(PROMPTS[:2])
     s, T = backbone.schedule.shift, backbone.schedule.num_train_timesteps
     for call in calls:
@@ -169,7 +169,7 @@ def test_flux_without_a_guidance_embedding(tmp_path):
     """A transformer without guidance_embeds (FLUX.1-schnell): no guidance input; asking for one is an error."""
     folder = save_tiny_flux(tmp_path / "schnell", guidance_embeds=False)
     backbone = load_flux(folder)
-    assert "guidance" not in backbone.encode_prompts(["a cat"]) and "guidance_scale" not in backbone.pipeline_kwargs()
+    assert "guidance" not in backbone.encode_prompts(["a cat"]) and backbone.unguided_scale == 1.0
     with pytest.raises(ConfigError, match=r"^backbone.embedded_guidance: the transformer of .* has no guidance"):
         load_flux(folder, embedded_guidance=3.5)
 

@@ -102,9 +102,13 @@ class FluxBackbone(DiffusersBackbone):
                                                     config.get("base_shift", 0.5), config.get("max_shift", 1.15))
             self.pipeline.scheduler = type(scheduler).from_config(fixed_shift_config(config, mu))
 
+    @property
+    def unguided_scale(self) -> float:
+        """The export's guidance_scale: the embedded value (FluxPipeline runs one branch whatever it is)."""
+        return self.embedded_guidance or 1.0
+
     def pipeline_kwargs(self):
-        guidance = {"guidance_scale": self.embedded_guidance} if self.embedded_guidance else {}
-        return {**super().pipeline_kwargs(), "max_sequence_length": MAX_SEQUENCE_LENGTH, **guidance}
+        return {**super().pipeline_kwargs(), "max_sequence_length": MAX_SEQUENCE_LENGTH}
 
     # ---- prompts ----
     @classmethod
