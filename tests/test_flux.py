@@ -19,6 +19,7 @@ from tdm.scheduler import TDMScheduler  # noqa: E402
 from tdm.trainer import Trainer  # noqa: E402
 from test_lora_families import (  # noqa: E402
     Run,
+    assert_checkpointing_changes_nothing,
     checkpoint_tensors,
     frozen_state,
     pipeline_latents,
@@ -114,6 +115,10 @@ def test_distillation_moves_only_the_student_and_fake_adapters(trained):
     assert {layer.removeprefix(single) for layer in layers if layer.startswith(single)} == {
         "attn.to_q", "attn.to_k", "attn.to_v"}
     assert backbone.denoiser.gradient_checkpointing and trainer.roles.shared.checkpointing
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients(flux_dir, tmp_path):
+    assert_checkpointing_changes_nothing(PRESET, flux_overrides(flux_dir, iterations=1), tmp_path)
 
 
 def test_resume_after_one_iteration_equals_two_iterations(trained, flux_dir, tmp_path):

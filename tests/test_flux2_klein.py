@@ -15,7 +15,13 @@ from tdm.config import ConfigError, load_config  # noqa: E402
 from tdm.export import read_recipe  # noqa: E402
 from tdm.scheduler import TDMScheduler  # noqa: E402
 from tdm.trainer import Trainer  # noqa: E402
-from test_lora_families import Run, checkpoint_tensors, pipeline_latents, tdm_latents  # noqa: E402
+from test_lora_families import (  # noqa: E402
+    Run,
+    assert_checkpointing_changes_nothing,
+    checkpoint_tensors,
+    pipeline_latents,
+    tdm_latents,
+)
 from test_prompt_cache import assert_identical, conditions, encoded_together, no_model_loads  # noqa: E402
 from tiny_diffusers import PROMPTS, cli_sets  # noqa: E402
 from tiny_flux import flux_overrides, load_flux, save_tiny_flux, save_tiny_flux2_klein  # noqa: E402
@@ -114,6 +120,10 @@ def test_distillation_resume_and_export_round_trip(trained, klein_dir, tmp_path)
     assert (pipeline_latents(pipe, recipe, noise) - expected).abs().max() <= 1e-5
     pipe.scheduler = TDMScheduler.from_config(recipe["tdm_scheduler"])
     assert (pipeline_latents(pipe, recipe, noise) - expected).abs().max() <= 1e-5
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients(klein_dir, tmp_path):
+    assert_checkpointing_changes_nothing(PRESET, flux_overrides(klein_dir, iterations=1), tmp_path)
 
 
 def test_cached_conditioning_is_bit_identical_to_encoding_in_memory(klein_dir, tmp_path, monkeypatch):

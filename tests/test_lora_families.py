@@ -231,13 +231,16 @@ def test_export_errors_before_loading_anything(tmp_path, capsys):
 
 @pytest.mark.parametrize("family", ["sd15", "sd3"])
 def test_gradient_checkpointing_gives_the_same_lora_gradients(family, tiny_dirs, tmp_path):
+    assert_checkpointing_changes_nothing(PRESETS[family], tiny_overrides(family, tiny_dirs, iterations=1), tmp_path)
+
+
+def assert_checkpointing_changes_nothing(preset, overrides, tmp_path):
     """One training iteration with and without backbone.gradient_checkpointing: the same gradients of both
     adapters and the same updated weights (roles.py recomputes each checkpointed block under its adapter)."""
     results = []
     for checkpointing in (False, True):
-        overrides = [*tiny_overrides(family, tiny_dirs, iterations=1),
-                     f"backbone.gradient_checkpointing={str(checkpointing).lower()}"]
-        trainer = Trainer(load_config(PRESETS[family], overrides), tmp_path / str(checkpointing))
+        config = load_config(preset, [*overrides, f"backbone.gradient_checkpointing={str(checkpointing).lower()}"])
+        trainer = Trainer(config, tmp_path / str(checkpointing))
         assert trainer.backbone.denoiser.is_gradient_checkpointing is checkpointing
         trainer.train_step()
         results.append({f"{role}/{name}/{what}": t.detach().clone()
