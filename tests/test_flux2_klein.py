@@ -153,6 +153,8 @@ def test_bad_input_gives_one_line_errors(klein_dir, tmp_path):
            "backbone.name=flux" in error(flux)
     assert "backbone.width: flux2-klein needs a multiple of 4 pixels (VAE factor x patch size), got 34" in \
         error(klein_dir, width=34)
+    distilled = save_tiny_flux2_klein(tmp_path / "distilled", is_distilled=True)
+    assert "is a step-distilled FLUX.2 [klein]" in error(distilled) and "FLUX.2-klein-base-4B" in error(distilled)
     missing = shutil.copytree(klein_dir, tmp_path / "no-text")
     shutil.rmtree(missing / "text_encoder")
     assert f"backbone.teacher: {missing} has no text_encoder (the flux2-klein pipeline encodes prompts" in \

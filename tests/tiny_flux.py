@@ -49,7 +49,7 @@ def qwen_tokenizer(max_length: int = 64):
     return tok
 
 
-def tiny_flux2_klein():
+def tiny_flux2_klein(is_distilled: bool = False):
     """FLUX.2 [klein] base: a 27-layer Qwen3 of width 16 (the pipeline stacks hidden states 9, 18 and 27), a
     1 + 1 block Flux2Transformer2DModel without guidance embedding, a 2-level AutoencoderKLFlux2 with 4 latent
     channels (16 after 2x2 patchify, batch-normalised with non-trivial statistics)."""
@@ -77,7 +77,8 @@ def tiny_flux2_klein():
     klein_vae.bn.running_mean.uniform_(-0.5, 0.5)
     klein_vae.bn.running_var.uniform_(0.5, 2.0)
     return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=klein_vae,
-                              text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
+                              text_encoder=text_encoder, tokenizer=tok, transformer=transformer,
+                              is_distilled=is_distilled)
 
 
 def save_tiny_flux(folder: Path, **kwargs) -> Path:
@@ -85,8 +86,8 @@ def save_tiny_flux(folder: Path, **kwargs) -> Path:
     return folder
 
 
-def save_tiny_flux2_klein(folder: Path) -> Path:
-    tiny_flux2_klein().save_pretrained(folder)
+def save_tiny_flux2_klein(folder: Path, **kwargs) -> Path:
+    tiny_flux2_klein(**kwargs).save_pretrained(folder)
     return folder
 
 

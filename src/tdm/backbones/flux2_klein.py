@@ -7,12 +7,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from .diffusers_base import DiffusersBackbone, DiffusersDenoiser
+from .diffusers_pipeline import import_diffusers
 from .diffusers_schedule import fixed_shift_config
 
 MAX_SEQUENCE_LENGTH = 512             # Qwen3 tokens, the pipeline's default
 TEXT_LAYERS = (9, 18, 27)             # the hidden states the pipeline stacks (its text_encoder_out_layers)
 TEACHER_STEPS = 50                    # the pipeline's default num_inference_steps, at which the shift is taken
+BASE_MODEL = "black-forest-labs/FLUX.2-klein-base-4B"
 
 
 def _pipeline_module():
@@ -47,6 +50,15 @@ class Flux2KleinBackbone(DiffusersBackbone):
     # both streams of the double blocks' attention, and the single blocks' fused q, k, v + MLP-in projection (their
     # output projection `attn.to_out` has the name of the double blocks' ModuleList, which peft cannot adapt)
     lora_targets = ("attention", "joint_attention", "attn.to_qkv_mlp_proj")
+
+    @classmethod
+    def from_pretrained(cls, source: str, **kwargs) -> Flux2KleinBackbone:
+        """Refuses a step-distilled Klein (model_index.json: is_distilled) before loading anything."""
+        index = import_diffusers().DiffusionPipeline.load_config(source, revision=kwargs.get("revision"))
+        if index.get("is_distilled"):
+            raise ConfigError(f"backbone.teacher: {source} is a step-distilled FLUX.2 [klein] (is_distilled: few "
+                              f"steps already, CFG ignored); distil a base model, e.g. {BASE_MODEL}")
+        return super().from_pretrained(source, **kwargs)
 
     def default_latent_size(self):
         size = self.pipeline.default_sample_size  # 128: 1024 pixels
