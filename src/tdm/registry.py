@@ -80,6 +80,7 @@ DIFFUSERS_FAMILIES: dict[str, tuple[str, str]] = {
     "pixart-alpha": ("pixart", "PixArtAlphaBackbone"),
     "sd3": ("sd3", "SD3Backbone"),
     "cogvideox": ("cogvideox", "CogVideoXBackbone"),
+    "wan": ("wan", "WanBackbone"),
 }
 
 
@@ -281,5 +282,6 @@ def build_backbone(config: BackboneConfig) -> Backbone:
                           f"{config.name}")
     backbone = BACKBONES[config.name](config)
     if config.gradient_checkpointing:  # before the roles are built: LoRA roles route its recomputation (roles.py)
-        backbone.denoiser.enable_gradient_checkpointing()
+        for network in getattr(backbone, "experts", (backbone.denoiser,)):  # Wan 2.2: both expert transformers
+            network.enable_gradient_checkpointing()
     return backbone
