@@ -3,6 +3,7 @@ switched at a boundary timestep (Wan 2.2 A14B). The network call and the expert 
 cached prompts equal encoded ones, and the preset's LoRA distillation trains, resumes and exports a LoRA that the
 stock pipeline with TDMScheduler samples exactly as tdm's rollout does."""
 
+import re
 import shutil
 
 import pytest
@@ -16,8 +17,7 @@ from tdm.cli import main  # noqa: E402
 from tdm.config import ConfigError, load_config  # noqa: E402
 from tdm.core.algorithm import make_grid  # noqa: E402
 from tdm.core.sampling import rollout  # noqa: E402
-from tdm.export import read_recipe, sampling_kwargs  # noqa: E402
-from tdm.scheduler import TDMScheduler  # noqa: E402
+from tdm.export import load_pipeline, read_recipe, sampling_kwargs  # noqa: E402
 from tdm.trainer import Trainer  # noqa: E402
 from test_prompt_cache import assert_identical, conditions, encoded_together, no_model_loads  # noqa: E402
 from tiny_diffusers import PROMPTS, cli_sets, save_tiny  # noqa: E402
@@ -182,8 +182,9 @@ def test_lora_distillation_resume_and_export_round_trip(kind, wan_dirs, tmp_path
     after = trainer.student.state_dict()
     assert {k.split(".")[0] for k in after} == ({"model", "model_2"} if KINDS[kind] else {"model"})
     assert any(not torch.equal(before[k], after[k]) for k in after)
-    assert all(k.endswith(("attn1.to_q.lora_A.weight", "ffn.net.2.lora_B.weight")) or ".attn" in k or ".ffn." in k
-               for k in after)
+    layers = {k.split(".lora_")[0].split(".", 3)[-1] for k in after}  # model[_2].blocks.N.<layer>
+    assert layers == {f"attn{i}.{p}" for i in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")} | {
+        "ffn.net.0.proj", "ffn.net.2"}
 
     checkpoint = out / "checkpoints" / checkpoint_name(2)
     resumed = tmp_path / "resumed"
@@ -206,17 +207,27 @@ def test_lora_distillation_resume_and_export_round_trip(kind, wan_dirs, tmp_path
         teacher = rollout(trainer.teacher, noise, cond, grid, backbone.schedule, backbone.prediction)
     assert (expected - teacher).abs().max() > 1e-3  # the student moved
 
-    pipe = diffusers.WanPipeline.from_pretrained(recipe["base"])  # the model card's loading code, by hand
-    pipe.load_lora_weights(export, adapter_name="tdm")
-    if KINDS[kind]:
-        pipe.load_lora_weights(export / "lora_transformer_2", adapter_name="tdm", load_into_transformer_2=True)
-    pipe.scheduler = TDMScheduler.from_config(recipe["tdm_scheduler"])
+    # the model card's own code (EXPORT_DIR filled in), on the same latents
+    card = (export / "README.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert code.count("load_into_transformer_2=True") == KINDS[kind]
+    code = code.replace("EXPORT_DIR", str(export)).replace(
+        'out = pipe("a photo of a cat", ', "calls = Calls(pipe)\nout = pipe(PROMPTS[:2], output_type='latent', "
+                                          "latents=NOISE.clone(), ")
+    scope = {"Calls": Calls, "PROMPTS": PROMPTS, "NOISE": noise}
+    exec(code, scope)
+    assert (scope["out"][0] - expected).abs().max() <= 1e-5
+    assert [name for name, _, _ in scope["calls"].records] == (
+        ["transformer", "transformer", "transformer", "transformer_2"] if KINDS[kind] else ["transformer"] * 4)
+    if KINDS[kind]:  # without transformer_2's LoRA the last step runs the teacher's low-noise expert
+        pipe = scope["pipe"]
+        pipe.transformer_2.disable_lora()
+        alone = pipe(PROMPTS[:2], output_type="latent", latents=noise.clone(), **sampling_kwargs(recipe))[0]
+        assert (alone - expected).abs().max() > 1e-3
+    pipe, _ = load_pipeline(export)  # what tdm generate loads
     pipe.set_progress_bar_config(disable=True)
-    calls = Calls(pipe)
     latents = pipe(PROMPTS[:2], output_type="latent", latents=noise.clone(), **sampling_kwargs(recipe))[0]
     assert (latents - expected).abs().max() <= 1e-5
-    assert [name for name, _, _ in calls.records] == (
-        ["transformer", "transformer", "transformer", "transformer_2"] if KINDS[kind] else ["transformer"] * 4)
     trainer.close()
 
 
