@@ -31,7 +31,8 @@ KINDS = {"one": False, "two": True}  # one expert (Wan 2.1), two experts (Wan 2.
 def wan_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("wan")
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    return {kind: save_wan(root / kind, two) for kind, two in KINDS.items()}
+    return {**{kind: save_wan(root / kind, two) for kind, two in KINDS.items()},
+            "ti2v": save_wan(root / "ti2v", expand_timesteps=True)}  # Wan 2.2 TI2V-5B: a timestep per token
 
 
 class Calls:
@@ -58,7 +59,7 @@ def flow_time(backbone, timestep: torch.Tensor) -> torch.Tensor:
     return T * sigma / (s - (s - 1) * sigma)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "ti2v"])
 def test_network_call_and_routing_equal_the_stock_pipeline(kind, wan_dirs):
     """The stock pipeline (its own UniPC scheduler, CFG 5 with a negative prompt): each transformer call it makes,
     cond and uncond, equals tdm's teacher on the same latents, time and prompt / null conditioning, and goes to
@@ -76,7 +77,10 @@ def test_network_call_and_routing_equal_the_stock_pipeline(kind, wan_dirs):
     cond, null = backbone.encode_prompts(PROMPTS[:2]), backbone.null_condition(2)
     for i, (name, kwargs, output) in enumerate(calls.records):
         timestep = kwargs["timestep"].float()  # UniPC's flow timesteps are integers: int(sigma * T)
-        assert name == ("transformer_2" if KINDS[kind] and timestep[0] < boundary else "transformer")
+        if kind == "ti2v":  # [B, tokens], one value per sample for text-to-video
+            assert timestep.shape == (2, 3 * 4 * 4) and bool((timestep == timestep[:, :1]).all())
+            timestep = timestep[:, 0]
+        assert name == ("transformer_2" if KINDS.get(kind) and timestep[0] < boundary else "transformer")
         expected = cond if i % 2 == 0 else null
         assert torch.equal(kwargs["encoder_hidden_states"], expected["prompt_embeds"])
         t = flow_time(backbone, timestep)
@@ -84,7 +88,7 @@ def test_network_call_and_routing_equal_the_stock_pipeline(kind, wan_dirs):
         with torch.no_grad():
             ours = backbone.teacher(kwargs["hidden_states"], t, expected)
         assert (ours - output).abs().max() <= 1e-5
-    assert ("transformer_2" in experts) == KINDS[kind]
+    assert ("transformer_2" in experts) == KINDS.get(kind, False)
     # a batch with levels on both sides of the boundary: each sample runs its own expert
     x = torch.randn(2, *backbone.sample_shape, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([900.0, 200.0])
@@ -155,8 +159,8 @@ def overrides(folder, iterations=2):
     carry), an EMA, a checkpoint per iteration, learning rates that move the adapters in two iterations."""
     return [f"backbone.teacher={folder}", f"backbone.prompts={folder.parent / 'prompts.txt'}",
             f"backbone.height={WAN_SIZE}", f"backbone.width={WAN_SIZE}", f"backbone.frames={WAN_FRAMES}",
-            "backbone.dtype=float32", "train.mixed_precision=no", "train.batch_size=2", f"train.iterations={iterations}",
-            "train.log_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=0", "train.ema_decay=0.5",
+            "backbone.dtype=float32", "train.mixed_precision=no", "train.batch_size=2",
+            f"train.iterations={iterations}", "train.log_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=0", "train.ema_decay=0.5",
             "train.lora_rank=4", "train.lora_alpha=8", "optim.generator_lr=1e-3", "optim.fake_lr=1e-3",
             "optim.warmup_steps=0"]
 

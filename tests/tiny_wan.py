@@ -43,7 +43,7 @@ def wan_vae(seed: int):
                             latents_std=[1.5, 2.0, 0.8, 1.2])  # 8x spatial, 4x temporal
 
 
-def build_wan(two_experts: bool = False):
+def build_wan(two_experts: bool = False, expand_timesteps: bool = False):
     from diffusers import UniPCMultistepScheduler, WanPipeline
 
     tok = t5_tokenizer(max_length=512)  # WanPipeline's max_sequence_length
@@ -51,11 +51,11 @@ def build_wan(two_experts: bool = False):
                                         flow_shift=FLOW_SHIFT, num_train_timesteps=1000)  # as the hub's config
     return WanPipeline(tokenizer=tok, text_encoder=umt5_encoder(tok, 2), vae=wan_vae(1), scheduler=scheduler,
                        transformer=wan_transformer(0), transformer_2=wan_transformer(3) if two_experts else None,
-                       boundary_ratio=BOUNDARY_RATIO if two_experts else None)
+                       boundary_ratio=BOUNDARY_RATIO if two_experts else None, expand_timesteps=expand_timesteps)
 
 
-def save_wan(folder: Path, two_experts: bool = False) -> Path:
-    build_wan(two_experts).save_pretrained(folder)
+def save_wan(folder: Path, two_experts: bool = False, expand_timesteps: bool = False) -> Path:
+    build_wan(two_experts, expand_timesteps).save_pretrained(folder)
     return folder
 
 
