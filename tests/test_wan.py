@@ -235,9 +235,12 @@ def test_lora_distillation_resume_and_export_round_trip(kind, wan_dirs, tmp_path
     trainer.close()
 
 
-def test_preset():
+def test_presets():
+    a14b = load_config("wan2.2-t2v-a14b-lora")
+    assert a14b.backbone.teacher == "Wan-AI/Wan2.2-T2V-A14B-Diffusers" and a14b.backbone.name == "wan"
+    assert (a14b.backbone.height, a14b.backbone.width, a14b.backbone.frames) == (720, 1280, 81)
     config = load_config(PRESET)
     assert config.backbone.name == "wan" and config.backbone.teacher == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     assert (config.backbone.height, config.backbone.width, config.backbone.frames) == (480, 832, 81)
-    assert config.tdm.guidance_scale == 5.0 and config.backbone.gradient_checkpointing
+    assert config.tdm.guidance_scale == 6.0 and config.backbone.gradient_checkpointing
     assert config.train.roles == "lora" and config.backbone.negative_prompt.startswith("Bright tones")
