@@ -112,8 +112,14 @@ def test_cached_conditioning_equals_in_memory_encoding(wan_dirs, tmp_path, monke
     """`tdm cache-prompts --family wan` fills the cache the backbone reads; with it no text encoder loads and every
     conditioning equals the in-memory one (the null prompt included)."""
     folder, prompts, cache = wan_dirs["two"], wan_dirs["two"].parent / "prompts.txt", tmp_path / "cache"
-    assert main(["cache-prompts", "--family", "wan", "--model", str(folder), "--prompts", str(prompts),
-                 "--out", str(cache)]) == 0
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("cache-prompts loaded an expert transformer")
+
+    with monkeypatch.context() as patch:  # neither expert is loaded to encode prompts
+        patch.setattr(diffusers.WanTransformer3DModel, "from_pretrained", refuse)
+        assert main(["cache-prompts", "--family", "wan", "--model", str(folder), "--prompts", str(prompts),
+                     "--out", str(cache)]) == 0
     assert "4 encoded" in capsys.readouterr().out  # 3 prompts and the null prompt ""
     with no_model_loads(monkeypatch):
         cached = load_wan(folder, prompts=str(prompts), prompt_cache=str(cache))
@@ -233,6 +239,28 @@ def test_lora_distillation_resume_and_export_round_trip(kind, wan_dirs, tmp_path
     latents = pipe(PROMPTS[:2], output_type="latent", latents=noise.clone(), **sampling_kwargs(recipe))[0]
     assert (latents - expected).abs().max() <= 1e-5
     trainer.close()
+
+
+def test_gradient_checkpointing_on_both_experts_gives_the_same_lora_gradients(wan_dirs, tmp_path):
+    """One iteration with and without backbone.gradient_checkpointing on the two-expert teacher: the same
+    gradients and updated weights of both adapters on both experts."""
+    results = []
+    for checkpointing in (False, True):
+        trainer = Trainer(load_config(PRESET, [*overrides(wan_dirs["two"], iterations=1), "train.batch_size=4",
+                                               f"backbone.gradient_checkpointing={str(checkpointing).lower()}"]),
+                          tmp_path / str(checkpointing))
+        assert [e.is_gradient_checkpointing for e in trainer.backbone.experts] == [checkpointing] * 2
+        trainer.train_step()
+        results.append({f"{role}/{name}/{what}": t.detach().clone()
+                        for role, module in (("student", trainer.student), ("fake", trainer.fake_score))
+                        for name, p in module.named_parameters()  # no grad: its expert ran on no sample
+                        for what, t in (("grad", torch.zeros_like(p) if p.grad is None else p.grad), ("weight", p))})
+        trainer.close()
+    plain, checkpointed = results
+    assert plain.keys() == checkpointed.keys()
+    for prefix in ("student/model.", "student/model_2.", "fake/model.", "fake/model_2."):  # both experts ran
+        assert any(v.abs().sum() > 0 for k, v in plain.items() if k.startswith(prefix) and k.endswith("/grad"))
+    assert not [k for k in plain if not torch.equal(plain[k], checkpointed[k])]
 
 
 def test_presets():
