@@ -4,6 +4,7 @@ video latents [C, F, h, w]; Wan 2.2 A14B's two expert transformers switched at a
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -89,6 +90,17 @@ class WanBackbone(DiffusersBackbone):
         if self.frames % self.temporal_factor != 1:
             raise ConfigError(f"backbone.frames: wan needs {self.temporal_factor} k + 1 frames (the VAE's temporal "
                               f"factor), got {self.frames}")
+
+    @classmethod
+    def from_pretrained(cls, source: str, **kwargs) -> WanBackbone:
+        """DiffusersBackbone.from_pretrained, after checking that a local folder holds the text encoder and
+        tokenizer (diffusers' own error names neither; the prompt cache's key hashes their files too)."""
+        folder = Path(source)
+        missing = [part for part in cls.text_parts({}) if folder.is_dir() and not (folder / part).is_dir()]
+        if missing:
+            raise ConfigError(f"backbone.teacher: {source} has no {', '.join(f'{m}/' for m in missing)}: WanPipeline "
+                              f"encodes prompts with its UMT5 text encoder and tokenizer")
+        return super().from_pretrained(source, **kwargs)
 
     @classmethod
     def init_kwargs(cls):
