@@ -182,7 +182,7 @@ def test_lora_distillation_resume_and_export_round_trip(kind, wan_dirs, tmp_path
     """2 iterations of the preset with LoRA roles (adapters on every expert, gradient checkpointing on); resume
     from iteration 1 ends bit for bit where the run did; `tdm export` writes a LoRA per expert that
     WanPipeline.load_lora_weights loads (transformer_2's with load_into_transformer_2) and the stock pipeline with
-    TDMScheduler reproduces tdm's rollout of the student."""
+    TDMScheduler reproduces tdm's rollout of the student; `--ema --merged` writes every expert merged."""
     folder, out = wan_dirs[kind], tmp_path / "run"
     trainer = Trainer(load_config(PRESET, overrides(folder)), out)
     backbone = trainer.backbone
@@ -239,6 +239,17 @@ def test_lora_distillation_resume_and_export_round_trip(kind, wan_dirs, tmp_path
     pipe.set_progress_bar_config(disable=True)
     latents = pipe(PROMPTS[:2], output_type="latent", latents=noise.clone(), **sampling_kwargs(recipe))[0]
     assert (latents - expected).abs().max() <= 1e-5
+
+    merged = tmp_path / "merged"  # the EMA student merged into every expert's weights
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(merged), "--ema", "--merged"]) == 0
+    assert read_recipe(merged)["merged_experts"] == (["transformer_2"] if KINDS[kind] else [])
+    with torch.no_grad():
+        ema = rollout(trainer.ema, noise, cond, grid, backbone.schedule, backbone.prediction)
+    assert (ema - expected).abs().max() > 1e-4  # EMA != student
+    pipe, _ = load_pipeline(merged, merged=True)
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(PROMPTS[:2], output_type="latent", latents=noise.clone(), **sampling_kwargs(recipe))[0]
+    assert (latents - ema).abs().max() <= 1e-5
     trainer.close()
 
 

@@ -147,9 +147,6 @@ def export_student(backbone: DiffusersBackbone, student_model: nn.Module, out_di
     network = student_network(student_model)
     experts = other_experts(student_model)
     is_lora = bool(_lora_layers(network, adapter_name))
-    if experts and (merged or not is_lora):
-        raise ExportError(f"a student with experts {[backbone.denoiser_name, *experts]} exports as LoRA only "
-                          f"(merged or full weights of several experts are not written yet)")
     if not is_lora and getattr(network, "peft_config", None):
         raise ExportError(f"the student network has peft adapters {sorted(network.peft_config)} but none named "
                           f"{adapter_name!r}")
@@ -174,7 +171,7 @@ def export_student(backbone: DiffusersBackbone, student_model: nn.Module, out_di
     try:
         lora = (write_lora(StudentLora.of(network, adapter_name, _lora_config(student_model, network, adapter_name)),
                            tmp, formats, backbone.pipeline_class, backbone.lora_layers_kwarg) if is_lora else None)
-        for component, expert in experts.items():  # the same adapter's weights in each expert, files alike
+        for component, expert in experts.items() if is_lora else ():  # each expert's LoRA, files alike
             (tmp / expert_lora_folder(component)).mkdir()
             write_lora(StudentLora.of(expert, adapter_name, _lora_config(student_model, network, adapter_name)),
                        tmp / expert_lora_folder(component), formats, backbone.pipeline_class,
@@ -184,6 +181,8 @@ def export_student(backbone: DiffusersBackbone, student_model: nn.Module, out_di
             plain = merged_copy(network, adapter_name, lora_scale) if is_lora else network
             plain.save_pretrained(tmp / backbone.denoiser_name)
             weights = backbone.denoiser_name
+            for component, expert in experts.items():  # every expert's weights under its component's name
+                (merged_copy(expert, adapter_name, lora_scale) if is_lora else expert).save_pretrained(tmp / component)
         written.save_config(tmp / "scheduler")
         recipe = {
             "tdm_export": 1,
@@ -194,8 +193,9 @@ def export_student(backbone: DiffusersBackbone, student_model: nn.Module, out_di
             "denoiser": backbone.denoiser_name,
             "denoiser_class": type(network).__name__,
             "lora": None if lora is None else {**lora, "scale": lora_scale},
-            "expert_loras": {component: expert_lora_folder(component) for component in experts},
+            "expert_loras": {component: expert_lora_folder(component) for component in experts} if is_lora else {},
             "merged_weights": weights,
+            "merged_experts": list(experts) if weights else [],
             "num_inference_steps": grid.num_steps,
             "grid": list(grid.timesteps),
             "prediction_type": backbone.prediction.value,
@@ -298,6 +298,8 @@ def load_pipeline(export_dir: str | Path, *, merged: bool = False, base: str | N
     if use_weights:
         network_cls = getattr(diffusers, recipe["denoiser_class"])
         kwargs[recipe["denoiser"]] = network_cls.from_pretrained(export_dir / recipe["merged_weights"], dtype=dtype)
+        for component in recipe.get("merged_experts", []):
+            kwargs[component] = network_cls.from_pretrained(export_dir / component, dtype=dtype)
     pipe = getattr(diffusers, recipe["pipeline_class"]).from_pretrained(base or recipe["base"], dtype=dtype,
                                                                         **kwargs)
     if not use_weights:

@@ -40,9 +40,10 @@ def _load_code(recipe: dict) -> str:
     lora, pipeline, denoiser = recipe["lora"], recipe["pipeline_class"], recipe["denoiser"]
     base = _yaml(recipe["base"])
     if lora is None:
-        return (f"{denoiser} = diffusers.{recipe['denoiser_class']}.from_pretrained(\"EXPORT_DIR/"
-                f"{recipe['merged_weights']}\")\npipe = diffusers.{pipeline}.from_pretrained({base}, "
-                f"{denoiser}={denoiser})")
+        networks = {denoiser: recipe["merged_weights"], **{c: c for c in recipe.get("merged_experts", [])}}
+        return "".join(f"{name} = diffusers.{recipe['denoiser_class']}.from_pretrained(\"EXPORT_DIR/{folder}\")\n"
+                       for name, folder in networks.items()) + \
+            f"pipe = diffusers.{pipeline}.from_pretrained({base}, " + ", ".join(f"{n}={n}" for n in networks) + ")"
     if lora["format"] in ("diffusers", "kohya"):
         experts = "".join(  # Wan 2.2 A14B: transformer_2's own LoRA
             f"pipe.load_lora_weights(\"EXPORT_DIR/{folder}\", weight_name=\"{lora['file']}\", adapter_name=\"tdm\", "
