@@ -275,6 +275,29 @@ def test_gradient_checkpointing_on_both_experts_gives_the_same_lora_gradients(wa
     assert not [k for k in plain if not torch.equal(plain[k], checkpointed[k])]
 
 
+def _average_on_rank(rank, folder):
+    from tdm.trainer import average_gradients
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
+    both, first_only, unused = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    both.grad = torch.full((3,), float(rank + 1))
+    if rank == 0:  # e.g. transformer_2's adapter where only rank 0 drew a sample below the boundary
+        first_only.grad = torch.full((3,), 4.0)
+    average_gradients([both, first_only, unused], 2)
+    torch.save([both.grad, first_only.grad, unused.grad], f"{folder}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_gradients_of_an_expert_that_ran_on_one_rank_only_average_as_in_ddp(tmp_path):
+    """LoRA roles average gradients in one all-reduce; with two experts a rank's batch may leave one expert's
+    adapter without a gradient: it counts as zero there, and keeps none where no rank used it."""
+    torch.multiprocessing.spawn(_average_on_rank, args=(str(tmp_path),), nprocs=2)
+    for rank in range(2):
+        both, first_only, unused = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.equal(both, torch.full((3,), 1.5)) and torch.equal(first_only, torch.full((3,), 2.0))
+        assert unused is None
+
+
 def test_presets():
     a14b = load_config("wan2.2-t2v-a14b-lora")
     assert a14b.backbone.teacher == "Wan-AI/Wan2.2-T2V-A14B-Diffusers" and a14b.backbone.name == "wan"
