@@ -50,7 +50,7 @@ class BackboneConfig:
                                # into it on first use, then the text encoders are released); "" = encode in memory
     height: int = 0            # sample size in pixels; 0 = the model's native size (e.g. 512 for SD1.5)
     width: int = 0
-    frames: int = 0            # cogvideox: frames per video in pixel space; 0 = the model's default (49)
+    frames: int = 0            # cogvideox, wan: frames per video in pixel space; 0 = the model's default (49; 81)
     dtype: str = "float32"     # weights of the frozen parts (teacher network, text encoders, VAE):
                                # float32 | bfloat16 | float16. Trained weights are float32 whatever this is
                                # (separate copies, LoRA adapters, the EMA): a bf16 weight loses lr-1e-6 updates

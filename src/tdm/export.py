@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import json
 import os
 import shutil
@@ -52,6 +53,24 @@ def student_network(student_model: nn.Module) -> nn.Module:
     if isinstance(student_model, AdapterView):
         student_model = student_model.shared.base
     return student_model.model if isinstance(student_model, DiffusersDenoiser) else student_model
+
+
+def other_experts(student_model: nn.Module) -> dict[str, nn.Module]:
+    """The networks a multi-expert student routes to besides `student_network`'s, by pipeline component
+    (Wan 2.2 A14B: {"transformer_2": ...}); {} for one network."""
+    base = student_model.shared.base if isinstance(student_model, AdapterView) else student_model
+    return dict(getattr(base, "other_experts", {}))
+
+
+def _accepts(pipeline, kwargs: dict) -> bool:
+    """Whether the pipeline's `__call__` takes every argument in `kwargs` (WanPipeline takes no `sigmas`)."""
+    parameters = inspect.signature(type(pipeline).__call__).parameters
+    return all(key in parameters for key in kwargs)
+
+
+def expert_lora_folder(component: str) -> str:
+    """The export subfolder holding the LoRA of expert `component` (same file names as the main LoRA)."""
+    return f"lora_{component}"
 
 
 def _lora_config(student_model: nn.Module, network: nn.Module, adapter_name: str):
@@ -126,6 +145,7 @@ def export_student(backbone: DiffusersBackbone, student_model: nn.Module, out_di
     if adapter_name is None:
         adapter_name = student_model.adapter if isinstance(student_model, AdapterView) else "student"
     network = student_network(student_model)
+    experts = other_experts(student_model)
     is_lora = bool(_lora_layers(network, adapter_name))
     if not is_lora and getattr(network, "peft_config", None):
         raise ExportError(f"the student network has peft adapters {sorted(network.peft_config)} but none named "
@@ -136,6 +156,9 @@ def export_student(backbone: DiffusersBackbone, student_model: nn.Module, out_di
     tdm_scheduler = TDMScheduler.for_student(backbone.pipeline.scheduler, grid, tdm_config.total_steps)
     stock = stock_sampling(backbone.pipeline.scheduler, backbone.schedule, backbone.prediction.value, grid) \
         if scheduler == "stock" else None
+    refused = stock is not None and not _accepts(backbone.pipeline, stock.pipeline_kwargs)
+    if refused:  # the stock scheduler needs arguments the pipeline cannot pass: TDMScheduler alone replays the grid
+        stock = None
     if stock is None:
         written, scheduler_kwargs = tdm_scheduler, {}
     else:
@@ -148,11 +171,18 @@ def export_student(backbone: DiffusersBackbone, student_model: nn.Module, out_di
     try:
         lora = (write_lora(StudentLora.of(network, adapter_name, _lora_config(student_model, network, adapter_name)),
                            tmp, formats, backbone.pipeline_class, backbone.lora_layers_kwarg) if is_lora else None)
+        for component, expert in experts.items() if is_lora else ():  # each expert's LoRA, files alike
+            (tmp / expert_lora_folder(component)).mkdir()
+            write_lora(StudentLora.of(expert, adapter_name, _lora_config(student_model, network, adapter_name)),
+                       tmp / expert_lora_folder(component), formats, backbone.pipeline_class,
+                       backbone.lora_layers_kwarg)
         weights = None
         if merged or not is_lora:
             plain = merged_copy(network, adapter_name, lora_scale) if is_lora else network
             plain.save_pretrained(tmp / backbone.denoiser_name)
             weights = backbone.denoiser_name
+            for component, expert in experts.items():  # every expert's weights under its component's name
+                (merged_copy(expert, adapter_name, lora_scale) if is_lora else expert).save_pretrained(tmp / component)
         written.save_config(tmp / "scheduler")
         recipe = {
             "tdm_export": 1,
@@ -163,7 +193,9 @@ def export_student(backbone: DiffusersBackbone, student_model: nn.Module, out_di
             "denoiser": backbone.denoiser_name,
             "denoiser_class": type(network).__name__,
             "lora": None if lora is None else {**lora, "scale": lora_scale},
+            "expert_loras": {component: expert_lora_folder(component) for component in experts} if is_lora else {},
             "merged_weights": weights,
+            "merged_experts": list(experts) if weights else [],
             "num_inference_steps": grid.num_steps,
             "grid": list(grid.timesteps),
             "prediction_type": backbone.prediction.value,
@@ -172,6 +204,8 @@ def export_student(backbone: DiffusersBackbone, student_model: nn.Module, out_di
             "scheduler_kwargs": scheduler_kwargs,
             "stock_scheduler": None if stock is not None else (
                 "not asked for (--scheduler tdm)" if scheduler == "tdm" else
+                f"{backbone.pipeline_class} cannot pass the timesteps or sigmas a stock scheduler needs for this "
+                f"grid" if refused else
                 "none replays this grid exactly: a level with alpha = 0 (zero terminal SNR) outside a grid DDIM "
                 "spaces itself"),
             "tdm_scheduler": _config_of(tdm_scheduler),
@@ -224,17 +258,22 @@ def load_student_lora(pipe, export_dir: str | Path, recipe: dict | None = None) 
     if lora["format"] == "kohya" and recipe["pipeline_class"] not in KOHYA_IN_DIFFUSERS:
         raise ExportError(f"{export_dir}: holds the LoRA only in kohya format, which {recipe['pipeline_class']}."
                           f"load_lora_weights does not read (export with --lora-format diffusers, peft or all)")
+    experts = recipe.get("expert_loras", {})  # Wan 2.2 A14B: transformer_2's LoRA, loaded with load_into_...
     if lora["format"] in ("diffusers", "kohya"):
         pipe.load_lora_weights(export_dir, weight_name=lora["file"], adapter_name=LOADED_ADAPTER)
+        for component, folder in experts.items():
+            pipe.load_lora_weights(export_dir / folder, weight_name=lora["file"], adapter_name=LOADED_ADAPTER,
+                                   **{f"load_into_{component}": True})
         pipe.set_adapters([LOADED_ADAPTER], adapter_weights=[lora["scale"]])
         return
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
-    network = getattr(pipe, recipe["denoiser"])
-    inject_adapter_in_model(LoraConfig.from_pretrained(export_dir), network, adapter_name=LOADED_ADAPTER)
-    set_peft_model_state_dict(network, read_peft_weights(export_dir / lora["file"]), adapter_name=LOADED_ADAPTER)
-    for _, layer in _lora_layers(network, LOADED_ADAPTER):
-        layer.set_scale(LOADED_ADAPTER, lora["scale"])
+    for component, folder in [(recipe["denoiser"], export_dir), *((c, export_dir / f) for c, f in experts.items())]:
+        network = getattr(pipe, component)
+        inject_adapter_in_model(LoraConfig.from_pretrained(folder), network, adapter_name=LOADED_ADAPTER)
+        set_peft_model_state_dict(network, read_peft_weights(folder / lora["file"]), adapter_name=LOADED_ADAPTER)
+        for _, layer in _lora_layers(network, LOADED_ADAPTER):
+            layer.set_scale(LOADED_ADAPTER, lora["scale"])
 
 
 def load_pipeline(export_dir: str | Path, *, merged: bool = False, base: str | None = None,
@@ -259,6 +298,8 @@ def load_pipeline(export_dir: str | Path, *, merged: bool = False, base: str | N
     if use_weights:
         network_cls = getattr(diffusers, recipe["denoiser_class"])
         kwargs[recipe["denoiser"]] = network_cls.from_pretrained(export_dir / recipe["merged_weights"], dtype=dtype)
+        for component in recipe.get("merged_experts", []):
+            kwargs[component] = network_cls.from_pretrained(export_dir / component, dtype=dtype)
     pipe = getattr(diffusers, recipe["pipeline_class"]).from_pretrained(base or recipe["base"], dtype=dtype,
                                                                         **kwargs)
     if not use_weights:

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 LICENSE_PLACEHOLDER = "other"  # the hub's id for "see the card"; the user sets the real one (`tdm export --license`)
-PIPELINE_TAGS = {"cogvideox": "text-to-video"}
+PIPELINE_TAGS = {"cogvideox": "text-to-video", "wan": "text-to-video"}
 
 
 def _yaml(value) -> str:
@@ -40,13 +40,17 @@ def _load_code(recipe: dict) -> str:
     lora, pipeline, denoiser = recipe["lora"], recipe["pipeline_class"], recipe["denoiser"]
     base = _yaml(recipe["base"])
     if lora is None:
-        return (f"{denoiser} = diffusers.{recipe['denoiser_class']}.from_pretrained(\"EXPORT_DIR/"
-                f"{recipe['merged_weights']}\")\npipe = diffusers.{pipeline}.from_pretrained({base}, "
-                f"{denoiser}={denoiser})")
+        networks = {denoiser: recipe["merged_weights"], **{c: c for c in recipe.get("merged_experts", [])}}
+        return "".join(f"{name} = diffusers.{recipe['denoiser_class']}.from_pretrained(\"EXPORT_DIR/{folder}\")\n"
+                       for name, folder in networks.items()) + \
+            f"pipe = diffusers.{pipeline}.from_pretrained({base}, " + ", ".join(f"{n}={n}" for n in networks) + ")"
     if lora["format"] in ("diffusers", "kohya"):
+        experts = "".join(  # Wan 2.2 A14B: transformer_2's own LoRA
+            f"pipe.load_lora_weights(\"EXPORT_DIR/{folder}\", weight_name=\"{lora['file']}\", adapter_name=\"tdm\", "
+            f"load_into_{component}=True)\n" for component, folder in recipe.get("expert_loras", {}).items())
         return (f"pipe = diffusers.{pipeline}.from_pretrained({base})\n"
                 f"pipe.load_lora_weights(\"EXPORT_DIR\", weight_name=\"{lora['file']}\", adapter_name=\"tdm\")\n"
-                f"pipe.set_adapters([\"tdm\"], adapter_weights=[{lora['scale']}])")
+                f"{experts}pipe.set_adapters([\"tdm\"], adapter_weights=[{lora['scale']}])")
     scale = "" if lora["scale"] == 1.0 else (
         f"\nfor module in pipe.{denoiser}.modules():  # the LoRA scale\n"
         f"    if hasattr(module, \"set_scale\"):\n        module.set_scale(\"tdm\", {lora['scale']})")

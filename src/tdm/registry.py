@@ -83,6 +83,7 @@ DIFFUSERS_FAMILIES: dict[str, tuple[str, str]] = {
     "z-image": ("z_image", "ZImageBackbone"),
     "flux": ("flux", "FluxBackbone"),
     "flux2-klein": ("flux2_klein", "Flux2KleinBackbone"),
+    "wan": ("wan", "WanBackbone"),
 }
 
 
@@ -284,5 +285,6 @@ def build_backbone(config: BackboneConfig) -> Backbone:
                           f"{config.name}")
     backbone = BACKBONES[config.name](config)
     if config.gradient_checkpointing:  # before the roles are built: LoRA roles route its recomputation (roles.py)
-        backbone.denoiser.enable_gradient_checkpointing()
+        for network in getattr(backbone, "experts", (backbone.denoiser,)):  # Wan 2.2: both expert transformers
+            network.enable_gradient_checkpointing()
     return backbone

@@ -131,6 +131,8 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
         self.levels = self.schedule.snap(torch.tensor(self.grid.timesteps, dtype=torch.float32))
         model_t = self.levels if self.schedule.discrete else self.schedule.sigma(self.levels) * len(self)
         self.timesteps = model_t.to(device)
+        # the noise level of each step and 0 after the last, as diffusers schedulers list them (WanPipeline reads it)
+        self.sigmas = torch.cat([self.schedule.sigma(self.levels), torch.zeros(1)]).to(device)
         self.num_inference_steps = K
         self._step_index, self._begin_index = None, None
 

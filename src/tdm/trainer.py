@@ -89,6 +89,19 @@ def mean_logs(logs: list[dict]) -> dict:
     return {k: torch.stack([torch.as_tensor(log[k]) for log in logs]).mean() for k in logs[0]}
 
 
+def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """Mean of `params`' gradients over all ranks, in one all-reduce. A parameter may have a gradient on some ranks
+    only (Wan 2.2's second expert runs only on samples below its boundary): it counts as zero where it has none,
+    as in DDP, and keeps no gradient where no rank has one."""
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([*(g.reshape(-1).float() for g in grads), present])
+    torch.distributed.all_reduce(flat)
+    *means, anywhere = flat.split([*(g.numel() for g in grads), len(params)])
+    for p, g, mean, used in zip(params, grads, means, anywhere.bool().tolist()):
+        if used:
+            p.grad = (mean / world_size).view_as(p).to(g.dtype)
+
 class Trainer:
     def __init__(self, config: Config, out_dir: str | Path, backbone: Backbone | None = None):
         """`backbone`: an already built `config.backbone` (benchmarks reuse one across runs); None builds it."""
@@ -237,12 +250,7 @@ class Trainer:
         """Mean of a LoRA role's gradients over all ranks, in one all-reduce (what DDP does for wrapped roles)."""
         if self.roles.shared is None or self.accelerator.num_processes == 1:
             return
-        grads = [p.grad for p in module.parameters() if p.grad is not None]  # the same set on every rank
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= self.accelerator.num_processes
-        for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(mean.view_as(g))
+        average_gradients(list(module.parameters()), self.accelerator.num_processes)
 
     def _update(self, role: str, module: torch.nn.Module, opt, loss: torch.Tensor) -> bool:
         """Step `role`'s optimiser unless its update is non-finite; True if its weights changed.

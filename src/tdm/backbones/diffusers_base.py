@@ -70,7 +70,7 @@ class DiffusersBackbone(DiffusersConditioning, Backbone):
         self.conditions = PromptConditions(conditioner, family=self.name, prompts=prompts,
                                            negative_prompt=negative_prompt, add_conditions=self.add_conditions,
                                            null_text=self.null_text)
-        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        self.vae_scale_factor = self.vae_factor(vae_config)
         default_h, default_w = (s * self.vae_scale_factor for s in self.default_latent_size())
         self.height, self.width = height or default_h, width or default_w
         step = self.vae_scale_factor * self.patch_size()
@@ -147,6 +147,10 @@ class DiffusersBackbone(DiffusersConditioning, Backbone):
         return self
 
     # ---- the denoiser and the sample shape ----
+    def vae_factor(self, vae_config: dict) -> int:
+        """The VAE's spatial downsampling factor, from its config (AutoencoderKL: 2 per block after the first)."""
+        return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
     @property
     def denoiser(self) -> nn.Module:
         return getattr(self.pipeline, self.denoiser_name)

@@ -27,12 +27,14 @@ class DiffusersConditioning:
     `extra_load_kwargs` and, once built, `conditions`."""
 
     conditions: PromptConditions
+    other_networks: tuple[str, ...] = ()  # pipeline networks besides `denoiser_name` (Wan 2.2's transformer_2)
 
     # ---- the family's prompt encoding (text embeddings: cacheable; run by tdm.data.conditioning) ----
     @classmethod
     def text_encoding(cls, own: dict) -> TextEncoding:
         """How this family's pipeline encodes prompts, given family arguments `own`."""
-        skip = {"vae": None, cls.denoiser_name: None, **cls.pipeline_load_kwargs}  # loads text parts and scheduler
+        skip = {"vae": None, cls.denoiser_name: None, **dict.fromkeys(cls.other_networks),  # loads text parts
+                **cls.pipeline_load_kwargs}                                                     # and scheduler
 
         def load_pipeline(source: str | Path, dtype: torch.dtype):
             pipeline_cls = getattr(import_diffusers(), cls.pipeline_class)
