@@ -223,8 +223,8 @@ def test_lora_distillation_resume_and_export_round_trip(kind, wan_dirs, tmp_path
     (code,) = re.findall(r"```python\n(.*?)```", card, re.S)
     assert code.count("load_into_transformer_2=True") == KINDS[kind]
     code = code.replace("EXPORT_DIR", str(export)).replace(
-        'out = pipe("a photo of a cat", ', "calls = Calls(pipe)\nout = pipe(PROMPTS[:2], output_type='latent', "
-                                          "latents=NOISE.clone(), ")
+        'out = pipe(prompt="a photo of a cat", ',
+        "calls = Calls(pipe)\nout = pipe(prompt=PROMPTS[:2], output_type='latent', latents=NOISE.clone(), ")
     scope = {"Calls": Calls, "PROMPTS": PROMPTS, "NOISE": noise}
     exec(code, scope)
     assert (scope["out"][0] - expected).abs().max() <= 1e-5
