@@ -81,6 +81,7 @@ DIFFUSERS_FAMILIES: dict[str, tuple[str, str]] = {
     "sd3": ("sd3", "SD3Backbone"),
     "cogvideox": ("cogvideox", "CogVideoXBackbone"),
     "z-image": ("z_image", "ZImageBackbone"),
+    "qwen-image": ("qwen_image", "QwenImageBackbone"),
 }
 
 

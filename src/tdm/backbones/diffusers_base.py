@@ -70,7 +70,7 @@ class DiffusersBackbone(DiffusersConditioning, Backbone):
         self.conditions = PromptConditions(conditioner, family=self.name, prompts=prompts,
                                            negative_prompt=negative_prompt, add_conditions=self.add_conditions,
                                            null_text=self.null_text)
-        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        self.vae_scale_factor = self.vae_factor(vae_config)
         self.schedule, self.prediction = schedule_from_config(pipeline.scheduler)
         self.teacher = self.denoiser_class(self.denoiser, self.schedule)
         default_h, default_w = (s * self.vae_scale_factor for s in self.default_latent_size())
@@ -116,6 +116,11 @@ class DiffusersBackbone(DiffusersConditioning, Backbone):
                        negative_prompt=negative_prompt, **own)
         backbone.conditions.prepare()
         return backbone
+
+    @classmethod
+    def vae_factor(cls, vae_config: dict) -> int:
+        """Pixels per latent along height and width, from the VAE's config (AutoencoderKL's)."""
+        return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
     @classmethod
     def init_kwargs(cls) -> tuple[str, ...]:

@@ -1,0 +1,104 @@
+"""Qwen-Image: QwenImageTransformer2DModel (MMDiT), a Qwen2.5-VL text encoder, packed 2x2 latents, flow matching with
+a resolution-dependent (dynamic) shift, and true CFG with a negative prompt and norm rescaling."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .diffusers_base import DiffusersBackbone, DiffusersDenoiser
+from .diffusers_schedule import fixed_shift_config
+
+MAX_SEQUENCE_LENGTH = 512  # text tokens after the template's prefix: QwenImagePipeline.__call__'s default
+
+
+def true_cfg(out_cond: Tensor, out_uncond: Tensor, scale: float) -> Tensor:
+    """QwenImagePipeline's true CFG: uncond + scale (cond - uncond), rescaled per token (packed latents [B, N, C])
+    to the norm of the conditional output."""
+    combined = out_uncond + scale * (out_cond - out_uncond)
+    return combined * (torch.norm(out_cond, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
+
+
+class QwenImageDenoiser(DiffusersDenoiser):
+    """transformer(packed x_t [B, N, 4C], sigma(t), text embeds and mask, image shapes). The network's timestep is
+    sigma (the pipeline passes t / 1000); `grid` is the (rows, columns) of 2x2 patches, set by the backbone."""
+
+    grid: tuple[int, int] = (0, 0)
+
+    def call(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        embeds, mask = cond["prompt_embeds"], cond["prompt_embeds_mask"]
+        length = int(mask.sum(1).max())  # the batch's longest prompt: the pipeline pads a batch to it
+        embeds, mask = embeds[:, :length], mask[:, :length]
+        return self.model(hidden_states=x, timestep=self.schedule.sigma(t).to(x.dtype), encoder_hidden_states=embeds,
+                          encoder_hidden_states_mask=None if bool(mask.all()) else mask,
+                          img_shapes=[[(1, *self.grid)]] * x.shape[0], return_dict=False)[0]
+
+
+class QwenImageBackbone(DiffusersBackbone):
+    """Qwen-Image teacher. Samples are the pipeline's packed latents [N, C * 4] (N = H/16 * W/16 patches of 2x2
+    latents); cond: prompt_embeds [B, 512, D] (the Qwen2.5-VL last hidden states after the template's prefix,
+    zero-padded) and prompt_embeds_mask [B, 512] (1 on the prompt's tokens).
+
+    The scheduler config's dynamic shift is fixed at the backbone's resolution (`fixed_shift_config`): the
+    pipeline's mu from the image sequence length N."""
+
+    name = "qwen-image"
+    pipeline_class = "QwenImagePipeline"
+    denoiser_class = QwenImageDenoiser
+    time_embedding_module = "model.time_text_embed.timestep_embedder"
+    denoiser_name = "transformer"
+    lora_layers_kwarg = "transformer_lora_layers"
+    # lora_targets: the base's ("attention",) = to_q/k/v, to_out.0, as diffusers' train_dreambooth_lora_qwen_image.py
+    guidance_rule = staticmethod(true_cfg)
+
+    def __init__(self, pipeline, vae_config, conditioner, *, height: int = 0, width: int = 0, **kwargs):
+        factor = self.vae_factor(vae_config) * 2  # a 2x2 patch of latents per token
+        default = pipeline.default_sample_size * self.vae_factor(vae_config)
+        tokens = ((height or default) // factor) * ((width or default) // factor)
+        diffusers_scheduler = type(pipeline.scheduler)
+        pipeline.scheduler = diffusers_scheduler.from_config(fixed_shift_config(pipeline.scheduler, tokens))
+        super().__init__(pipeline, vae_config, conditioner, height=height, width=width, **kwargs)
+        self.teacher.grid = (self.height // factor, self.width // factor)
+
+    @classmethod
+    def vae_factor(cls, vae_config):
+        return 2 ** len(vae_config["temperal_downsample"])  # as QwenImagePipeline computes it
+
+    def default_latent_size(self):
+        size = self.pipeline.default_sample_size  # 128: 1024 pixels
+        return size, size
+
+    @property
+    def sample_shape(self):
+        rows, columns = self.teacher.grid
+        return (rows * columns, self.denoiser.config.in_channels)  # [N, 4C], the pipeline's packed latents
+
+    def pipeline_kwargs(self):
+        return {**super().pipeline_kwargs(), "max_sequence_length": MAX_SEQUENCE_LENGTH}
+
+    @classmethod
+    def text_settings(cls, denoiser_config, own):
+        return {"max_sequence_length": MAX_SEQUENCE_LENGTH}
+
+    @classmethod
+    def encode_text(cls, pipeline, prompts, device, settings):
+        """encode_prompt's embeddings and mask (ones where it returns None), zero-padded to max_sequence_length
+        so that every prompt has one shape (the network call cuts a batch back to its longest prompt)."""
+        length = settings["max_sequence_length"]
+        embeds, mask = pipeline.encode_prompt(prompts, device=device, max_sequence_length=length)
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        pad = length - embeds.shape[1]
+        return {"prompt_embeds": torch.nn.functional.pad(embeds, (0, 0, 0, pad)),
+                "prompt_embeds_mask": torch.nn.functional.pad(mask, (0, pad))}
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Packed latents [B, N, 4C] -> pixels [B, 3, H, W] in [-1, 1], as the pipeline unpacks and decodes them."""
+        config, (rows, columns) = self.vae.config, self.teacher.grid
+        b, _, channels = latents.shape
+        latents = latents.view(b, rows, columns, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        latents = latents.reshape(b, channels // 4, 1, rows * 2, columns * 2)  # [B, C, 1 frame, h, w]
+        shape = (1, config.z_dim, 1, 1, 1)
+        mean = torch.tensor(config.latents_mean).view(shape).to(latents)
+        std = torch.tensor(config.latents_std).view(shape).to(latents)
+        return self.vae.decode(latents / (1.0 / std) + mean, return_dict=False)[0][:, :, 0]  # the pipeline's arithmetic
