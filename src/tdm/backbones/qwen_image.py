@@ -82,15 +82,17 @@ class QwenImageBackbone(DiffusersBackbone):
 
     @classmethod
     def encode_text(cls, pipeline, prompts, device, settings):
-        """encode_prompt's embeddings and mask (ones where it returns None), zero-padded to max_sequence_length
-        so that every prompt has one shape (the network call cuts a batch back to its longest prompt)."""
-        length = settings["max_sequence_length"]
-        embeds, mask = pipeline.encode_prompt(prompts, device=device, max_sequence_length=length)
-        if mask is None:
-            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        pad = length - embeds.shape[1]
-        return {"prompt_embeds": torch.nn.functional.pad(embeds, (0, 0, 0, pad)),
-                "prompt_embeds_mask": torch.nn.functional.pad(mask, (0, pad))}
+        """encode_prompt on each prompt alone (the tokenizer pads a batch to its longest prompt, which moves the
+        encoder's rounding: alone, a prompt's embeddings do not depend on its batch, so cached = in memory),
+        zero-padded to max_sequence_length with its mask, so that every prompt has one shape (the network call
+        cuts a batch back to its longest prompt)."""
+        length, embeds = settings["max_sequence_length"], []
+        mask = torch.zeros(len(prompts), length, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            embed, _ = pipeline.encode_prompt([prompt], device=device, max_sequence_length=length)
+            mask[row, :embed.shape[1]] = 1
+            embeds.append(torch.nn.functional.pad(embed, (0, 0, 0, length - embed.shape[1])))
+        return {"prompt_embeds": torch.cat(embeds), "prompt_embeds_mask": mask}
 
     def decode(self, latents: Tensor) -> Tensor:
         """Packed latents [B, N, 4C] -> pixels [B, 3, H, W] in [-1, 1], as the pipeline unpacks and decodes them."""
