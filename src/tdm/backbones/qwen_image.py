@@ -3,9 +3,12 @@ a resolution-dependent (dynamic) shift, and true CFG with a negative prompt and 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from .diffusers_base import DiffusersBackbone, DiffusersDenoiser
 from .diffusers_schedule import fixed_shift_config
 
@@ -59,6 +62,18 @@ class QwenImageBackbone(DiffusersBackbone):
         pipeline.scheduler = diffusers_scheduler.from_config(fixed_shift_config(pipeline.scheduler, tokens))
         super().__init__(pipeline, vae_config, conditioner, height=height, width=width, **kwargs)
         self.teacher.grid = (self.height // factor, self.width // factor)
+
+    @classmethod
+    def from_pretrained(cls, source, **kwargs):
+        """DiffusersBackbone.from_pretrained, after checking that a local folder has its text encoder (diffusers
+        would look for its weights in the folder itself and name no component); a prompt cache holding every
+        prompt does without it."""
+        folder = Path(source)
+        if folder.is_dir() and not kwargs.get("prompt_cache") and not (folder / "text_encoder").is_dir():
+            raise ConfigError(f"backbone.teacher: {folder} has no text_encoder/ folder (the Qwen2.5-VL text encoder "
+                              f"QwenImagePipeline encodes prompts with); use the full pipeline folder, or a "
+                              f"backbone.prompt_cache that holds every prompt")
+        return super().from_pretrained(source, **kwargs)
 
     @classmethod
     def vae_factor(cls, vae_config):
