@@ -97,8 +97,9 @@ def test_true_cfg_rollout_equals_the_stock_pipeline(tiny):
         ours = rollout(model, noise, backbone.encode_prompts(PROMPTS), grid, backbone.schedule, backbone.prediction)
         linear = rollout(guided(backbone.teacher, backbone.null_condition(2), 4.0), noise,
                          backbone.encode_prompts(PROMPTS), grid, backbone.schedule, backbone.prediction)
-    theirs = pipe(PROMPTS, negative_prompt=" ", true_cfg_scale=4.0, latents=noise.clone(), output_type="latent",
-                  num_inference_steps=2, **backbone.pipeline_kwargs(), **sampling.pipeline_kwargs)[0]
+    kwargs = {**backbone.pipeline_kwargs(), **sampling.pipeline_kwargs, "true_cfg_scale": 4.0}
+    theirs = pipe(PROMPTS, negative_prompt=" ", latents=noise.clone(), output_type="latent", num_inference_steps=2,
+                  **kwargs)[0]
     assert (ours - theirs).abs().max() <= 1e-5
     assert (linear - theirs).abs().max() > 1e-3  # the norm rescaling matters
 

@@ -80,30 +80,20 @@ def is_flow(config) -> bool:
     return config.get("_class_name") in FLOW_SCHEDULERS or bool(config.get("use_flow_sigmas"))
 
 
-def dynamic_shift_mu(config, image_seq_len: int) -> float:
-    """mu of a `use_dynamic_shifting` flow config at `image_seq_len` image tokens: linear in the sequence length
-    between (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), as the pipelines' `calculate_shift`
-    computes it (QwenImagePipeline, FluxPipeline), with their defaults for missing keys."""
-    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
-    slope = (max_shift - base_shift) / (max_len - base_len)
-    return image_seq_len * slope + base_shift - slope * base_len
-
-
-def fixed_shift_config(config, image_seq_len: int) -> dict:
-    """A dynamic-shift flow config (a dict or a scheduler object) at one resolution: the same noise levels from a
-    fixed `shift`. FlowMatchEulerDiscreteScheduler's time shift at mu is sigma -> e^mu sigma / (1 + (e^mu - 1)
-    sigma) ("exponential") or mu sigma / (1 + (mu - 1) sigma) ("linear"): the shift e^mu or mu. `shift_terminal`
-    (the pipeline's last inference level stretched to it) shapes the teacher's own sampler only and is dropped."""
-    config = full_config(config)
+def resolved_scheduler(scheduler, image_seq_len: int):
+    """The scheduler as a dynamic-shift pipeline (ZImagePipeline, QwenImagePipeline) uses it for `image_seq_len`
+    latent patches: a `use_dynamic_shifting` config becomes the fixed shift exp(mu) (or mu, for
+    time_shift_type="linear"; FlowMatchEulerDiscreteScheduler's time shift at mu is that shift), with mu from the
+    pipelines' `calculate_shift`; a fixed-shift config is returned as is (the pipeline's mu does not reach it)."""
+    config = scheduler.config
     if not config.get("use_dynamic_shifting"):
-        return config
-    mu = dynamic_shift_mu(config, image_seq_len)
-    kind = config.get("time_shift_type", "exponential")
-    if kind not in ("exponential", "linear"):
-        raise ConfigError(f"scheduler config: time_shift_type must be exponential or linear, got {kind!r}")
-    shift = math.exp(mu) if kind == "exponential" else mu
-    return {**config, "use_dynamic_shifting": False, "shift": shift, "shift_terminal": None}
+        return scheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # the one the others copy
+
+    mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    shift = mu if config.get("time_shift_type") == "linear" else math.exp(mu)
+    return type(scheduler).from_config({**config, "use_dynamic_shifting": False, "shift": shift})
 
 
 def schedule_from_config(config, kind: str | None = None) -> tuple[Schedule, PredictionType]:

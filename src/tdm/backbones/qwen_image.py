@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .diffusers_base import DiffusersBackbone, DiffusersDenoiser
-from .diffusers_schedule import fixed_shift_config
+from .diffusers_schedule import resolved_scheduler
 
 MAX_SEQUENCE_LENGTH = 512  # text tokens after the template's prefix: QwenImagePipeline.__call__'s default
 
@@ -42,7 +42,7 @@ class QwenImageBackbone(DiffusersBackbone):
     latents); cond: prompt_embeds [B, 512, D] (the Qwen2.5-VL last hidden states after the template's prefix,
     zero-padded) and prompt_embeds_mask [B, 512] (1 on the prompt's tokens).
 
-    The scheduler config's dynamic shift is fixed at the backbone's resolution (`fixed_shift_config`): the
+    The scheduler config's dynamic shift is fixed at the backbone's resolution (`resolved_scheduler`): the
     pipeline's mu from the image sequence length N."""
 
     name = "qwen-image"
@@ -58,8 +58,7 @@ class QwenImageBackbone(DiffusersBackbone):
         factor = self.vae_factor(vae_config) * 2  # a 2x2 patch of latents per token
         default = pipeline.default_sample_size * self.vae_factor(vae_config)
         tokens = ((height or default) // factor) * ((width or default) // factor)
-        diffusers_scheduler = type(pipeline.scheduler)
-        pipeline.scheduler = diffusers_scheduler.from_config(fixed_shift_config(pipeline.scheduler, tokens))
+        pipeline.scheduler = resolved_scheduler(pipeline.scheduler, tokens)
         super().__init__(pipeline, vae_config, conditioner, height=height, width=width, **kwargs)
         self.teacher.grid = (self.height // factor, self.width // factor)
 
@@ -89,7 +88,9 @@ class QwenImageBackbone(DiffusersBackbone):
         return (rows * columns, self.denoiser.config.in_channels)  # [N, 4C], the pipeline's packed latents
 
     def pipeline_kwargs(self):
-        return {**super().pipeline_kwargs(), "max_sequence_length": MAX_SEQUENCE_LENGTH}
+        # true_cfg_scale 1: one branch, as the student samples (the pipeline's default 4 only warns without a
+        # negative prompt)
+        return {**super().pipeline_kwargs(), "max_sequence_length": MAX_SEQUENCE_LENGTH, "true_cfg_scale": 1.0}
 
     @classmethod
     def text_settings(cls, denoiser_config, own):
