@@ -5,7 +5,10 @@ pipeline; bad inputs give one-line errors."""
 
 import math
 import shutil
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,11 +18,14 @@ from tdm.cli import main  # noqa: E402
 from tdm.config import BackboneConfig, load_config  # noqa: E402
 from tdm.core.algorithm import TDMConfig, make_grid  # noqa: E402
 from tdm.core.sampling import guided, rollout  # noqa: E402
-from tdm.export import read_recipe, sampling_kwargs  # noqa: E402
+from tdm.export import load_pipeline, read_recipe, sampling_kwargs  # noqa: E402
 from tdm.registry import build_backbone  # noqa: E402
+from tdm.samplers import student_samplers  # noqa: E402
 from tdm.stock_scheduler import stock_sampling  # noqa: E402
 from tdm.trainer import Trainer  # noqa: E402
 from test_bad_input import _assert_clear  # noqa: E402
+from test_export_stock import NO_TDM, _card  # noqa: E402
+from test_export_stock import PROMPT as CARD_PROMPT  # noqa: E402
 from test_lora_families import checkpoint_tensors  # noqa: E402
 from tiny_diffusers import cli_sets, save_tiny  # noqa: E402
 from tiny_qwen_image import QWEN_IMAGE_SCHEDULER, TINY_SIZE, save_tiny_qwen_image  # noqa: E402
@@ -192,6 +198,26 @@ def test_two_iterations_resume_and_export_round_trip(trained, tiny, tmp_path):
             pipe.scheduler = TDMScheduler.from_config(recipe["tdm_scheduler"])  # takes the pipeline's mu
         latents = pipe(PROMPTS, output_type="latent", latents=noise.clone(), **sampling_kwargs(recipe))[0]
         assert (latents - expected).abs().max() <= 1e-5, scheduler
+    # tdm generate at another K: TDMScheduler on the sigmas QwenImagePipeline passes by default (its linspace is
+    # tdm's uniform flow grid) and the mu it always passes
+    pipe, recipe_1 = load_pipeline(export, steps=1)
+    (sampler,) = student_samplers(trainer.student, trainer.config.tdm, backbone.schedule, [1])
+    with torch.no_grad():
+        one_step = rollout(sampler.model, noise, cond, sampler.grid, backbone.schedule, backbone.prediction)
+    latents = pipe(PROMPTS, output_type="latent", latents=noise.clone(), **sampling_kwargs(recipe_1, 1))[0]
+    assert type(pipe.scheduler).__name__ == "TDMScheduler" and (latents - one_step).abs().max() <= 1e-5
+    # the model card's code, where tdm cannot be imported, gives the images of the stock pipeline with the export
+    _, code = _card(export)
+    seeded = 'generator=torch.Generator().manual_seed(0), output_type="np", '
+    code = code.replace("EXPORT_DIR", str(export)).replace(f'pipe("{CARD_PROMPT}", ', f'pipe("{CARD_PROMPT}", {seeded}')
+    script = NO_TDM + code + f"\nnumpy.save({str(tmp_path / 'images.npy')!r}, out[0])\n"
+    done = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pipe, recipe = load_pipeline(export)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(CARD_PROMPT, generator=torch.Generator().manual_seed(0), output_type="np",
+                  **sampling_kwargs(recipe))[0]
+    assert np.abs(np.load(tmp_path / "images.npy") - images).max() <= 1e-5
 
 
 def test_bad_inputs_give_one_line_errors(tiny, tmp_path, capsys):
