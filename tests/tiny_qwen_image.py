@@ -35,7 +35,8 @@ def qwen_text_encoder(tokenizer, seed: int):
     torch.manual_seed(seed)
     text = {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
             "num_key_value_heads": 2, "vocab_size": len(tokenizer), "rope_theta": 1000000.0,
-            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}}
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     vision = {"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16}
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, vocab_size=len(tokenizer),
                               pad_token_id=tokenizer.pad_token_id, vision_start_token_id=len(tokenizer),
