@@ -265,3 +265,13 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(tiny, tmp_path):
     assert plain.keys() == checkpointed.keys()
     assert any(v.abs().sum() > 0 for k, v in plain.items() if k.startswith("student/") and k.endswith("/grad"))
     assert not [k for k in plain if not torch.equal(plain[k], checkpointed[k])]
+
+
+def test_preset_values():
+    config = load_config(PRESET)
+    b = config.backbone
+    assert (b.name, b.teacher, b.height, b.width, b.negative_prompt) == ("qwen-image", "Qwen/Qwen-Image", 1328, 1328,
+                                                                          " ")
+    assert b.height % 16 == 0 and b.dtype == "bfloat16" and b.gradient_checkpointing
+    assert config.tdm.num_steps == 4 and config.tdm.guidance_scale == 4.0
+    assert config.train.roles == "lora" and config.train.lora_rank == 64
