@@ -68,7 +68,7 @@ def test_network_call_equals_the_stock_transformer_call(tiny):
         torch.testing.assert_close(backbone.teacher(x, t, backbone.encode_prompts(PROMPTS)), expected, atol=1e-5,
                                    rtol=0)
         one, _ = pipe.encode_prompt(PROMPTS[:1], device="cpu")  # alone: no padding, no mask
-        alone = pipe.transformer(hidden_states=x[:1], timestep=sigma[:1], encoder_hidden_states=one,
+        alone = pipe.transformer(hidden_states=x[:1], timestep=sigma[:1] * 1000 / 1000, encoder_hidden_states=one,
                                  img_shapes=[[(1, 4, 4)]], return_dict=False)[0]
         assert torch.equal(backbone.teacher(x[:1], t[:1], backbone.encode_prompts(PROMPTS[:1])), alone)
 

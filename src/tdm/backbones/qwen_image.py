@@ -24,7 +24,8 @@ def true_cfg(out_cond: Tensor, out_uncond: Tensor, scale: float) -> Tensor:
 
 class QwenImageDenoiser(DiffusersDenoiser):
     """transformer(packed x_t [B, N, 4C], sigma(t), text embeds and mask, image shapes). The network's timestep is
-    sigma (the pipeline passes t / 1000); `grid` is the (rows, columns) of 2x2 patches, set by the backbone."""
+    sigma (the pipeline passes its timestep sigma * 1000, divided by 1000); `grid` is the (rows, columns) of 2x2
+    patches, set by the backbone."""
 
     grid: tuple[int, int] = (0, 0)
 
@@ -32,7 +33,9 @@ class QwenImageDenoiser(DiffusersDenoiser):
         embeds, mask = cond["prompt_embeds"], cond["prompt_embeds_mask"]
         length = int(mask.sum(1).max())  # the batch's longest prompt: the pipeline pads a batch to it
         embeds, mask = embeds[:, :length], mask[:, :length]
-        return self.model(hidden_states=x, timestep=self.schedule.sigma(t).to(x.dtype), encoder_hidden_states=embeds,
+        T = self.schedule.num_train_timesteps
+        timestep = (self.schedule.sigma(t) * T).to(x.dtype) / T  # the pipeline's timestep / 1000, in its dtype
+        return self.model(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds,
                           encoder_hidden_states_mask=None if bool(mask.all()) else mask,
                           img_shapes=[[(1, *self.grid)]] * x.shape[0], return_dict=False)[0]
 
