@@ -84,6 +84,7 @@ DIFFUSERS_FAMILIES: dict[str, tuple[str, str]] = {
     "flux": ("flux", "FluxBackbone"),
     "flux2-klein": ("flux2_klein", "Flux2KleinBackbone"),
     "wan": ("wan", "WanBackbone"),
+    "qwen-image": ("qwen_image", "QwenImageBackbone"),
 }
 
 

@@ -60,7 +60,8 @@ def warm_up(backbone: Backbone, sampler: Sampler, batch_size: int, device="cpu")
     """One model evaluation (the first step, with guidance) at the timed batch size, before any timing."""
     x = torch.randn((batch_size, *backbone.sample_shape), device=device)
     cond = cond_to(backbone.evaluation_conditions(batch_size), device)
-    model = guided(sampler.model, cond_to(backbone.null_condition(batch_size), device), sampler.guidance_scale)
+    model = guided(sampler.model, cond_to(backbone.null_condition(batch_size), device), sampler.guidance_scale,
+                   backbone.guidance_rule)
     rollout(model, x, cond, sampler.grid, backbone.schedule, backbone.prediction, stop_level=sampler.grid.num_steps)
     _sync(device)
 
@@ -78,7 +79,8 @@ def draw_samples(backbone: Backbone, sampler: Sampler, num_samples: int, seed: i
         x = noise[start:start + batch_size].to(device)
         rows = slice(start, start + batch_size)
         c = cond_to(map_cond(lambda v, rows=rows: v[rows], cond), device)
-        model = guided(sampler.model, cond_to(backbone.null_condition(x.shape[0]), device), sampler.guidance_scale)
+        model = guided(sampler.model, cond_to(backbone.null_condition(x.shape[0]), device), sampler.guidance_scale,
+                       backbone.guidance_rule)
         out.append(rollout(model, x, c, sampler.grid, backbone.schedule, backbone.prediction).cpu())
     _sync(device)
     return torch.cat(out), cond, time.perf_counter() - tic

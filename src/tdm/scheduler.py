@@ -114,8 +114,8 @@ class TDMScheduler(SchedulerMixin, ConfigMixin):
         """The student's grid for K = num_inference_steps (default: the trained K), or an explicit grid:
         `timesteps` as the network sees them (VP: integer levels; flow: sigma * T), or, for a flow schedule,
         `sigmas` before the shift (t / T on tdm's time axis, as FlowMatchEulerDiscreteScheduler takes them).
-        `mu`, the resolution shift some pipelines pass (ZImagePipeline, FluxPipeline, Flux2KleinPipeline), is
-        ignored: the config's shift is the teacher's at the training resolution."""
+        `mu`, the resolution shift some pipelines pass (ZImagePipeline, QwenImagePipeline, FluxPipeline,
+        Flux2KleinPipeline), is ignored: the config's shift is the teacher's at the training resolution."""
         if timesteps is not None or sigmas is not None:
             self.grid = explicit_grid(self._explicit_levels(timesteps, sigmas))
         else:

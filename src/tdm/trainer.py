@@ -126,7 +126,7 @@ class Trainer:
             require_compiler(self.accelerator.device)  # before loading anything
         self.backbone = backbone or build_backbone(config.backbone)
         check_validation(self.backbone, config.train.validation_every, config.train.validation_prompts)
-        self.tdm = TDM(self.backbone.schedule, self.backbone.prediction, config.tdm)
+        self.tdm = TDM(self.backbone.schedule, self.backbone.prediction, config.tdm, self.backbone.guidance_rule)
         self.roles = roles = Roles.from_config(config, self.backbone).to(self.accelerator.device)
         self.teacher = roles.teacher
         self.ema = roles.student_ema() if config.train.ema_decay > 0 else None

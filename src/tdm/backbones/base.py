@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.prediction import PredictionType
-from ..core.sampling import Cond
+from ..core.sampling import Cond, linear_guidance
 from ..core.schedules import Schedule
 
 
@@ -42,6 +42,7 @@ class Backbone(ABC):
     lora_targets: tuple[str, ...] = ("attention",)  # train.roles=lora: layers adapted when train.lora_targets is ();
                                                     # attention: q, k, v and out projections, as diffusers' LoRA
                                                     # scripts for SD1.5, SDXL and CogVideoX
+    guidance_rule = staticmethod(linear_guidance)  # the teacher's classifier-free guidance (core.sampling.guided)
     metrics_description: str = ""  # what the keys of `metrics` measure, one sentence for reports
 
     def initial_weights(self) -> nn.Module:

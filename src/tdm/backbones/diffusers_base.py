@@ -124,6 +124,11 @@ class DiffusersBackbone(DiffusersConditioning, Backbone):
         is read from it (FLUX: its resolution-dependent shift evaluated here); by default it is one already."""
 
     @classmethod
+    def vae_factor(cls, vae_config: dict) -> int:
+        """Pixels per latent along height and width, from the VAE's config (AutoencoderKL's)."""
+        return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+    @classmethod
     def init_kwargs(cls) -> tuple[str, ...]:
         """Family-specific constructor arguments accepted by `from_pretrained`."""
         return ()
@@ -147,10 +152,6 @@ class DiffusersBackbone(DiffusersConditioning, Backbone):
         return self
 
     # ---- the denoiser and the sample shape ----
-    def vae_factor(self, vae_config: dict) -> int:
-        """The VAE's spatial downsampling factor, from its config (AutoencoderKL: 2 per block after the first)."""
-        return 2 ** (len(vae_config["block_out_channels"]) - 1)
-
     @property
     def denoiser(self) -> nn.Module:
         return getattr(self.pipeline, self.denoiser_name)

@@ -88,6 +88,20 @@ def fixed_shift_config(config: Mapping, mu: float) -> dict:
     return {**config, "shift": shift, "use_dynamic_shifting": False}
 
 
+def resolved_scheduler(scheduler, image_seq_len: int):
+    """The scheduler as a dynamic-shift pipeline (FluxPipeline, ZImagePipeline, QwenImagePipeline) uses it for
+    `image_seq_len` latent patches: a `use_dynamic_shifting` config fixed at the mu of the pipelines'
+    `calculate_shift`; a fixed-shift config is returned as is (the pipeline's mu does not reach it)."""
+    config = scheduler.config
+    if not config.get("use_dynamic_shifting"):
+        return scheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # the one the others copy
+
+    mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    return type(scheduler).from_config(fixed_shift_config(config, mu))
+
+
 def schedule_from_config(config, kind: str | None = None) -> tuple[Schedule, PredictionType]:
     """The teacher's noise schedule and output parameterisation from a diffusers scheduler config (a dict or
     a scheduler object, see `full_config`). `kind` ("vp" or "flow") overrides the detection by `is_flow`."""

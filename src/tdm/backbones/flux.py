@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..core.schedules import Schedule
 from ..errors import ConfigError
 from .diffusers_base import DiffusersBackbone, DiffusersDenoiser
-from .diffusers_schedule import fixed_shift_config
+from .diffusers_schedule import resolved_scheduler
 
 MAX_SEQUENCE_LENGTH = 512  # T5 tokens, the pipeline's default (FLUX.1-dev's)
 DEFAULT_GUIDANCE = 3.5     # FluxPipeline's default guidance_scale (FLUX.1-dev's model card)
@@ -94,13 +94,8 @@ class FluxBackbone(DiffusersBackbone):
 
     def fix_scheduler(self):
         """The dynamic shift at this size: mu from the number of image tokens, as FluxPipeline computes it."""
-        scheduler, (h, w) = self.pipeline.scheduler, self.packed_grid
-        config = scheduler.config
-        if config.get("use_dynamic_shifting"):
-            mu = _pipeline_module().calculate_shift(h * w, config.get("base_image_seq_len", 256),
-                                                    config.get("max_image_seq_len", 4096),
-                                                    config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-            self.pipeline.scheduler = type(scheduler).from_config(fixed_shift_config(config, mu))
+        h, w = self.packed_grid
+        self.pipeline.scheduler = resolved_scheduler(self.pipeline.scheduler, h * w)
 
     @property
     def unguided_scale(self) -> float:

@@ -10,7 +10,6 @@ the backbone's resolution as the pipeline computes mu.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .diffusers_base import DiffusersBackbone, DiffusersDenoiser
+from .diffusers_schedule import resolved_scheduler
 
 MAX_SEQUENCE_LENGTH = 512  # Qwen3 tokens, the pipeline's default
 DEFAULT_SIZE = 1024        # pixels, the pipeline's default height and width
@@ -34,21 +34,6 @@ class ZImageDenoiser(DiffusersDenoiser):
         captions = [embeds[mask] for embeds, mask in zip(cond["prompt_embeds"], cond["prompt_mask"])]
         out = self.model(list(x.unsqueeze(2).unbind(0)), timestep, captions, return_dict=False)[0]
         return -torch.stack(out).squeeze(2)
-
-
-def resolved_scheduler(scheduler, image_seq_len: int):
-    """The scheduler as ZImagePipeline uses it for `image_seq_len` latent patches: a dynamic-shift config becomes
-    the fixed shift exp(mu) (or mu, for time_shift_type="linear") with mu from the pipeline's `calculate_shift`;
-    a fixed-shift config is returned as is (the pipeline's mu does not reach it)."""
-    config = scheduler.config
-    if not config.get("use_dynamic_shifting"):
-        return scheduler
-    from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
-
-    mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-    shift = mu if config.get("time_shift_type") == "linear" else math.exp(mu)
-    return type(scheduler).from_config({**config, "use_dynamic_shifting": False, "shift": shift})
 
 
 class ZImageBackbone(DiffusersBackbone):

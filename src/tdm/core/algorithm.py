@@ -22,12 +22,14 @@ from .losses import GENERATOR_LOSSES, IMPORTANCE_WEIGHTS, fake_score_loss, gener
 from .prediction import PredictionType, terminal_x0_undefined, to_x0, to_x0_eps
 from .sampling import (
     Cond,
+    GuidanceRule,
     Model,
     StudentGrid,
     Trajectory,
     explicit_grid,
     flow_grid,
     guided,
+    linear_guidance,
     rollout,
     rollout_per_sample,
     uniform_grid,
@@ -155,12 +157,14 @@ class Draws:
 
 
 class TDM:
-    def __init__(self, schedule: Schedule, prediction: PredictionType, config: TDMConfig):
+    def __init__(self, schedule: Schedule, prediction: PredictionType, config: TDMConfig,
+                 guidance_rule: GuidanceRule = linear_guidance):
         if terminal_x0_undefined(schedule, prediction):
             raise ValueError("an epsilon-prediction teacher on a schedule with zero terminal SNR (alpha = 0 at the "
                              "noisiest level) has no x0 there (NaN): use a v_prediction teacher, or a schedule "
                              "without zero terminal SNR")
         self.schedule, self.prediction, self.config = schedule, prediction, config
+        self.guidance_rule = guidance_rule  # the teacher's CFG (Backbone.guidance_rule)
         self.grids = {K: make_grid(config, schedule, K) for K in config.training_num_steps}
         self.grid = self.grids[config.training_num_steps[-1]]  # the default sampling grid (largest trained K)
 
@@ -269,7 +273,7 @@ class TDM:
             x0, eps = to_x0_eps(student(x_k, d.t_k, cond), x_k, d.t_k, self.schedule, self.prediction)
         with torch.no_grad():
             x_tau, _ = self._diffuse(x0, eps, d)
-            teacher_out = guided(teacher, uncond, self.config.guidance_scale)(x_tau, d.tau, cond)
+            teacher_out = guided(teacher, uncond, self.config.guidance_scale, self.guidance_rule)(x_tau, d.tau, cond)
             teacher_x0 = to_x0(teacher_out, x_tau, d.tau, self.schedule, self.prediction)
             fake_x0 = to_x0(fake(x_tau, d.tau, cond), x_tau, d.tau, self.schedule, self.prediction)
         return generator_loss(x0, teacher_x0, fake_x0, self.config.generator_loss, self.config.huber_c)

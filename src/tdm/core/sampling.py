@@ -96,17 +96,23 @@ def cond_to(cond: Cond, device) -> Cond:
     return map_cond(lambda x: x.to(device), cond)
 
 
-def guided(model: Model, uncond: Cond, scale: float) -> Model:
-    """Classifier-free guidance, uncond + scale (cond - uncond), as one batched 2B call (no call if scale = 1).
+GuidanceRule = Callable[[Tensor, Tensor, float], Tensor]  # (conditional output, unconditional output, scale)
 
-    Guidance is linear in the raw output, so this equals guidance on x0 or eps for every prediction type.
-    """
+
+def linear_guidance(out_cond: Tensor, out_uncond: Tensor, scale: float) -> Tensor:
+    """uncond + scale (cond - uncond): linear in the raw output, so the same on x0 or eps for every prediction."""
+    return out_uncond + scale * (out_cond - out_uncond)
+
+
+def guided(model: Model, uncond: Cond, scale: float, rule: GuidanceRule = linear_guidance) -> Model:
+    """Classifier-free guidance by `rule` (a teacher's own, e.g. Qwen-Image's norm-rescaled true CFG), as one
+    batched 2B call (no call if scale = 1)."""
     if scale == 1.0:
         return model
 
     def guided_model(x: Tensor, t: Tensor, cond: Cond) -> Tensor:
         out_cond, out_uncond = model(torch.cat([x, x]), torch.cat([t, t]), concat_batch(cond, uncond)).chunk(2)
-        return out_uncond + scale * (out_cond - out_uncond)
+        return rule(out_cond, out_uncond, scale)
 
     return guided_model
 
