@@ -28,7 +28,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 @dataclass(frozen=True)
 class BackboneConfig:
     name: str = "digits"  # teacher family, a key of tdm.registry:
-                          # toy-gmm | digits | sd15 | sdxl | pixart-alpha | sd3 | cogvideox | diffusers-denoiser,
+                          # toy-gmm | digits | sd15 | sdxl | pixart-alpha | sd3 | cogvideox | flux | flux2-klein |
+                          # wan | qwen-image | z-image | diffusers-denoiser,
                           # or your own: an import path module:Name of a Backbone subclass or a factory returning
                           # one (called with this config group), or an installed `tdm.backbones` entry point
     teacher: str = ""     # where the teacher comes from; "" = the family's default. toy-gmm: exact | mlp;
