@@ -104,17 +104,21 @@ def _cache_prompts(args: argparse.Namespace) -> None:
           f"already cached, in {Path(args.out) / fingerprint}")
 
 
-def _evaluate(args: argparse.Namespace) -> Path:
+def _evaluate(args: argparse.Namespace) -> Path | None:
     from .evaluate.comparison_report import comparison_table
     from .evaluate.harness import evaluate, write_evaluation
+    from .processes import launched_processes
 
     options = from_flags(EvaluateOptions, args)
     check_run_dir(args.out)
     result, backbone = evaluate(args.run, args.baseline, options)
-    claim_run_dir(args.out, _command_line())
-    report = write_evaluation(args.out, result, backbone, _command_line())
-    print(comparison_table(result["rows"], result["floor"]))
-    print(f"report: {report}")
+    report = None
+    if result is not None:  # the only process, or the main one of a multi-process launch: it alone writes
+        claim_run_dir(args.out, _command_line())
+        report = write_evaluation(args.out, result, backbone, _command_line())
+        print(comparison_table(result["rows"], result["floor"]))
+        print(f"report: {report}")
+    launched_processes().finish()
     return report
 
 
@@ -231,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
 
             files = generate(args.model, args.prompts, args.out, steps=args.steps, seed=args.seed,
                              merged=args.merged, dtype=args.dtype, device=args.device)
-            print(f"wrote {len(files)} samples to {args.out}")
+            if files is not None:  # the main process, which writes
+                print(f"wrote {len(files)} samples to {args.out}")
         elif args.command == "cache-prompts":
             _cache_prompts(args)
         else:

@@ -3,7 +3,9 @@
 seeded sample sets and timings.
 
 `draw_samples` draws the noise from a CPU generator seeded with `seed`, so every sampler sees the same noise for
-the same balanced conditions and samples compare like with like.
+the same balanced conditions and samples compare like with like. Under a multi-process launch each process rolls
+out its share of whole batches (tdm.processes) and the main process gathers them: the samples are the ones a
+single process draws with the same batch size, bit for bit.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .backbones.base import Backbone
 from .core.algorithm import TDMConfig, bind_steps, make_grid
 from .core.sampling import Model, StudentGrid, cond_to, guided, map_cond, rollout, teacher_grid
 from .core.schedules import Schedule
+from .processes import ONE_PROCESS, Processes
 
 
 @dataclass
@@ -68,22 +71,26 @@ def warm_up(backbone: Backbone, sampler: Sampler, batch_size: int, device="cpu")
 
 @torch.no_grad()
 def draw_samples(backbone: Backbone, sampler: Sampler, num_samples: int, seed: int, batch_size: int = 1000,
-                 device="cpu") -> tuple[Tensor, Tensor, float]:
+                 device="cpu", processes: Processes = ONE_PROCESS) -> tuple[Tensor | None, Tensor, float]:
     """Samples (on the CPU) for the backbone's balanced evaluation conditions; returns (samples, cond, seconds).
 
-    The noise comes from a CPU generator seeded with `seed`, so every sampler sees the same noise."""
+    The noise comes from a CPU generator seeded with `seed`, so every sampler sees the same noise. With several
+    `processes`, each rolls out its batches; the main process gets all samples (seconds: the whole group's wall
+    time, gather included), the others None."""
     cond = backbone.evaluation_conditions(num_samples)
     noise = torch.randn((num_samples, *backbone.sample_shape), generator=torch.Generator().manual_seed(seed))
+    processes.barrier()
     out, tic = [], time.perf_counter()
-    for start in range(0, num_samples, batch_size):
+    for start in processes.batch_starts(num_samples, batch_size):
         x = noise[start:start + batch_size].to(device)
         rows = slice(start, start + batch_size)
         c = cond_to(map_cond(lambda v, rows=rows: v[rows], cond), device)
         model = guided(sampler.model, cond_to(backbone.null_condition(x.shape[0]), device), sampler.guidance_scale,
                        backbone.guidance_rule)
-        out.append(rollout(model, x, c, sampler.grid, backbone.schedule, backbone.prediction).cpu())
+        out.append((start, rollout(model, x, c, sampler.grid, backbone.schedule, backbone.prediction).cpu()))
     _sync(device)
-    return torch.cat(out), cond, time.perf_counter() - tic
+    samples = processes.gather(out)
+    return (None if samples is None else torch.cat(samples)), cond, time.perf_counter() - tic
 
 
 def latency_seconds(backbone: Backbone, sampler: Sampler, seed: int, repeats: int, device="cpu") -> float:

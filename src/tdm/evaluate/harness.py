@@ -4,13 +4,14 @@ Rows: the teacher's DDIM sampler at each `teacher_steps` (with the run's CFG; th
 the baseline checkpoint at its own K (a TDM run with K = 1 is the DMD-style one-step baseline), and the
 student at each `student_steps`. Columns: NFE, FD and KID to reference-teacher samples drawn with other seeds
 (and to a folder of reference images), the backbone's own metrics, CLIP and preference scores, timings.
+Under `accelerate launch` or `torchrun` the processes share out the sampling; the main process scores and writes.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from ..checkpoint import CheckpointError
 from ..config import to_dict
 from ..errors import MissingModel, TDMError
 from ..files import sha256_file, write_text_atomic
+from ..processes import launched_processes
 from ..registry import build_backbone
 from ..runs import Run, open_run
 from ..samplers import student_samplers, teacher_samplers
@@ -121,9 +123,13 @@ def text_scorers(backbone: Backbone, options: EvaluateOptions) -> list[SetScorer
     return scorers
 
 
-def evaluate(run: str | Path, baseline: str | Path | None, options: EvaluateOptions) -> tuple[dict, Backbone]:
-    """Compare teacher, baseline and student. Returns the metrics.json payload plus the samples per sampler,
-    and the backbone (for `write_evaluation`)."""
+def evaluate(run: str | Path, baseline: str | Path | None, options: EvaluateOptions
+             ) -> tuple[dict | None, Backbone]:
+    """Compare teacher, baseline and student. Returns the metrics.json payload plus the samples per sampler
+    (None on processes other than the main one of a multi-process launch), and the backbone (for
+    `write_evaluation`)."""
+    processes = launched_processes()
+    options = replace(options, device=processes.device(options.device))  # each process on its own GPU
     student, backbone = load_student(run)
     base = load_student(baseline, backbone)[0] if baseline else None
     cfg = student.run.config
@@ -149,7 +155,9 @@ def evaluate(run: str | Path, baseline: str | Path | None, options: EvaluateOpti
         references["reference"] = extractor(load_image_folder(options.reference_dir, shape[0], shape[1:]))
     result = compare_to_reference(backbone, samplers, options.num_samples, options.seed, features, references,
                                   text_scorers(backbone, options), device, options.batch_size,
-                                  options.latency_repeats)
+                                  options.latency_repeats, processes)
+    if result is None:
+        return None, backbone
     return {**result, "student": student.info(), "baseline": base.info() if base else None,
             "features": features_info, "options": asdict(options), "threads": torch.get_num_threads()}, backbone
 
