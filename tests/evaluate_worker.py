@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node 2 tests/evaluate_worker.py RUN OUT
 
 The main process saves every sampler's samples (OUT/samples.safetensors) and the payload without them and without
-timings (OUT/result.json); the other processes save nothing."""
+timings (OUT/result.json); every process notes its place in the launch (OUT/process<index>.json)."""
 
 import json
 import sys
@@ -25,13 +25,17 @@ TIMINGS = ("ms_per_sample", "samples_per_s", "latency_ms")
 def main(run: str, out: str) -> None:
     torch.set_num_threads(1)  # as torchrun's processes: one thread each
     result, _ = evaluate(run, None, OPTIONS)
+    processes, out = launched_processes(), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"process{processes.index}.json").write_text(json.dumps(
+        {"count": processes.count, "batch_starts": list(processes.batch_starts(OPTIONS.num_samples,
+                                                                               OPTIONS.batch_size))}))
     if result is not None:  # the main process
-        write(result, Path(out))
-    launched_processes().finish()
+        write(result, out)
+    processes.finish()
 
 
 def write(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     save_file(result.pop("samples"), str(out / "samples.safetensors"))
     result["rows"] = [{k: v for k, v in row.items() if k not in TIMINGS} for row in result["rows"]]
     (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
