@@ -92,4 +92,4 @@ def check_process_count(started: int) -> None:
         if (count or 0) > started:
             print(f"tdm: warning: accelerate's config {default_config_file} asks for {count} processes, but this "
                   f"run was started without `accelerate launch` and runs {started}: start it with `accelerate "
-                  f"launch -m tdm.cli distill ...` to use that config", file=sys.stderr)
+                  f"launch -m tdm.cli ...` to use that config", file=sys.stderr)

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .launch import check_process_count
+
 
 @dataclass(frozen=True)
 class Processes:
@@ -75,12 +77,15 @@ ONE_PROCESS = Processes()
 @functools.cache
 def launched_processes() -> Processes:
     """The launch's processes: joins the process group (gloo on CPU-only machines, as training) when started
-    with more than one, else `Processes()`."""
+    with more than one, else `ONE_PROCESS`. An `accelerate launch` that started fewer processes than it asked
+    for is an error (tdm.launch)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        check_process_count(1)
         return ONE_PROCESS
     import torch.distributed as dist
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())
+    check_process_count(state.num_processes)
     group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     return Processes(state.process_index, state.num_processes, state.local_process_index, group)
