@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from architectures import Architecture
 from tdm.backbones.base import Backbone
 from tdm.backbones.diffusers_schedule import schedule_from_config
 from tdm.config import PRESET_DIR, load_config, to_dict
 from tdm.files import write_text_atomic
+from tdm.plan.architectures import Architecture
 from tdm.registry import diffusers_family
 
 # The released models' scheduler configs (scheduler/scheduler_config.json), the keys that define training noise.

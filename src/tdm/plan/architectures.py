@@ -4,7 +4,9 @@
 `arch.build()` makes the network (on the meta device by default: shapes without memory); `arch.inputs(batch, ...)`
 gives (x_t, timesteps, kwargs) and `arch.call(model, x_t, t, kwargs)` runs the network as tdm's family denoiser
 does (src/tdm/backbones/*.py `call`), returning the prediction (PixArt's learned-variance half dropped).
-Imported by the benchmarks (`from architectures import ARCHITECTURES` from a script in benchmarks/).
+Used by `tdm plan` (tdm.plan) and the benchmarks. Each config is the released model's `config.json` of its
+`unet` or `transformer` folder on the Hugging Face Hub (the repo its preset names in backbone.teacher), as keyword
+arguments of the diffusers class.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ..errors import ConfigError
 
 # diffusers classes whose forward takes `added_cond_kwargs` (SDXL's text_embeds / time_ids, PixArt's micro-conditions)
 ADDED_COND_CLASSES = ("UNet2DConditionModel", "PixArtTransformer2DModel")
@@ -118,3 +122,13 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
              max_text_seq_length=226, use_rotary_positional_embeddings=False),
         latent=(13, 16, 60, 90), context={"encoder_hidden_states": (226, 4096)}),
 ]}
+
+
+def check_latent(arch: Architecture, config) -> None:
+    """The architecture's latent must match the config's sample size (VAE factor 8; video: (frames - 1) / 4 + 1
+    latent frames)."""
+    b = config.backbone
+    frames = ((b.frames - 1) // 4 + 1,) if b.frames else ()
+    if (*frames, b.height // 8, b.width // 8) != (*arch.latent[:len(frames)], *arch.latent[-2:]):
+        raise ConfigError(f"backbone.height/width/frames: {b.height}x{b.width}, frames {b.frames} does not match "
+                          f"the {arch.name} architecture's latent {arch.latent} ({arch.preset})")
