@@ -1,0 +1,85 @@
+"""`tdm plan`'s predicted peak memory against measured peaks: the tiny and mid UNets of benchmarks/roles_memory.py,
+one process (no DDP wrapper, no sharding), roles lora and separate, generator forward rollout and recompute, with
+and without gradient checkpointing, as measured there (peak resident set on the CPU, float32 weights and
+activations, LoRA rank 16 on the attention, 8 text tokens).
+
+The prediction is tdm.plan's, unchanged: parameters and saved activations counted on the meta device for the same
+network and batch (tdm.plan.planner.count_strategy), then tdm.plan.memory.layout_memory. No constant of the model
+was fitted to these measurements. FSDP is not validated: no FSDP measurement exists yet.
+
+    python benchmarks/plan_validation.py [--measured benchmarks/results/roles_memory.json ...] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from roles_memory import CONFIGS, LORA
+from tdm.files import write_text_atomic
+from tdm.plan.architectures import Architecture
+from tdm.plan.memory import layout_memory
+from tdm.plan.planner import count_strategy
+
+MIB = 2**20
+TOKENS = 8  # roles_memory's text embeddings per sample
+MEASURED = ["benchmarks/results/roles_memory.json", "benchmarks/results/batch8/roles_memory.json",
+            "benchmarks/results/batch8_checkpointing/roles_memory.json"]
+
+
+def architecture(name: str) -> Architecture:
+    kwargs = CONFIGS[name]
+    return Architecture(name, "", "sd15", "UNet2DConditionModel", kwargs,
+                        latent=(kwargs["in_channels"], kwargs["sample_size"], kwargs["sample_size"]),
+                        context={"encoder_hidden_states": (TOKENS, kwargs["cross_attention_dim"])})
+
+
+def predicted_peak(row: dict, checkpointing: bool) -> dict:
+    settings = {"lora_rank": LORA["rank"], "lora_targets": list(LORA["targets"]), "batch_size": row["batch"],
+                "gradient_checkpointing": checkpointing, "num_steps": 4, "guidance_scale": 2.0}
+    counts, _ = count_strategy(architecture(row["config"]), settings, row["strategy"], torch.float32)
+    memory = layout_memory(counts, "ddp", 1, 4, 4, checkpointing, row["generator_forward"])
+    return {"counts": counts.__dict__, "memory_mib": {k: v / MIB for k, v in memory.items()}}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--measured", nargs="+", default=MEASURED, help="roles_memory.json files")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    rows = []
+    print(f"{'config':6} {'roles':9} {'forward':9} {'batch':>5} {'ckpt':>4} {'predicted':>10} {'measured':>10} "
+          f"{'ratio':>6}")
+    for path in args.measured:
+        measured = json.loads(Path(path).read_text())
+        checkpointing = bool(measured.get("gradient_checkpointing"))
+        for row in measured["rows"]:
+            pred = predicted_peak(row, checkpointing)
+            ratio = pred["memory_mib"]["peak"] / row["peak_mib"]
+            rows.append({"measured_in": path, "measured_command": measured["command"], "device": measured["device"],
+                         "config": row["config"], "strategy": row["strategy"],
+                         "generator_forward": row["generator_forward"], "batch": row["batch"],
+                         "gradient_checkpointing": checkpointing, "measured_peak_mib": row["peak_mib"],
+                         "predicted_peak_mib": pred["memory_mib"]["peak"], "ratio": ratio, **pred})
+            print(f"{row['config']:6} {row['strategy']:9} {row['generator_forward']:9} {row['batch']:5d} "
+                  f"{'on' if checkpointing else 'off':>4} {pred['memory_mib']['peak']:10.1f} "
+                  f"{row['peak_mib']:10.1f} {ratio:6.3f}", flush=True)
+    within = [r for r in rows if abs(r["ratio"] - 1) <= 0.15]
+    print(f"within 15%: {len(within)} of {len(rows)}")
+    result = {"command": " ".join(["python benchmarks/plan_validation.py", *sys.argv[1:]]),
+              "predicted": "tdm.plan (counted on the meta device; tdm.plan.memory's model, no fitted constants)",
+              "measured": "benchmarks/roles_memory.py: peak resident set minus the resident set before the model "
+                          "is built, one process on the CPU",
+              "not_validated": "FSDP (no measurement), DDP with more than one process (buckets)",
+              "within_15_percent": f"{len(within)} of {len(rows)}", "rows": rows}
+    out = Path(args.out)
+    write_text_atomic(out / "plan_validation.json", json.dumps(result, indent=1))
+    print(f"wrote {out / 'plan_validation.json'}")
+
+
+if __name__ == "__main__":
+    main()
