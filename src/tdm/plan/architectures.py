@@ -35,6 +35,8 @@ class Architecture:
     added: dict[str, tuple[int, ...]] = field(default_factory=dict, hash=False)    # added_cond_kwargs: random ones
     micro: dict[str, tuple[float, ...]] = field(default_factory=dict, hash=False)  # added_cond_kwargs: fixed values
     mask: dict[str, int] = field(default_factory=dict, hash=False)  # attention masks of ones: kwarg -> length
+    unbatched: dict[str, tuple[int, ...]] = field(default_factory=dict, hash=False)  # kwargs without a batch axis
+    latent_hw: tuple[int, int] = ()  # the VAE latent's (h, w) where the sample is packed into tokens (FLUX)
 
     @property
     def learned_sigma(self) -> bool:
@@ -57,6 +59,7 @@ class Architecture:
 
         kwargs: dict[str, Any] = {name: rand(shape) for name, shape in self.context.items()}
         kwargs.update({name: torch.ones(batch, n, device=device, dtype=torch.long) for name, n in self.mask.items()})
+        kwargs.update({name: torch.zeros(shape, device=device, dtype=dtype) for name, shape in self.unbatched.items()})
         if self.model_class in ADDED_COND_CLASSES:
             added = {name: rand(shape) for name, shape in self.added.items()}
             added.update({name: torch.tensor(values, device=device, dtype=dtype).repeat(batch, 1)
@@ -80,6 +83,10 @@ def _pixart(size: int) -> dict[str, Any]:
                 norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=4096)
 
 
+# black-forest-labs/FLUX.1-dev transformer/config.json (12B: 19 double-stream and 38 single-stream blocks)
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
 PIXART_TEXT = {"encoder_hidden_states": (120, 4096)}  # tdm.backbones.pixart.MAX_SEQUENCE_LENGTH T5 tokens
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
@@ -121,6 +128,10 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
              text_embed_dim=4096, num_layers=30, sample_width=90, sample_height=60, sample_frames=49, patch_size=2,
              max_text_seq_length=226, use_rotary_positional_embeddings=False),
         latent=(13, 16, 60, 90), context={"encoder_hidden_states": (226, 4096)}),
+    Architecture(  # 1024 x 1024: 128 x 128 latents packed as 64 x 64 tokens of 2 x 2 x 16 channels (tdm's layout)
+        "flux-dev", "flux-dev-lora.yaml", "flux", "FluxTransformer2DModel", FLUX_DEV, latent=(4096, 64),
+        context={"encoder_hidden_states": (512, 4096), "pooled_projections": (768,), "guidance": ()},
+        unbatched={"img_ids": (4096, 3), "txt_ids": (512, 3)}, latent_hw=(128, 128)),
 ]}
 
 
@@ -129,6 +140,6 @@ def check_latent(arch: Architecture, config) -> None:
     latent frames)."""
     b = config.backbone
     frames = ((b.frames - 1) // 4 + 1,) if b.frames else ()
-    if (*frames, b.height // 8, b.width // 8) != (*arch.latent[:len(frames)], *arch.latent[-2:]):
+    if (*frames, b.height // 8, b.width // 8) != (*arch.latent[:len(frames)], *(arch.latent_hw or arch.latent[-2:])):
         raise ConfigError(f"backbone.height/width/frames: {b.height}x{b.width}, frames {b.frames} does not match "
                           f"the {arch.name} architecture's latent {arch.latent} ({arch.preset})")

@@ -52,9 +52,9 @@ class _FusedAttentionMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention and torch.is_grad_enabled():
-            q, k, v, *rest = args
-            names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-            return _FusedAttention.apply(q, k, v, {**dict(zip(names, rest)), **kwargs})
+            names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+            bound = {**dict(zip(names, args)), **kwargs}
+            return _FusedAttention.apply(bound.pop("query"), bound.pop("key"), bound.pop("value"), bound)
         return func(*args, **kwargs)
 
 
