@@ -36,7 +36,8 @@ class Architecture:
     micro: dict[str, tuple[float, ...]] = field(default_factory=dict, hash=False)  # added_cond_kwargs: fixed values
     mask: dict[str, int] = field(default_factory=dict, hash=False)  # attention masks of ones: kwarg -> length
     unbatched: dict[str, tuple[int, ...]] = field(default_factory=dict, hash=False)  # kwargs without a batch axis
-    latent_hw: tuple[int, int] = ()  # the VAE latent's (h, w) where the sample is packed into tokens (FLUX)
+    vae_latent: tuple[int, ...] = ()  # the VAE latent's ([frames,] h, w) where the sample's layout hides it
+    experts: int = 1           # networks of this config the model holds, one called per step (Wan 2.2 A14B: 2)
 
     @property
     def learned_sigma(self) -> bool:
@@ -87,6 +88,17 @@ def _pixart(size: int) -> dict[str, Any]:
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                 axes_dims_rope=(16, 56, 56))
+
+
+def _wan(heads: int, ffn: int, layers: int) -> dict[str, Any]:
+    """Wan text-to-video transformers, transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (12 heads, 30
+    layers) and of Wan2.1-T2V-14B-Diffusers, as each expert of Wan2.2-T2V-A14B-Diffusers (40 heads, 40 layers)."""
+    return dict(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=128, in_channels=16,
+                out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=ffn, num_layers=layers, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+
+
+WAN_TEXT = {"encoder_hidden_states": (512, 4096)}  # umT5 tokens
 PIXART_TEXT = {"encoder_hidden_states": (120, 4096)}  # tdm.backbones.pixart.MAX_SEQUENCE_LENGTH T5 tokens
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
@@ -131,7 +143,13 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
     Architecture(  # 1024 x 1024: 128 x 128 latents packed as 64 x 64 tokens of 2 x 2 x 16 channels (tdm's layout)
         "flux-dev", "flux-dev-lora.yaml", "flux", "FluxTransformer2DModel", FLUX_DEV, latent=(4096, 64),
         context={"encoder_hidden_states": (512, 4096), "pooled_projections": (768,), "guidance": ()},
-        unbatched={"img_ids": (4096, 3), "txt_ids": (512, 3)}, latent_hw=(128, 128)),
+        unbatched={"img_ids": (4096, 3), "txt_ids": (512, 3)}, vae_latent=(128, 128)),
+    Architecture(  # 81 frames at 480 x 832: 21 latent frames of 60 x 104, channels first
+        "wan2.1-t2v-1.3b", "wan2.1-t2v-1.3b-lora.yaml", "wan", "WanTransformer3DModel", _wan(12, 8960, 30),
+        latent=(16, 21, 60, 104), context=WAN_TEXT, vae_latent=(21, 60, 104)),
+    Architecture(  # two 14B experts (high and low noise), one called per step; 81 frames at 720 x 1280
+        "wan2.2-t2v-a14b", "wan2.2-t2v-a14b-lora.yaml", "wan", "WanTransformer3DModel", _wan(40, 13824, 40),
+        latent=(16, 21, 90, 160), context=WAN_TEXT, vae_latent=(21, 90, 160), experts=2),
 ]}
 
 
@@ -140,6 +158,6 @@ def check_latent(arch: Architecture, config) -> None:
     latent frames)."""
     b = config.backbone
     frames = ((b.frames - 1) // 4 + 1,) if b.frames else ()
-    if (*frames, b.height // 8, b.width // 8) != (*arch.latent[:len(frames)], *(arch.latent_hw or arch.latent[-2:])):
+    if (*frames, b.height // 8, b.width // 8) != (arch.vae_latent or (*arch.latent[:len(frames)], *arch.latent[-2:])):
         raise ConfigError(f"backbone.height/width/frames: {b.height}x{b.width}, frames {b.frames} does not match "
                           f"the {arch.name} architecture's latent {arch.latent} ({arch.preset})")

@@ -72,7 +72,8 @@ def count_strategy(arch: Architecture, settings: dict, strategy: str, dtype: tor
         model.disable_gradient_checkpointing()
     counted = passes(model, run)
     batch = settings["batch_size"]
-    counts = Counts(base, trainable, saved * batch, checkpointed * batch, unit)
+    # every expert is held and trained (its own adapters or copies); one runs per call
+    counts = Counts(base * arch.experts, trainable * arch.experts, saved * batch, checkpointed * batch, unit)
     flops = {"teacher_forward": teacher, "forward": counted["forward"],
              "forward_backward": counted["forward_grad"] + counted["backward"]}
     return counts, {k: v / 1e12 for k, v in flops.items()}
