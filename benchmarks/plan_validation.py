@@ -11,8 +11,8 @@ network and batch (tdm.plan.planner.count_strategy), then tdm.plan.memory.layout
 was fitted to these measurements. FSDP is not validated: no FSDP measurement exists yet.
 
     cd benchmarks && MALLOC_MMAP_THRESHOLD_=65536 python roles_memory.py --iterations 2 \
-        --out results/plan_validation/batch2   # and --configs mid --batch 8 --strategies lora \
-        --gradient-checkpointing --out results/plan_validation/batch8_checkpointing
+        --out results/plan_validation/batch2   # and --configs mid --batch 8 (--strategies lora
+        --gradient-checkpointing) --out results/plan_validation/batch8(_checkpointing)
     python benchmarks/plan_validation.py [--out benchmarks/results]
 """
 
@@ -37,6 +37,7 @@ FIXED, DEFAULT = "mmap64k", "default"
 ALLOCATORS = {FIXED: "glibc with MALLOC_MMAP_THRESHOLD_=65536 (freed tensors leave the resident set)",
               DEFAULT: "glibc's default (freed memory may stay resident in the heap)"}
 MEASURED = {"benchmarks/results/plan_validation/batch2/roles_memory.json": FIXED,
+            "benchmarks/results/plan_validation/batch8/roles_memory.json": FIXED,
             "benchmarks/results/plan_validation/batch8_checkpointing/roles_memory.json": FIXED,
             "benchmarks/results/roles_memory.json": DEFAULT,
             "benchmarks/results/batch8/roles_memory.json": DEFAULT,
