@@ -69,11 +69,14 @@ def test_tiny_unet_counts_match_closed_forms_and_a_real_build(tmp_path):
     assert ddp["ddp_buckets"] == 8 * real and fsdp["ddp_buckets"] == 0
     assert 0 < lora.activations_checkpointed < lora.activations
     assert result["strategies"]["lora"]["tflop_per_iteration_per_gpu"] > 0
+    assert {m["fits"] for m in result["layouts"].values()} == {"yes"}  # a few MiB in 1 GiB
 
 
 def test_activations_scale_with_the_batch(tmp_path):
     config, arch = _tiny(tmp_path)
-    at_2 = plan(config, 1, 1, 0.4, 100, arch=arch)["strategies"]["lora"]["counts"]
+    result = plan(config, 1, 1e-5, 0.4, 100, arch=arch)  # 10 KiB per GPU
+    assert {m["fits"] for m in result["layouts"].values()} == {"no"}
+    at_2 = result["strategies"]["lora"]["counts"]
     at_4 = plan(load_config(str(tmp_path / "tiny.yaml"), ["train.batch_size=4"]), 1, 1, 0.4, 100,
                 arch=arch)["strategies"]["lora"]["counts"]
     assert at_4.activations == 2 * at_2.activations

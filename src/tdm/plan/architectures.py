@@ -36,6 +36,7 @@ class Architecture:
     micro: dict[str, tuple[float, ...]] = field(default_factory=dict, hash=False)  # added_cond_kwargs: fixed values
     mask: dict[str, int] = field(default_factory=dict, hash=False)  # attention masks of ones: kwarg -> length
     unbatched: dict[str, tuple[int, ...]] = field(default_factory=dict, hash=False)  # kwargs without a batch axis
+    per_sample: dict[str, Any] = field(default_factory=dict, hash=False)  # kwargs: a list of this value per sample
     vae_latent: tuple[int, ...] = ()  # the VAE latent's ([frames,] h, w) where the sample's layout hides it
     experts: int = 1           # networks of this config the model holds, one called per step (Wan 2.2 A14B: 2)
 
@@ -61,6 +62,7 @@ class Architecture:
         kwargs: dict[str, Any] = {name: rand(shape) for name, shape in self.context.items()}
         kwargs.update({name: torch.ones(batch, n, device=device, dtype=torch.long) for name, n in self.mask.items()})
         kwargs.update({name: torch.zeros(shape, device=device, dtype=dtype) for name, shape in self.unbatched.items()})
+        kwargs.update({name: [value] * batch for name, value in self.per_sample.items()})
         if self.model_class in ADDED_COND_CLASSES:
             added = {name: rand(shape) for name, shape in self.added.items()}
             added.update({name: torch.tensor(values, device=device, dtype=dtype).repeat(batch, 1)
@@ -144,6 +146,13 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
         "flux-dev", "flux-dev-lora.yaml", "flux", "FluxTransformer2DModel", FLUX_DEV, latent=(4096, 64),
         context={"encoder_hidden_states": (512, 4096), "pooled_projections": (768,), "guidance": ()},
         unbatched={"img_ids": (4096, 3), "txt_ids": (512, 3)}, vae_latent=(128, 128)),
+    Architecture(  # Qwen/Qwen-Image transformer/config.json (20B, 60 layers: diffusers' defaults); 1328 x 1328: 166 x
+        # 166 latents packed as 83 x 83 tokens; prompts at Qwen-Image's longest, 512 tokens (tdm pads to the batch's)
+        "qwen-image", "qwen-image-lora.yaml", "qwen-image", "QwenImageTransformer2DModel",
+        dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+             num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
+        latent=(83 * 83, 64), context={"encoder_hidden_states": (512, 3584)},
+        per_sample={"img_shapes": [(1, 83, 83)]}, vae_latent=(166, 166)),
     Architecture(  # 81 frames at 480 x 832: 21 latent frames of 60 x 104, channels first
         "wan2.1-t2v-1.3b", "wan2.1-t2v-1.3b-lora.yaml", "wan", "WanTransformer3DModel", _wan(12, 8960, 30),
         latent=(16, 21, 60, 104), context=WAN_TEXT, vae_latent=(21, 60, 104)),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .planner import GIB, SHARDINGS, STRATEGIES
+from .planner import GIB, MARGIN, SHARDINGS, STRATEGIES
 
 MIB = 2**20
 
@@ -49,7 +49,7 @@ def format_plan(result: dict, preset: str) -> str:
             lines.append(f"  {sharding + ' ' + strategy:14} {_bytes(m['weights']):>10} {_bytes(m['optimiser']):>10} "
                          f"{_bytes(m['gathered']):>10} {_bytes(m['ddp_buckets']):>10} "
                          f"{_bytes(m['gradients_and_step']):>10} {_bytes(m['activations']):>11} "
-                         f"{_bytes(m['peak']):>10}  {'yes' if m['fits'] else 'no'}")
+                         f"{_bytes(m['peak']):>10}  {m['fits']}")
     lines += ["", f"FLOPs per iteration (counted: tdm's schedule, matmuls, convolutions and attention) and time at "
               f"{result['mfu']:.0%} MFU of {result['peak_tflops']:g} TFLOP/s per GPU (estimate; communication "
               f"not counted):",
@@ -58,7 +58,9 @@ def format_plan(result: dict, preset: str) -> str:
         st = result["strategies"][strategy]
         lines.append(f"  {strategy:9} {st['tflop_per_sample']['total']:12.2f} "
                      f"{st['tflop_per_iteration_per_gpu']:10.1f} {st['seconds_per_iteration']:12.2f}")
-    fits = [name.replace("/", " ") for name, m in result["layouts"].items() if m["fits"]]
-    lines += ["", f"Fits in {result['gpus']} x {result['gpu_memory_gib']:g} GiB: "
-              f"{', '.join(fits) if fits else 'none of these layouts'}"]
+    def named(fit):
+        return ", ".join(n.replace("/", " ") for n, m in result["layouts"].items() if m["fits"] == fit) or "none"
+
+    lines += ["", f"Fits in {result['gpus']} x {result['gpu_memory_gib']:g} GiB: {named('yes')}; tight (estimated "
+              f"peak within {MARGIN:.0%} of the limit, the estimate's error on measured peaks): {named('tight')}"]
     return "\n".join(lines)
