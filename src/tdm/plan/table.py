@@ -17,11 +17,12 @@ def _bytes(n: int) -> str:
 
 def format_plan(result: dict, preset: str) -> str:
     s = result["settings"]
-    lines = [f"tdm plan: {preset} -- {result['architecture']} ({result['model_class']}, built on the meta device from "
-             f"its shipped config; nothing downloaded)",
+    lines = [f"tdm plan: {preset} -- {result['architecture']} ({result['model_class']}, built on the meta device "
+             f"from its shipped config; nothing downloaded)",
              f"batch {s['batch_size']} per GPU, K = {s['num_steps']}, guidance {s['guidance_scale']}, gradient "
              f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, generator forward "
-             f"{result['generator_forward']}; LoRA rank {s['lora_rank']} on {', '.join(s['lora_targets'])}",
+             f"{result['generator_forward']}",
+             f"LoRA rank {s['lora_rank']} on {', '.join(s['lora_targets'])}",
              "", "Parameters per role (counted) and AdamW state (two float32 moments per trainable weight):",
              f"  {'roles':9} {'role':11} {'weights':>10} {'trainable':>10} {'optimiser':>11}"]
     for strategy in STRATEGIES:
@@ -32,14 +33,14 @@ def format_plan(result: dict, preset: str) -> str:
         for role in ("student", "fake score"):
             lines.append(f"  {strategy:9} {role:11} {shared:>10} {_params(c.trainable_params):>10} {_bytes(opt):>11}")
     lines += ["", f"Activations per GPU at batch {s['batch_size']} (estimate: the tensors one forward with grad "
-              f"saves for its backward, counted at one sample on the meta device, times the batch):"]
+              f"saves for its backward,", "counted at one sample on the meta device, times the batch):"]
     for strategy in STRATEGIES:
         st = result["strategies"][strategy]
         c = st["counts"]
         lines.append(f"  {strategy:9} {_bytes(c.activations):>11} without checkpointing, "
                      f"{_bytes(c.activations_checkpointed):>11} with ({st['compute_dtype']})")
     lines += ["", f"Per-GPU memory at {result['gpus']} GPUs x {result['gpu_memory_gib']:g} GiB (estimate: "
-              f"tdm.plan.memory's model; FSDP shards weights, gradients and optimiser states over the "
+              f"tdm.plan.memory's model;", f"FSDP shards weights, gradients and optimiser states over the "
               f"{result['gpus']} GPUs):",
               f"  {'layout':14} {'weights':>10} {'optimiser':>10} {'gathered':>10} {'buckets':>10} "
               f"{'grads+step':>10} {'activations':>11} {'peak':>10}  fits"]
@@ -50,8 +51,8 @@ def format_plan(result: dict, preset: str) -> str:
                          f"{_bytes(m['gathered']):>10} {_bytes(m['ddp_buckets']):>10} "
                          f"{_bytes(m['gradients_and_step']):>10} {_bytes(m['activations']):>11} "
                          f"{_bytes(m['peak']):>10}  {m['fits']}")
-    lines += ["", f"FLOPs per iteration (counted: tdm's schedule, matmuls, convolutions and attention) and time at "
-              f"{result['mfu']:.0%} MFU of {result['peak_tflops']:g} TFLOP/s per GPU (estimate; communication "
+    lines += ["", "FLOPs per iteration (counted: tdm's schedule; matmuls, convolutions and attention) and time",
+              f"at {result['mfu']:.0%} MFU of {result['peak_tflops']:g} TFLOP/s per GPU (estimate; communication "
               f"not counted):",
               f"  {'roles':9} {'TFLOP/sample':>12} {'TFLOP/GPU':>10} {'s/iteration':>12}"]
     for strategy in STRATEGIES:
@@ -61,6 +62,7 @@ def format_plan(result: dict, preset: str) -> str:
     def named(fit):
         return ", ".join(n.replace("/", " ") for n, m in result["layouts"].items() if m["fits"] == fit) or "none"
 
-    lines += ["", f"Fits in {result['gpus']} x {result['gpu_memory_gib']:g} GiB: {named('yes')}; tight (estimated "
-              f"peak within {MARGIN:.0%} of the limit, the estimate's error on measured peaks): {named('tight')}"]
+    lines += ["", f"Fits in {result['gpus']} x {result['gpu_memory_gib']:g} GiB: {named('yes')}",
+              f"Tight (estimated peak within {MARGIN:.0%} of the limit, the estimate's error on measured peaks): "
+              f"{named('tight')}"]
     return "\n".join(lines)
