@@ -52,9 +52,10 @@ def largest_unit(model: nn.Module) -> int:
     return max((sum(p.numel() for p in m.parameters()) for m in units), default=0)
 
 
-def count_strategy(arch: Architecture, settings: dict, strategy: str, dtype: torch.dtype) -> tuple[Counts, dict]:
+def count_strategy(arch: Architecture, settings: dict, strategy: str, dtype: torch.dtype,
+                   autocast: bool = False) -> tuple[Counts, dict]:
     """(memory counts at the settings' batch, TFLOP per sample of each pass) for one role strategy, with the network
-    in `dtype` on the meta device."""
+    in `dtype` on the meta device (`autocast`: mixed precision computes in `dtype`)."""
     model = arch.build("meta", dtype)
     x, t, kwargs = arch.inputs(1, "meta", dtype)
 
@@ -66,7 +67,10 @@ def count_strategy(arch: Architecture, settings: dict, strategy: str, dtype: tor
     with torch.no_grad():
         teacher, _ = count_flops(lambda: run(model))
     make_trainable(model, strategy, settings["lora_rank"], settings["lora_targets"])
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if strategy == "lora" and not autocast:  # float32 adapters on the base: peft casts their inputs up, and
+        for p in trainable:                      # saves those (under autocast they are cast back to `dtype`)
+            p.data = p.data.float()
     saved, _ = saved_bytes(model, lambda: run(model))
     checkpointed = checkpointed_activations(model, run)  # turns checkpointing on
     if not settings["gradient_checkpointing"]:
@@ -74,18 +78,19 @@ def count_strategy(arch: Architecture, settings: dict, strategy: str, dtype: tor
     counted = passes(model, run)
     batch = settings["batch_size"]
     # every expert is held and trained (its own adapters or copies); one runs per call
-    counts = Counts(base * arch.experts, trainable * arch.experts, saved * batch, checkpointed * batch, unit)
+    counts = Counts(base * arch.experts, sum(p.numel() for p in trainable) * arch.experts, saved * batch,
+                    checkpointed * batch, unit)
     flops = {"teacher_forward": teacher, "forward": counted["forward"],
              "forward_backward": counted["forward_grad"] + counted["backward"]}
     return counts, {k: v / 1e12 for k, v in flops.items()}
 
 
-def dtypes(config: Config, strategy: str) -> tuple[torch.dtype, torch.dtype]:
-    """(the frozen base's dtype, the dtype activations are counted in): the compute dtype of mixed precision,
-    else the base's (lora) or float32 (separate: float32 copies)."""
+def dtypes(config: Config, strategy: str) -> tuple[torch.dtype, torch.dtype, bool]:
+    """(the frozen base's dtype, the dtype activations are counted in, whether that is mixed precision's): the
+    compute dtype of mixed precision, else the base's (lora) or float32 (separate: float32 copies)."""
     base = getattr(torch, config.backbone.dtype)
     mixed = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.mixed_precision)
-    return base, mixed or (base if strategy == "lora" else torch.float32)
+    return base, mixed or (base if strategy == "lora" else torch.float32), mixed is not None
 
 
 def plan(config: Config, gpus: int, gpu_memory_gib: float, mfu: float, peak_tflops: float,
@@ -103,8 +108,8 @@ def plan(config: Config, gpus: int, gpu_memory_gib: float, mfu: float, peak_tflo
               "gpu_memory_gib": gpu_memory_gib, "mfu": mfu, "peak_tflops": peak_tflops,
               "generator_forward": config.train.generator_forward, "strategies": {}, "layouts": {}}
     for strategy in STRATEGIES:
-        base_dtype, compute_dtype = dtypes(config, strategy)
-        counts, flops = count_strategy(arch, settings, strategy, compute_dtype)
+        base_dtype, compute_dtype, autocast = dtypes(config, strategy)
+        counts, flops = count_strategy(arch, settings, strategy, compute_dtype, autocast)
         iteration = schedule_flops(flops, settings["num_steps"], settings["guidance_scale"])["tdm"]
         per_gpu = settings["batch_size"] * iteration["total"]
         result["strategies"][strategy] = {
