@@ -1,7 +1,7 @@
 """A real-size diffusers network with random weights behind tdm's `Backbone`, for benchmarks of the trainer.
 
 No text encoder and no VAE: the "prompts" are a fixed table of random embeddings of the shapes the family's
-pipeline would give (benchmarks/architectures.py), drawn per sample. The network is called through the family's
+pipeline would give (tdm.plan.architectures), drawn per sample. The network is called through the family's
 own `DiffusersDenoiser` (tdm.backbones), with the family's noise schedule, so `Trainer(config, out, backbone=...)`
 runs tdm's real iteration on it. `tiny(arch)` shrinks an architecture to seconds on a CPU, same code path.
 """
