@@ -11,7 +11,9 @@ base, b the base's bytes per parameter, A the bytes one forward with grad saves 
   held through the fake score's update (A + max(A, step)); recompute holds one set at a time (max(A, step)).
 - DDP (more than one process): float32 gradient buckets for each of the 2 wrapped roles, 8 P.
 - FSDP over N GPUs: weights, gradients, optimiser states and the step temporary divided by N, plus the largest
-  sharded unit gathered twice (the one computing and the one prefetched) in the compute dtype.
+  sharded unit gathered twice (the one computing and the one prefetched) in the compute dtype; a unit is taken to
+  be the largest element of any ModuleList (a transformer block; a UNet's whole down or up block, so an upper
+  bound there), and communication buffers are not counted.
 Not counted: the no-grad teacher and fake-score forwards' transient tensors, the allocator's fragmentation, the
 CUDA context and kernels' workspaces, the text encoders and VAE (prompt embeddings are cached)."""
 
