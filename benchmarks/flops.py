@@ -2,10 +2,11 @@
 official TDM script's (method.md H.2), counted, not estimated.
 
 Each pass type is run once under torch's FlopCounterMode on the meta device (shapes only, no arithmetic) at batch 1,
-on the network built from its diffusers config with the preset's role strategy (benchmarks/architectures.py):
-a no-grad forward of the frozen teacher, and for a trainable role (LoRA adapters on the frozen base, or all weights
-for roles: separate) a no-grad forward, a forward with grad and its backward (loss = output.sum()), once without
-and once with gradient checkpointing (its recompute lands in the backward's count). The counter counts matmuls,
+on the network built from its diffusers config with the preset's role strategy (tdm.plan.architectures; the
+counting is tdm.plan.counting's, which `tdm plan` uses): a no-grad forward of the frozen teacher, and for a
+trainable role (LoRA adapters on the frozen base, or all weights for roles: separate) a no-grad forward, a forward
+with grad and its backward (loss = output.sum()), once without and once with gradient checkpointing (its recompute
+lands in the backward's count). The counter counts matmuls,
 convolutions and attention (2 FLOPs per multiply-add), not norms or elementwise ops: the usual MFU convention.
 On meta, attention runs as plain matmuls, so its backward counts 2 forwards (a fused GPU kernel's count adds the
 recomputed scores: 2.5). Text encoders and the VAE are not counted (tdm caches text embeddings; the training loss
@@ -28,21 +29,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from architectures import ARCHITECTURES, Architecture
 from tdm.config import PRESET_DIR, load_config
 from tdm.core.algorithm import TDM, TDMConfig
 from tdm.core.prediction import PredictionType
 from tdm.core.schedules import DiscreteVP
 from tdm.files import write_text_atomic
-from tdm.registry import diffusers_family
-from tdm.roles import resolve_targets
+from tdm.plan.architectures import ARCHITECTURES, Architecture, check_latent
+from tdm.plan.counting import (
+    count_flops,
+    expected_student_forwards,
+    make_trainable,
+    passes,
+    role_settings,
+    schedule_flops,
+)
 
 TERA = 1e12
 MFU = 0.40
@@ -52,48 +56,12 @@ PEAK_TFLOPS = {"H100": 989.0, "A800": 312.0}  # bf16 dense tensor-core peaks
 PAPER_PIXART = {"iterations": 500, "total_batch": 32, "a800_hours": 2.0, "processes": 8}
 
 
-def count_flops(fn: Callable[[], object]) -> tuple[int, object]:
-    """(FLOPs counted while `fn` runs, its result)."""
-    with FlopCounterMode(display=False) as counter:
-        result = fn()
-    return counter.get_total_flops(), result
-
-
-def passes(model: nn.Module, run: Callable[[nn.Module], Tensor]) -> dict[str, int]:
-    """FLOPs of a no-grad forward, a forward with grad and its backward (loss = output.sum()) of `model` as it is:
-    its requires_grad flags decide which gradients the backward computes, its checkpointing whether it recomputes."""
-    with torch.no_grad():
-        forward, _ = count_flops(lambda: run(model))
-    forward_grad, out = count_flops(lambda: run(model))
-    backward, _ = count_flops(lambda: out.float().sum().backward())
-    return {"forward": forward, "forward_grad": forward_grad, "backward": backward}
-
-
 def preset_settings(arch: Architecture) -> dict:
     """The preset's role strategy, LoRA settings, batch, checkpointing and CFG; checks the architecture's latent
-    against the preset's sample size (VAE factor 8; video: (frames - 1) / 4 + 1 latent frames)."""
+    against the preset's sample size (tdm.plan.architectures.check_latent)."""
     config = load_config(str(PRESET_DIR / arch.preset))  # an absolute path stays as it is
-    b, train = config.backbone, config.train
-    frames = ((b.frames - 1) // 4 + 1,) if b.frames else ()
-    if (*frames, b.height // 8, b.width // 8) != (*arch.latent[:len(frames)], *arch.latent[-2:]):
-        raise ValueError(f"{arch.name}: latent {arch.latent} does not match {arch.preset} "
-                         f"({b.height}x{b.width}, frames {b.frames})")
-    return {"roles": train.roles, "lora_rank": train.lora_rank,
-            "lora_targets": list(train.lora_targets or diffusers_family(arch.family).lora_targets),
-            "batch_size": train.batch_size, "gradient_checkpointing": b.gradient_checkpointing,
-            "guidance_scale": config.tdm.guidance_scale, "num_steps": config.tdm.num_steps}
-
-
-def make_trainable(model: nn.Module, roles: str, rank: int, targets: list[str]) -> nn.Module:
-    """roles=lora: a peft LoRA adapter of rank `rank` on the frozen model (eval mode, as tdm's shared base; its
-    alpha scales values, not FLOPs); separate: every weight trainable (train mode, as tdm's copies)."""
-    if roles == "separate":
-        return model.train().requires_grad_(True)
-    from peft import LoraConfig, inject_adapter_in_model
-
-    model.eval().requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=resolve_targets(model, tuple(targets)))
-    return inject_adapter_in_model(config, model, adapter_name="student")  # adapter weights: requires_grad
+    check_latent(arch, config)
+    return role_settings(config, arch.family)
 
 
 def pass_flops(arch: Architecture, roles: str, checkpointing: bool) -> dict[str, float]:
@@ -116,33 +84,11 @@ def pass_flops(arch: Architecture, roles: str, checkpointing: bool) -> dict[str,
     return {key: value / TERA for key, value in result.items()}
 
 
-def expected_student_forwards(num_steps: int) -> float:
-    """E[K - min(k_f, k_g) + 1], k_f and k_g independent and uniform on 1..K: level j runs unless both draws are
-    above it, with probability 1 - ((K - j) / K)^2 (3.125 at K = 4)."""
-    K = num_steps
-    return sum(1 - ((K - j) / K) ** 2 for j in range(1, K + 1))
-
-
 def monte_carlo_student_forwards(num_steps: int, samples: int = 100_000, seed: int = 0) -> float:
     """The same expectation from tdm's own draws (`TDM.draw_iteration`, one fake update)."""
     tdm = TDM(DiscreteVP.from_betas(), PredictionType.EPSILON, TDMConfig(num_steps=num_steps, total_steps=1000))
     fake, gen = tdm.draw_iteration((samples, 1), torch.Generator().manual_seed(seed), "cpu", fake_updates=1)
     return float((num_steps - torch.minimum(fake[0].k, gen.k) + 1).double().mean())
-
-
-def schedule_flops(p: dict[str, float], num_steps: int, guidance_scale: float) -> dict:
-    """Per sample-iteration cost of each role under both schedules, from `pass_flops`'s counts (any unit)."""
-    cfg_calls = 2 if guidance_scale != 1 else 1
-    fake = p["forward"] + p["forward_backward"]
-    schedules = {
-        "tdm": {"student": (expected_student_forwards(num_steps) - 1) * p["forward"] + p["forward_backward"],
-                "teacher": cfg_calls * p["teacher_forward"], "fake": fake},
-        "official": {"student": (num_steps + 1) * p["forward"] + p["forward_backward"],
-                     "teacher": (1 + cfg_calls) * p["teacher_forward"], "fake": fake},
-    }
-    for roles in schedules.values():
-        roles["total"] = sum(roles.values())
-    return {**schedules, "ratio": schedules["tdm"]["total"] / schedules["official"]["total"]}
 
 
 def iteration_flops(arch: Architecture, checkpointing: bool | None = None, num_steps: int | None = None,

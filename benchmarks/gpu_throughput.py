@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from architectures import ARCHITECTURES
 from flops import pass_flops, schedule_flops
 from random_backbone import TINY, RandomBackbone, tiny
 from tdm.config import load_config
 from tdm.files import write_text_atomic
+from tdm.plan.architectures import ARCHITECTURES
 
 # bf16 dense tensor-core peaks, TFLOP/s, by a substring of torch.cuda.get_device_name (first match wins)
 PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("A100", 312.0), ("A800", 312.0))

@@ -1,7 +1,7 @@
 """A real-size diffusers network with random weights behind tdm's `Backbone`, for benchmarks of the trainer.
 
 No text encoder and no VAE: the "prompts" are a fixed table of random embeddings of the shapes the family's
-pipeline would give (benchmarks/architectures.py), drawn per sample. The network is called through the family's
+pipeline would give (tdm.plan.architectures), drawn per sample. The network is called through the family's
 own `DiffusersDenoiser` (tdm.backbones), with the family's noise schedule, so `Trainer(config, out, backbone=...)`
 runs tdm's real iteration on it. `tiny(arch)` shrinks an architecture to seconds on a CPU, same code path.
 """
@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from architectures import Architecture
 from tdm.backbones.base import Backbone
 from tdm.backbones.diffusers_schedule import schedule_from_config
 from tdm.config import PRESET_DIR, load_config, to_dict
 from tdm.files import write_text_atomic
+from tdm.plan.architectures import Architecture
 from tdm.registry import diffusers_family
 
 # The released models' scheduler configs (scheduler/scheduler_config.json), the keys that define training noise.

@@ -13,7 +13,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmarks are scripts, not a package
-from architectures import ARCHITECTURES, Architecture  # noqa: E402
 from flops import (  # noqa: E402
     expected_student_forwards,
     monte_carlo_student_forwards,
@@ -22,6 +21,7 @@ from flops import (  # noqa: E402
     preset_settings,
     schedule_flops,
 )
+from tdm.plan.architectures import ARCHITECTURES, Architecture  # noqa: E402
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")

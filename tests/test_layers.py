@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
       "tdm.validation")),
     ("the tasks: train, export, generate, evaluate",
      ("tdm.trainer", "tdm.export", "tdm.network_export", "tdm.lora_files", "tdm.model_card", "tdm.hub",
-      "tdm.generate", "tdm.evaluate")),
+      "tdm.generate", "tdm.evaluate", "tdm.plan")),
     ("the command line", ("tdm.cli",)),
 ]
 

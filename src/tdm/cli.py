@@ -1,4 +1,4 @@
-"""The `tdm` command: distill | evaluate | demo | export | generate | cache-prompts | train-teacher |
+"""The `tdm` command: distill | evaluate | demo | export | generate | cache-prompts | plan | train-teacher |
 train-classifier."""
 
 from __future__ import annotations
@@ -202,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
     cache.add_argument("--dtype", default="float32", choices=DTYPES, help="the text encoders' (= backbone.dtype)")
 
+    plan = sub.add_parser("plan", help="what a preset needs per GPU and per iteration, before any download",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    plan.add_argument("--config", required=True, help="preset name in configs/ or a YAML file")
+    plan.add_argument("--gpus", type=int, default=8, help="GPUs (processes) the batch per GPU runs on")
+    plan.add_argument("--gpu-memory", type=float, default=80.0, help="GiB of memory per GPU")
+    plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation the time estimate assumes")
+    plan.add_argument("--peak-tflops", type=float, default=989.0, help="a GPU's dense peak (H100 bf16: 989)")
+    _add_overrides(plan, "change the preset, e.g. train.batch_size=8 (repeat for more)")
+
     for name, what in (("train-teacher", "the digits teacher"), ("train-classifier", "the digits metric classifier")):
         p = sub.add_parser(name, help=f"retrain {what}; options as `python -m tdm.toys.digits {name} --help`")
         p.add_argument("toy", choices=["digits"])
@@ -239,6 +248,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {len(files)} samples to {args.out}")
         elif args.command == "cache-prompts":
             _cache_prompts(args)
+        elif args.command == "plan":
+            from .plan.planner import plan
+            from .plan.table import format_plan
+
+            result = plan(load_config(args.config, args.overrides), args.gpus, args.gpu_memory, args.mfu,
+                          args.peak_tflops)
+            print(format_plan(result, args.config))
         else:
             from .toys import digits
 

@@ -1,0 +1,98 @@
+"""`tdm plan`'s predicted peak memory against measured peaks: the tiny and mid UNets of benchmarks/roles_memory.py,
+one process (no DDP wrapper, no sharding), roles lora and separate, generator forward rollout and recompute, with
+and without gradient checkpointing, as measured there (peak resident set on the CPU, float32 weights and
+activations, LoRA rank 16 on the attention, 8 text tokens). The main measurements ran with glibc's mmap threshold
+fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_=65536), so a freed tensor's memory leaves the resident set as it would
+leave torch.cuda.memory_allocated; the earlier ones, with glibc's default (freed memory kept in the heap, so the
+resident set overstates live tensors), are compared too.
+
+The prediction is tdm.plan's, unchanged: parameters and saved activations counted on the meta device for the same
+network and batch (tdm.plan.planner.count_strategy), then tdm.plan.memory.layout_memory. No constant of the model
+was fitted to these measurements. FSDP is not validated: no FSDP measurement exists yet.
+
+    cd benchmarks && MALLOC_MMAP_THRESHOLD_=65536 python roles_memory.py --iterations 2 \
+        --out results/plan_validation/batch2   # and --configs mid --batch 8 (--strategies lora
+        --gradient-checkpointing) --out results/plan_validation/batch8(_checkpointing)
+    python benchmarks/plan_validation.py [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from roles_memory import CONFIGS, LORA
+from tdm.files import write_text_atomic
+from tdm.plan.architectures import Architecture
+from tdm.plan.memory import layout_memory
+from tdm.plan.planner import count_strategy
+
+MIB = 2**20
+TOKENS = 8  # roles_memory's text embeddings per sample
+FIXED, DEFAULT = "mmap64k", "default"
+ALLOCATORS = {FIXED: "glibc with MALLOC_MMAP_THRESHOLD_=65536 (freed tensors leave the resident set)",
+              DEFAULT: "glibc's default (freed memory may stay resident in the heap)"}
+MEASURED = {"benchmarks/results/plan_validation/batch2/roles_memory.json": FIXED,
+            "benchmarks/results/plan_validation/batch8/roles_memory.json": FIXED,
+            "benchmarks/results/plan_validation/batch8_checkpointing/roles_memory.json": FIXED,
+            "benchmarks/results/roles_memory.json": DEFAULT,
+            "benchmarks/results/batch8/roles_memory.json": DEFAULT,
+            "benchmarks/results/batch8_checkpointing/roles_memory.json": DEFAULT}
+
+
+def architecture(name: str) -> Architecture:
+    kwargs = CONFIGS[name]
+    return Architecture(name, "", "sd15", "UNet2DConditionModel", kwargs,
+                        latent=(kwargs["in_channels"], kwargs["sample_size"], kwargs["sample_size"]),
+                        context={"encoder_hidden_states": (TOKENS, kwargs["cross_attention_dim"])})
+
+
+def predicted_peak(row: dict, checkpointing: bool) -> dict:
+    settings = {"lora_rank": LORA["rank"], "lora_targets": list(LORA["targets"]), "batch_size": row["batch"],
+                "gradient_checkpointing": checkpointing, "num_steps": 4, "guidance_scale": 2.0}
+    counts, _ = count_strategy(architecture(row["config"]), settings, row["strategy"], torch.float32)
+    memory = layout_memory(counts, "ddp", 1, 4, 4, checkpointing, row["generator_forward"])
+    return {"counts": counts.__dict__, "memory_mib": {k: v / MIB for k, v in memory.items()}}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    rows = []
+    print(f"{'malloc':8} {'config':6} {'roles':9} {'forward':9} {'batch':>5} {'ckpt':>4} {'predicted':>10} "
+          f"{'measured':>10} {'ratio':>6}")
+    for path, allocator in MEASURED.items():
+        measured = json.loads(Path(path).read_text())
+        checkpointing = bool(measured.get("gradient_checkpointing"))
+        for row in measured["rows"]:
+            pred = predicted_peak(row, checkpointing)
+            ratio = pred["memory_mib"]["peak"] / row["peak_mib"]
+            rows.append({"measured_in": path, "allocator": allocator, "measured_command": measured["command"],
+                         "device": measured["device"], "config": row["config"], "strategy": row["strategy"],
+                         "generator_forward": row["generator_forward"], "batch": row["batch"],
+                         "gradient_checkpointing": checkpointing, "measured_peak_mib": row["peak_mib"],
+                         "predicted_peak_mib": pred["memory_mib"]["peak"], "ratio": ratio, **pred})
+            print(f"{allocator:8} {row['config']:6} {row['strategy']:9} {row['generator_forward']:9} "
+                  f"{row['batch']:5d} {'on' if checkpointing else 'off':>4} {pred['memory_mib']['peak']:10.1f} "
+                  f"{row['peak_mib']:10.1f} {ratio:6.3f}", flush=True)
+    within = {a: f"{sum(abs(r['ratio'] - 1) <= 0.15 for r in rows if r['allocator'] == a)} of "
+                 f"{sum(r['allocator'] == a for r in rows)}" for a in (FIXED, DEFAULT)}
+    print(f"within 15%: {within}")
+    result = {"command": " ".join(["python benchmarks/plan_validation.py", *sys.argv[1:]]),
+              "predicted": "tdm.plan (counted on the meta device; tdm.plan.memory's model, no fitted constants)",
+              "measured": "benchmarks/roles_memory.py: peak resident set minus the resident set before the model "
+                          "is built, one process on the CPU",
+              "not_validated": "FSDP (no measurement), DDP with more than one process (buckets)",
+              "allocators": ALLOCATORS, "within_15_percent": within, "rows": rows}
+    out = Path(args.out)
+    write_text_atomic(out / "plan_validation.json", json.dumps(result, indent=1))
+    print(f"wrote {out / 'plan_validation.json'}")
+
+
+if __name__ == "__main__":
+    main()

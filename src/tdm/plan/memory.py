@@ -1,0 +1,58 @@
+"""Per-GPU memory of one TDM iteration, estimated from counted parameters and activations (tdm.plan.counting).
+
+The model, per GPU, with P the trainable parameters of one role (student and fake score have the same), B the frozen
+base, b the base's bytes per parameter, A the bytes one forward with grad saves at the batch:
+- weights: lora: B x b + 2 adapters x P x 4 (float32); separate: the teacher B x b + 2 float32 copies P x 4.
+- optimiser states: AdamW's two float32 moments for each of the 2 roles: 16 P.
+- gradients: one role's at a time (each update sets its gradients to None before the next backward): 4 P, and
+  during its AdamW step a float32 temporary as large (torch's foreach AdamW computes the denominator
+  sqrt(v) + eps out of place): 4 P more.
+- activations: the generator's student forward under train.generator_forward=rollout is taken from the rollout and
+  held through the fake score's update (A + max(A, step)); recompute holds one set at a time (max(A, step)).
+- DDP (more than one process): float32 gradient buckets for each of the 2 wrapped roles, 8 P.
+- FSDP over N GPUs: weights, gradients, optimiser states and the step temporary divided by N, plus the largest
+  sharded unit gathered twice (the one computing and the one prefetched) in the compute dtype; a unit is taken to
+  be the largest element of any ModuleList (a transformer block; a UNet's whole down or up block, so an upper
+  bound there), and communication buffers are not counted.
+Not counted: the no-grad teacher and fake-score forwards' transient tensors, the allocator's fragmentation, the
+CUDA context and kernels' workspaces, the text encoders and VAE (prompt embeddings are cached)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FLOAT32 = 4
+ADAM_MOMENTS = 2
+ROLES = 2  # trainable roles: student and fake score
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What one role strategy's memory depends on, counted on the meta device."""
+    base_params: int        # the frozen network's weights
+    trainable_params: int   # one trainable role's (an adapter, or a full copy)
+    activations: int        # bytes saved by one forward with grad at the batch, without checkpointing
+    activations_checkpointed: int  # the same under gradient checkpointing
+    largest_unit_params: int  # the largest block FSDP would shard as one unit
+
+
+def layout_memory(counts: Counts, sharding: str, gpus: int, base_bytes: int, compute_bytes: int,
+                  checkpointing: bool, generator_forward: str) -> dict[str, int]:
+    """Bytes per GPU by component, and their `peak`, of one role strategy's `counts` under `sharding` (ddp | fsdp)
+    over `gpus`; `base_bytes` per frozen weight, `compute_bytes` per gathered weight."""
+    p = counts.trainable_params
+    base = counts.base_params * base_bytes
+    weights = base + ROLES * p * FLOAT32
+    shard = gpus if sharding == "fsdp" else 1
+    parts = {
+        "weights": weights // shard,
+        "optimiser": ROLES * ADAM_MOMENTS * p * FLOAT32 // shard,
+        "gathered": 2 * counts.largest_unit_params * compute_bytes if sharding == "fsdp" else 0,
+        "ddp_buckets": ROLES * p * FLOAT32 if sharding == "ddp" and gpus > 1 else 0,
+        "gradients_and_step": 2 * p * FLOAT32 // shard,
+        "activations": counts.activations_checkpointed if checkpointing else counts.activations,
+    }
+    step = max(parts["activations"], parts["gradients_and_step"])
+    held = parts["activations"] if generator_forward == "rollout" else 0
+    static = parts["weights"] + parts["optimiser"] + parts["gathered"] + parts["ddp_buckets"]
+    return {**parts, "peak": static + held + step}
