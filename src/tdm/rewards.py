@@ -24,7 +24,7 @@ from .errors import ConfigError, TDMError
 from .registry import import_target
 from .toys.digits import load_classifier
 
-Reward = Callable[[Tensor, object, "Sequence[str] | None"], "Tensor | np.ndarray | list[float]"]
+Reward = Callable[[Tensor, object, Sequence[str] | None], Tensor | np.ndarray | list[float]]  # -> scores [N]
 
 
 # --------------------------------------------------------------------------------------------- digits
