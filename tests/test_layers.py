@@ -31,9 +31,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("what training, evaluation and export share: step inputs, roles, samplers, the scheduler, opening a run",
      ("tdm.step_conditioning", "tdm.roles", "tdm.samplers", "tdm.scheduler", "tdm.stock_scheduler", "tdm.runs",
       "tdm.validation")),
-    ("the tasks: train, export, generate, evaluate",
+    ("the tasks: train, export, generate, evaluate, score (rewards)",
      ("tdm.trainer", "tdm.export", "tdm.network_export", "tdm.lora_files", "tdm.model_card", "tdm.hub",
-      "tdm.generate", "tdm.evaluate", "tdm.plan")),
+      "tdm.generate", "tdm.evaluate", "tdm.plan", "tdm.rewards")),
     ("the command line", ("tdm.cli",)),
 ]
 
@@ -42,6 +42,7 @@ FORBIDDEN: list[tuple[str, tuple[str, ...]]] = [
     ("tdm.trainer", ("tdm.evaluate",)),
     ("tdm.backbones", ("tdm.toys", "tdm.registry", "tdm.config", "tdm.trainer", "tdm.cli", "tdm.evaluate")),
     ("tdm.toys", ("tdm.evaluate", "tdm.registry")),
+    ("tdm.rewards", ("tdm.trainer", "tdm.cli")),
 ]
 
 

@@ -182,22 +182,21 @@ BACKBONES: dict[str, Callable[[BackboneConfig], Backbone]] = {
 ENTRY_POINT_GROUP = "tdm.backbones"  # installed packages name their Backbone classes or factories here
 
 
-def _import_target(path: str) -> object:
+def import_target(path: str, field: str = "backbone.name", example: str = "mypkg.teachers:MyBackbone") -> object:
     """`module:Name` (or `module:Outer.Name`) -> the object, imported with the current folder on sys.path (as
-    uvicorn resolves `module:app`), so a teachers.py next to the run's command imports."""
+    uvicorn resolves `module:app`), so a teachers.py next to the run's command imports. Errors name `field`."""
     module, _, attribute = path.partition(":")
     if not module or not attribute:
-        raise ConfigError(f"backbone.name: {path!r} is not an import path (expected module:Name, e.g. "
-                          f"mypkg.teachers:MyBackbone)")
+        raise ConfigError(f"{field}: {path!r} is not an import path (expected module:Name, e.g. {example})")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         target = importlib.import_module(module)
     except ImportError as err:
-        raise ConfigError(f"backbone.name: cannot import module {module!r} of {path!r}: {err}") from None
+        raise ConfigError(f"{field}: cannot import module {module!r} of {path!r}: {err}") from None
     for part in attribute.split("."):
         if not hasattr(target, part):
-            raise ConfigError(f"backbone.name: module {module!r} has no {attribute!r} (from {path!r})")
+            raise ConfigError(f"{field}: module {module!r} has no {attribute!r} (from {path!r})")
         target = getattr(target, part)
     return target
 
@@ -218,7 +217,7 @@ def _entry_point(name: str) -> object | None:
 def own_backbone_target(name: str) -> object | None:
     """What a `backbone.name` outside the built-in families names: an import path `module:Name` or an entry
     point of the `tdm.backbones` group (a `Backbone` subclass or a factory returning one); None if neither."""
-    return _import_target(name) if ":" in name else _entry_point(name)
+    return import_target(name) if ":" in name else _entry_point(name)
 
 
 def _build_own(name: str, target: object, config: BackboneConfig) -> Backbone:
