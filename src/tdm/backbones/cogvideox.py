@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .diffusers_base import DiffusersBackbone, DiffusersDenoiser
+from .video import VideoFamily
 
 
 class CogVideoXDenoiser(DiffusersDenoiser):
@@ -33,7 +34,7 @@ class CogVideoXDenoiser(DiffusersDenoiser):
                                        max_size=(base_height, base_width), device=x.device)
 
 
-class CogVideoXBackbone(DiffusersBackbone):
+class CogVideoXBackbone(VideoFamily, DiffusersBackbone):
     """CogVideoX teacher. Samples [F, C, h, w] (latent frames first, the pipeline's layout); cond:
     prompt_embeds [B, 226, 4096]. `frames` counts pixel frames (CogVideoX-2b: 49 -> 13 latent frames)."""
 
@@ -77,21 +78,6 @@ class CogVideoXBackbone(DiffusersBackbone):
     def text_settings(cls, denoiser_config, own):
         # the text length the transformer was built for (CogVideoXTransformer3DModel's default: 226)
         return {"max_sequence_length": denoiser_config.get("max_text_seq_length", 226)}
-
-    @classmethod
-    def encode_text(cls, pipeline, prompts, device, settings):
-        embeds, _ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
-                                           max_sequence_length=settings["max_sequence_length"])
-        return {"prompt_embeds": embeds}
-
-    def to_videos(self, samples: Tensor) -> Tensor:
-        """Samples -> videos [N, F, 3, H, W] in [0, 1] on the CPU."""
-        return self.decode_to_unit(samples)
-
-    def to_images(self, samples: Tensor) -> Tensor:
-        """The middle frame of each video [N, 3, H, W], for sample grids."""
-        videos = self.to_videos(samples)
-        return videos[:, videos.shape[1] // 2]
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents [N, F, C, h, w] -> frames [N, F', 3, H, W] in [-1, 1] (padding frames dropped first)."""

@@ -13,6 +13,7 @@ from ..core.schedules import Schedule
 from ..errors import ConfigError
 from .diffusers_base import DiffusersBackbone, DiffusersDenoiser
 from .diffusers_schedule import full_config
+from .video import VideoFamily
 
 
 class WanDenoiser(DiffusersDenoiser):
@@ -57,7 +58,7 @@ def _pipeline_default(name: str) -> int:
     return inspect.signature(WanPipeline.__call__).parameters[name].default
 
 
-class WanBackbone(DiffusersBackbone):
+class WanBackbone(VideoFamily, DiffusersBackbone):
     """Wan teacher. Samples [C, F, h, w] (the pipeline's latent layout, channels first); cond: prompt_embeds
     [B, 512, text_dim] (UMT5, zero past each prompt's tokens). `frames` counts pixel frames (4k + 1; 81 -> 21
     latent frames). Two experts when the pipeline has `transformer_2` and a `boundary_ratio` (Wan 2.2 A14B)."""
@@ -134,21 +135,6 @@ class WanBackbone(DiffusersBackbone):
     @classmethod
     def text_settings(cls, denoiser_config, own):
         return {"max_sequence_length": _pipeline_default("max_sequence_length")}
-
-    @classmethod
-    def encode_text(cls, pipeline, prompts, device, settings):
-        embeds, _ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
-                                           max_sequence_length=settings["max_sequence_length"])
-        return {"prompt_embeds": embeds}
-
-    def to_videos(self, samples: Tensor) -> Tensor:
-        """Samples -> videos [N, F, 3, H, W] in [0, 1] on the CPU."""
-        return self.decode_to_unit(samples)
-
-    def to_images(self, samples: Tensor) -> Tensor:
-        """The middle frame of each video [N, 3, H, W], for sample grids."""
-        videos = self.to_videos(samples)
-        return videos[:, videos.shape[1] // 2]
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents [N, C, F, h, w] -> frames [N, F', 3, H, W] in [-1, 1], as WanPipeline un-normalises them."""
