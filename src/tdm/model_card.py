@@ -76,7 +76,9 @@ def _recipe_rows(recipe: dict) -> str:
             ("steps", recipe["num_inference_steps"]),
             ("student grid (tdm's time axis)", recipe["grid"]),
             *[(name, value) for name, value in recipe["scheduler_kwargs"].items()],
-            ("guidance_scale", f"{recipe['guidance_scale']} (guidance is distilled in)"),
+            ("guidance_scale", f"{recipe['guidance_scale']} " + (
+                "(guidance is distilled in)" if recipe["guidance_scale"] in (0.0, 1.0) else
+                "(the embedded guidance value the student was trained at; no unguided branch)")),
             ("prediction", recipe["prediction_type"])]
     if recipe["lora"] is not None:
         rows.append(("LoRA scale", recipe["lora"]["scale"]))
