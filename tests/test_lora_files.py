@@ -5,7 +5,6 @@ for these models (comfy/lora.py `model_lora_keys_unet`: `lora_unet_<diffusers na
 `lora_transformer_<name>`, `transformer.<name>` and `base_model.model.<name>` for SD3, the last two for PixArt).
 ComfyUI itself is not installable here; the reader applies its rule, ΔW = up @ down * alpha / rank."""
 
-import copy
 import json
 
 import pytest
@@ -13,8 +12,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model  # noqa: E402
-from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from tdm.core.algorithm import TDMConfig  # noqa: E402
@@ -27,7 +25,7 @@ from tdm.lora_files import (  # noqa: E402
     LoraFormatError,
     formats_for,
 )
-from tiny_diffusers import PROMPTS, load_backbone, save_tiny  # noqa: E402
+from tiny_diffusers import PROMPTS, load_backbone, save_tiny, two_adapter_student  # noqa: E402
 
 FAMILIES = ["sd15", "sdxl", "sd3", "pixart-alpha", "cogvideox"]
 # attention everywhere; feed-forward, projections, resnet convolutions and time embeddings where the network has them
@@ -53,16 +51,9 @@ def tiny_dirs(tmp_path_factory):
 def lora_student(backbone, family):
     """The teacher with a random 'fake' and 'student' LoRA (rank 4, alpha 8: scale 2; to_k at rank 2 and to_v at
     alpha 16, so layers differ in scale), 'student' active, as the LoRA role strategy leaves it."""
-    student = copy.deepcopy(backbone.teacher)
-    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS[family],
-                        rank_pattern={"to_k": 2}, alpha_pattern={"to_v": 16})
-    torch.manual_seed(1)
-    for name in ("fake", "student"):
-        inject_adapter_in_model(config, student.model, adapter_name=name)
-    for module in student.model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.set_adapter("student")
-    return student
+    return two_adapter_student(backbone, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                    target_modules=TARGETS[family], rank_pattern={"to_k": 2},
+                                                    alpha_pattern={"to_v": 16}))
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -11,7 +11,7 @@ from PIL import Image
 
 diffusers = pytest.importorskip("diffusers")
 
-from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
+from peft import LoraConfig  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 
 from tdm.backbones.diffusers_schedule import schedule_from_config  # noqa: E402
@@ -23,7 +23,15 @@ from tdm.core.sampling import rollout  # noqa: E402
 from tdm.export import ExportError, export_student, load_pipeline, load_student_lora, read_recipe  # noqa: E402
 from tdm.generate import generate  # noqa: E402
 from tdm.scheduler import TDMScheduler  # noqa: E402
-from tiny_diffusers import BUILDERS, PROMPTS, TINY_FRAMES, TINY_SIZE, load_backbone, save_all  # noqa: E402
+from tiny_diffusers import (  # noqa: E402
+    BUILDERS,
+    PROMPTS,
+    TINY_FRAMES,
+    TINY_SIZE,
+    load_backbone,
+    save_all,
+    two_adapter_student,
+)
 
 # ---------------------------------------------------------------- the scheduler alone, on a closed-form model
 
@@ -96,15 +104,8 @@ def tiny_dirs(tmp_path_factory):
 def lora_student(backbone):
     """A copy of the teacher carrying a random-init LoRA 'student' (a trained student stand-in) and a
     'fake' one, with 'student' active, as the one-base-two-adapters role strategy leaves it."""
-    student = copy.deepcopy(backbone.teacher)
-    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    torch.manual_seed(1)
-    for name in ("fake", "student"):
-        inject_adapter_in_model(config, student.model, adapter_name=name)
-    for module in student.model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.set_adapter("student")
-    return student
+    return two_adapter_student(backbone, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
 
 
 def tdm_rollout(backbone, model, tdm_config, noise):

@@ -218,3 +218,21 @@ def tiny_overrides(family: str, tiny_dirs: dict[str, Path], iterations: int = IT
 
 def cli_sets(overrides: list[str]) -> list[str]:
     return [a for s in overrides for a in ("--set", s)]
+
+
+def two_adapter_student(backbone, config):
+    """A copy of the teacher carrying random-init LoRA adapters 'fake' and 'student' (peft `config`, seed 1), with
+    'student' active, as the one-base-two-adapters role strategy leaves it: a trained student's stand-in."""
+    import copy
+
+    from peft import inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    student = copy.deepcopy(backbone.teacher)
+    torch.manual_seed(1)
+    for name in ("fake", "student"):
+        inject_adapter_in_model(config, student.model, adapter_name=name)
+    for module in student.model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.set_adapter("student")
+    return student
