@@ -194,23 +194,29 @@ class Trainer:
                     scheduler.step()
 
     # ---- the parts of one iteration ----
-    def _sync_unless_last(self, module: torch.nn.Module, index: int, count: int):
-        """DDP's gradient all-reduce only on the last of `count` micro-batches."""
-        return self.accelerator.no_sync(module) if index < count - 1 else contextlib.nullcontext()
-
-    def fake_score_step(self, micro: list[tuple], draws: Draws) -> dict:
-        """One fake-score update from the micro-batches `micro` [(rows, cond, trajectory)] with `draws`."""
+    def _accumulate_gradients(self, module: torch.nn.Module, micro: list[tuple], draws: Draws,
+                              loss_of) -> tuple[torch.Tensor, list[dict]]:
+        """`module`'s gradients of the mean of `loss_of(trajectory, draws, cond)` over the micro-batches `micro`
+        [(rows, cond, trajectory)], all-reduced once, on the last (DDP) or after it (LoRA roles); returns the
+        per-sample losses and each micro-batch's logs."""
         losses, logs = [], []
-        self.opt_f.zero_grad(set_to_none=True)
         for i, (rows, cond, traj) in enumerate(micro):
-            with self._sync_unless_last(self.fake_score, i, len(micro)):
+            last = i == len(micro) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(module):
                 with self.accelerator.autocast():
-                    loss, log = self.tdm.fake_score_loss(self.fake_score, traj, draw_rows(draws, rows), cond)
+                    loss, log = loss_of(traj, draw_rows(draws, rows), cond)
                 self.accelerator.backward(loss.mean() / len(micro))
             losses.append(loss.detach())
             logs.append(log)
-        loss = torch.cat(losses)
-        self._average_gradients(self.fake_score)
+        self._average_gradients(module)
+        return torch.cat(losses), logs
+
+    def fake_score_step(self, micro: list[tuple], draws: Draws) -> dict:
+        """One fake-score update from the micro-batches `micro` [(rows, cond, trajectory)] with `draws`."""
+        self.opt_f.zero_grad(set_to_none=True)
+        loss, logs = self._accumulate_gradients(
+            self.fake_score, micro, draws,
+            lambda traj, d, cond: self.tdm.fake_score_loss(self.fake_score, traj, d, cond))
         self._update("fake_score", self.fake_score, self.opt_f, loss)
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.fake_score.parameters() if p.grad is not None])
         return {"fake/loss": loss.mean(), "fake/grad_norm": grad_norm, **mean_logs(logs),
@@ -221,18 +227,10 @@ class Trainer:
         teacher, fake = self.teacher, self.fake_score
         if self.config.train.fp32_signal:  # no gradient flows through either: the unwrapped fake score will do
             teacher, fake = autocast_off(teacher), autocast_off(self.accelerator.unwrap_model(fake))
-        losses, logs = [], []
         self.opt_g.zero_grad(set_to_none=True)
-        for i, (rows, cond, traj) in enumerate(micro):
-            with self._sync_unless_last(self.student, i, len(micro)):
-                with self.accelerator.autocast():
-                    loss, log = self.tdm.generator_loss(self.student, teacher, fake, traj, draw_rows(draws, rows),
-                                                        cond, uncond)
-                self.accelerator.backward(loss.mean() / len(micro))
-            losses.append(loss.detach())
-            logs.append(log)
-        loss = torch.cat(losses)
-        self._average_gradients(self.student)
+        loss, logs = self._accumulate_gradients(
+            self.student, micro, draws,
+            lambda traj, d, cond: self.tdm.generator_loss(self.student, teacher, fake, traj, d, cond, uncond))
         o = self.config.optim
         grad_norm = torch.tensor(float("nan"))
         if o.max_grad_norm > 0:
