@@ -200,8 +200,9 @@ def rollout_per_sample(model: Model, noise: Tensor, cond: Cond, grid: StudentGri
     samples that go deeper, each at its own next level per call.
 
     `any_left(mask)`: whether a stage goes on while `mask` marks the samples still due (default: any of them).
-    Sharded training (FSDP) passes one that asks every process, so all make the same number of calls, a call of
-    no sample where a process has none left: each call of a sharded network is a collective."""
+    Sharded training (FSDP) passes one that asks every process, so all make the same number of calls: each call
+    of a sharded network is a collective. A process with no sample left then calls the model on its first
+    sample at level K and drops the result."""
     any_left = any_left or (lambda mask: bool(mask.any()))
     K, batch = grid.num_steps, noise.shape[0]
     if not bool(((stop_level >= 1) & (stop_level <= K)).all()):
@@ -228,14 +229,21 @@ def rollout_per_sample(model: Model, noise: Tensor, cond: Cond, grid: StudentGri
         level[rows] -= 1
         return x0, eps
 
+    def evaluate_due(due: Tensor) -> None:
+        if due.any():
+            evaluate(due.nonzero()[:, 0])
+        else:  # only other processes have samples due: one call in step with theirs
+            first = torch.zeros(1, dtype=torch.long, device=noise.device)
+            model(noise[first], _grid_time(grid, schedule, torch.full_like(first, K)), rows_of(cond, first))
+
     pause = stop_level - 1 if grad_level is None else grad_level  # stage 1 runs the levels above `pause`
     with torch.no_grad():
         while any_left(above := level > pause):
-            evaluate(above.nonzero()[:, 0])
+            evaluate_due(above)
     if grad_level is not None:
         with torch.enable_grad():
             traj.generator_step = evaluate(torch.arange(batch, device=noise.device))
         with torch.no_grad():
             while any_left(deeper := level >= stop_level):
-                evaluate(deeper.nonzero()[:, 0])
+                evaluate_due(deeper)
     return traj
