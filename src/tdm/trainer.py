@@ -519,7 +519,7 @@ class Trainer:
         return self.stopped_by is not None
 
     def _record_launch(self) -> None:
-        """<run>/launch.json: the processes, mixed precision and autocast dtype this run trains with."""
+        """<run>/launch.json: the processes, mixed precision, autocast dtype and sharding this run trains with."""
         acc = self.accelerator
         with acc.autocast():
             autocast_dtype = torch.mm(torch.ones(1, 1, device=acc.device), torch.ones(1, 1, device=acc.device)).dtype
@@ -527,7 +527,7 @@ class Trainer:
                   "mixed_precision": acc.mixed_precision, "autocast_dtype": str(autocast_dtype).removeprefix("torch."),
                   "mixed_precision_from": "train.mixed_precision" if self.config.train.mixed_precision else
                   "accelerate", "gradient_accumulation_steps": self.config.train.gradient_accumulation_steps,
-                  "trackers": self.trackers.names}
+                  "trackers": self.trackers.names, "fsdp": self.sharded}
         write_text_atomic(self.out_dir / "launch.json", json.dumps(record, indent=1))
 
     def _iteration(self, trackers: Trackers | None, bar) -> None:
