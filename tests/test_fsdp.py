@@ -33,6 +33,18 @@ DIGITS = ["train.batch_size=8", "train.log_every=1", "train.eval_every=0", "trai
 pytestmark = pytest.mark.skipif(not ACCELERATE.exists(), reason="accelerate's launcher not installed")
 
 
+def test_the_shipped_accelerate_configs_parse_and_the_slurm_script_is_valid_bash():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    for name, machines, processes in (("fsdp-1node-8gpu", 1, 8), ("fsdp-2node-8gpu", 2, 16)):
+        config = load_config_from_file(str(EXAMPLE.with_name(f"{name}.yaml")))
+        assert str(config.distributed_type) == "DistributedType.FSDP" and config.fsdp_config["fsdp_version"] == 2
+        assert (config.num_machines, config.num_processes, config.mixed_precision) == (machines, processes, "bf16")
+    script = ROOT / "examples" / "slurm" / "distill-fsdp.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert "--resume auto" in script.read_text() and "#SBATCH --requeue" in script.read_text()
+
+
 @pytest.fixture(scope="module")
 def two_process_config(tmp_path_factory) -> Path:
     """The shipped 8-GPU FSDP config with 2 processes and no mixed precision (CPU ranks compute in float32)."""

@@ -45,6 +45,7 @@ class FSDPSettings:
     reshard_after_forward: bool = True
     offload_params: bool = False
     unit_classes: tuple[str, ...] = ()  # fsdp_transformer_layer_cls_to_wrap; () = the networks' own blocks
+    whole_networks: bool = False  # fsdp_auto_wrap_policy NO_WRAP: no units, each network is one
 
 
 def _flag(name: str, default: str = "false") -> bool:
@@ -66,10 +67,16 @@ def launch_settings() -> FSDPSettings | None:
     if _flag("FSDP_CPU_RAM_EFFICIENT_LOADING") and os.environ.get("RANK", "0") == "0":
         print("tdm: warning: fsdp_config.fsdp_cpu_ram_efficient_loading is not implemented by tdm: every rank "
               "loads the whole teacher on the host before sharding it", file=sys.stderr)
+    policy = os.environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
+    if policy not in ("TRANSFORMER_BASED_WRAP", "NO_WRAP"):
+        raise LaunchError(f"fsdp_config.fsdp_auto_wrap_policy: tdm shards TRANSFORMER_BASED_WRAP units (the "
+                          f"classes fsdp_transformer_layer_cls_to_wrap names, else the model's blocks) or NO_WRAP "
+                          f"(each network whole), not {policy}")
     classes = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
     return FSDPSettings(reshard_after_forward=_flag("FSDP_RESHARD_AFTER_FORWARD", "true"),
                         offload_params=_flag("FSDP_OFFLOAD_PARAMS"),
-                        unit_classes=tuple(c.strip() for c in classes.split(",") if c.strip()))
+                        unit_classes=tuple(c.strip() for c in classes.split(",") if c.strip()),
+                        whole_networks=policy == "NO_WRAP")
 
 
 def plain_accelerator(**kwargs) -> Accelerator:
@@ -110,7 +117,7 @@ def shard_network(network: nn.Module, settings: FSDPSettings, mixed_precision: s
                                   cast_forward_inputs=False)
     kwargs = {"reshard_after_forward": settings.reshard_after_forward, "mp_policy": policy,
               "offload_policy": CPUOffloadPolicy() if settings.offload_params else OffloadPolicy()}
-    for unit in _units(network, settings.unit_classes):
+    for unit in [] if settings.whole_networks else _units(network, settings.unit_classes):
         fully_shard(unit, **kwargs)
     fully_shard(network, **kwargs)  # explicitly resharding after forward: torch keeps a root gathered by default
     return network
