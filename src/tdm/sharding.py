@@ -97,12 +97,18 @@ def check_config(config) -> None:
 
 
 def _units(network: nn.Module, classes: tuple[str, ...]) -> list[nn.Module]:
-    """The modules sharded as units of `network`, innermost first (module_list order reversed)."""
-    classes = classes or tuple(getattr(network, "_no_split_modules", None) or ())
+    """The modules sharded as units of `network`, innermost first: those of `classes`, else of the blocks the
+    network's models declare (`_no_split_modules`, as accelerate reads them), else the outermost ModuleLists'
+    elements that hold weights."""
+    classes = classes or tuple(c for m in network.modules() for c in getattr(m, "_no_split_modules", None) or ())
     if classes:
         units = [m for m in network.modules() if type(m).__name__ in classes and m is not network]
     else:
-        units = [m for parent in network.modules() if isinstance(parent, nn.ModuleList) for m in parent]
+        units, inside = [], set()
+        for parent in network.modules():
+            if isinstance(parent, nn.ModuleList) and id(parent) not in inside:
+                units += [m for m in parent if any(True for _ in m.parameters())]
+                inside.update(id(m) for m in parent.modules())
     return units[::-1]
 
 
