@@ -16,6 +16,7 @@ Each (config, strategy) runs in a fresh `torchrun --nproc_per_node 2`.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -74,8 +75,6 @@ def worker(config: str, strategy: str, iterations: int, batch: int, out: Path) -
     roles = (Roles.separate_copies(teacher, teacher) if strategy == "separate" else
              Roles.lora(teacher, teacher, LORA["rank"], LORA["alpha"], LORA["targets"]))
     shard_roles(roles, None, FSDPSettings(), None)
-    import gc
-
     gc.collect()
     load_peak = _status_mib("VmHWM") - start_rss
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
@@ -97,6 +96,8 @@ def worker(config: str, strategy: str, iterations: int, batch: int, out: Path) -
     dist.all_gather_object(rows, row)
     if rank == 0:
         write_text_atomic(out, json.dumps(rows))
+    del roles, networks, opt_g, opt_f, teacher  # before the process group goes (environment.md 5: exit aborts)
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 
 from tdm.checkpoint import latest_checkpoint
 from tdm.config import load_config
+from tdm.launch import LaunchError
+from tdm.sharding import launch_settings
 from tdm.trainer import Trainer
 from tiny_diffusers import PROMPTS, save_tiny, tiny_overrides
 
@@ -43,6 +45,23 @@ def test_the_shipped_accelerate_configs_parse_and_the_slurm_script_is_valid_bash
     script = ROOT / "examples" / "slurm" / "distill-fsdp.sbatch"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     assert "--resume auto" in script.read_text() and "#SBATCH --requeue" in script.read_text()
+
+
+def test_fsdp_settings_tdm_does_not_implement_are_one_line_errors_naming_the_key(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(LaunchError, match=r"^fsdp_config.fsdp_version: tdm shards with FSDP2 only"):
+        launch_settings()
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    with pytest.raises(LaunchError, match=r"^fsdp_config.fsdp_activation_checkpointing: .*"
+                                          r"backbone.gradient_checkpointing=true$"):
+        launch_settings()
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "false")
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "ResBlock, BasicTransformerBlock")
+    assert launch_settings().unit_classes == ("ResBlock", "BasicTransformerBlock")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    assert launch_settings() is None
 
 
 @pytest.fixture(scope="module")

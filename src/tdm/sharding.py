@@ -90,10 +90,14 @@ def plain_accelerator(**kwargs) -> Accelerator:
             os.environ["ACCELERATE_USE_FSDP"] = saved
 
 
-def check_config(config) -> None:
+def check_config(config, mixed_precision: str) -> None:
     """Training options that do not combine with FSDP here, before anything is loaded."""
     if config.train.compile:
         raise ConfigError("train.compile: not supported under FSDP by tdm yet; set train.compile=false")
+    if config.train.fp32_signal and mixed_precision in MIXED_DTYPES:
+        raise ConfigError(f"train.fp32_signal: under FSDP with mixed_precision={mixed_precision} the sharded "
+                          f"weights are gathered in {mixed_precision}, so the teacher and fake score cannot run in "
+                          f"float32; set train.fp32_signal=false or mixed precision no")
 
 
 def _units(network: nn.Module, classes: tuple[str, ...]) -> list[nn.Module]:

@@ -114,15 +114,16 @@ class Trainer:
         trackers = tracker_names(config.train.report_to)  # a missing tracker package stops the run here,
         check_optimizer_packages(config.optim)             # as does a missing optimiser or schedule package
         fsdp = sharding.launch_settings()  # an accelerate FSDP config: tdm.sharding shards the roles
-        if fsdp is not None:
-            sharding.check_config(config)
         # DDP without a buffer broadcast at each forward: the rollout calls the student per level on the samples
         # still running it, so ranks make different numbers of calls (the networks' buffers are constants).
-        self.accelerator = sharding.plain_accelerator(mixed_precision=mixed_precision(config.train.mixed_precision),
-                                             cpu=not torch.cuda.is_available(),  # gloo DDP on CPU-only machines
-                                             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        self.accelerator = sharding.plain_accelerator(
+            mixed_precision=mixed_precision(config.train.mixed_precision),
+            cpu=not torch.cuda.is_available(),  # gloo DDP on CPU-only machines
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         check_process_count(self.accelerator.num_processes)  # before loading anything
         self.sharded = fsdp is not None and self.accelerator.num_processes > 1
+        if self.sharded:
+            sharding.check_config(config, self.accelerator.mixed_precision)
         self.trackers = Trackers(self.accelerator, trackers, self.out_dir, to_dict(config)) \
             if self.accelerator.is_main_process else None
         on_cpu = self.accelerator.device.type == "cpu"
