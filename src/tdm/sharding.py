@@ -6,7 +6,7 @@ tdm shards the roles itself rather than through `Accelerator.prepare`: accelerat
 model per call with its optimiser, and TDM trains two networks next to a frozen one (or two adapters on one
 frozen base, whose views are not modules FSDP can wrap); and accelerate runs FSDP only on accelerators, while a
 CPU run (gloo) would silently get DDP from the same config. So the Accelerator is built as a plain multi-process
-one (`plain_accelerator`) and this module shards:
+one (`accelerate_without_fsdp`) and this module shards:
 - train.roles=separate: the teacher, the student, the fake score and the student's EMA, each a network of its own;
 - train.roles=lora: the one frozen base with its adapters (student, fake, EMA), trainable fp32 LoRA weights and
   frozen base weights of any dtype in the same units; the views then see the sharded adapter weights.
@@ -23,12 +23,13 @@ shard of them), so a run resumes on any process count.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from accelerate import Accelerator
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -79,12 +80,13 @@ def launch_settings() -> FSDPSettings | None:
                         whole_networks=policy == "NO_WRAP")
 
 
-def plain_accelerator(**kwargs) -> Accelerator:
-    """An Accelerator that leaves sharding to this module: built with ACCELERATE_USE_FSDP hidden, so on GPUs it
-    is a plain multi-process (MULTI_GPU) one, as it is on the CPU, where accelerate ignores FSDP anyway."""
+@contextlib.contextmanager
+def accelerate_without_fsdp() -> Iterator[None]:
+    """Build the Accelerator inside: with ACCELERATE_USE_FSDP hidden it is a plain multi-process one (MULTI_GPU)
+    on GPUs, as it is on the CPU, where accelerate ignores FSDP anyway; this module shards."""
     saved = os.environ.pop("ACCELERATE_USE_FSDP", None)
     try:
-        return Accelerator(**kwargs)
+        yield
     finally:
         if saved is not None:
             os.environ["ACCELERATE_USE_FSDP"] = saved

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from PIL import Image
 from tqdm.auto import tqdm
@@ -116,10 +117,10 @@ class Trainer:
         fsdp = sharding.launch_settings()  # an accelerate FSDP config: tdm.sharding shards the roles
         # DDP without a buffer broadcast at each forward: the rollout calls the student per level on the samples
         # still running it, so ranks make different numbers of calls (the networks' buffers are constants).
-        self.accelerator = sharding.plain_accelerator(
-            mixed_precision=mixed_precision(config.train.mixed_precision),
-            cpu=not torch.cuda.is_available(),  # gloo DDP on CPU-only machines
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        with sharding.accelerate_without_fsdp():  # sharding is tdm's, not accelerate's
+            self.accelerator = Accelerator(mixed_precision=mixed_precision(config.train.mixed_precision),
+                                           cpu=not torch.cuda.is_available(),  # gloo DDP on CPU-only machines
+                                           kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         check_process_count(self.accelerator.num_processes)  # before loading anything
         self.sharded = fsdp is not None and self.accelerator.num_processes > 1
         if self.sharded:
