@@ -2,7 +2,8 @@
 1-node config file, translated to 2 processes without mixed precision. For both role strategies, on digits and
 on a tiny diffusers family: the first iteration's fake-score loss is a single process's (rank 0 draws what a
 single process draws, from the same weights; later losses follow the ranks' averaged updates), and a stopped
-run resumed with `--resume auto` (or from a checkpoint) ends bit for bit as an uninterrupted one."""
+run resumed with `--resume auto` (or from a checkpoint) ends bit for bit as an uninterrupted one; a 2-process
+checkpoint resumes in one process."""
 
 import json
 import os
@@ -133,6 +134,16 @@ def test_digits_fsdp_matches_one_process_and_resumes_bit_for_bit_after_sigterm(r
     _assert_same(latest_checkpoint(run / "checkpoints"), latest_checkpoint(straight / "checkpoints"))
     single = _single_process_fake_loss("digits-demo", [*overrides, "train.report_to=none"], tmp_path / "single")
     assert _first_fake_loss(straight) == pytest.approx(single, rel=1e-5)
+    # another process count: the 2-process checkpoint (full tensors) resumes in one process and trains on
+    last = latest_checkpoint(straight / "checkpoints")
+    longer = [*overrides, "train.report_to=none", f"train.iterations={stopped_at + 3}"]
+    one = Trainer(load_config("digits-demo", longer), tmp_path / "one")
+    assert one.resume(str(last)) == last and one.state.step == stopped_at + 2
+    saved = load_file(last / "student.safetensors")
+    assert all(torch.equal(v, saved[k]) for k, v in one.student.state_dict().items())
+    one.train()
+    one.close()
+    assert latest_checkpoint(tmp_path / "one" / "checkpoints").name == f"step_{stopped_at + 3:07d}"
 
 
 @pytest.fixture(scope="module")
