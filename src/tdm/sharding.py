@@ -11,8 +11,8 @@ one (`accelerate_without_fsdp`) and this module shards:
 - train.roles=lora: the one frozen base with its adapters (student, fake, EMA), trainable fp32 LoRA weights and
   frozen base weights of any dtype in the same units; the views then see the sharded adapter weights.
 A unit is each module whose class the config names (fsdp_transformer_layer_cls_to_wrap), else the network's
-`_no_split_modules` (diffusers' and accelerate's transformer and resnet blocks), else each element of a
-ModuleList; then the whole network (its remaining weights). Every unit, the whole network too, frees its
+`_no_split_modules` (diffusers' and accelerate's transformer and resnet blocks), else each element of the
+outermost ModuleLists; then the whole network (its remaining weights). Every unit, the whole network too, frees its
 gathered weights after each forward, so the no-grad calls of the teacher and fake score keep none alive.
 
 Gradients are reduce-scattered by FSDP during the backward (mean over ranks), so each rank holds the gradient
@@ -96,6 +96,9 @@ def check_config(config, mixed_precision: str) -> None:
     """Training options that do not combine with FSDP here, before anything is loaded."""
     if config.train.compile:
         raise ConfigError("train.compile: not supported under FSDP by tdm yet; set train.compile=false")
+    if mixed_precision == "fp16":
+        raise ConfigError("mixed_precision fp16: not supported under FSDP by tdm (the grad scaler would judge "
+                          "overflows on each rank's gradient shard alone); use bf16")
     if config.train.fp32_signal and mixed_precision in MIXED_DTYPES:
         raise ConfigError(f"train.fp32_signal: under FSDP with mixed_precision={mixed_precision} the sharded "
                           f"weights are gathered in {mixed_precision}, so the teacher and fake score cannot run in "
@@ -214,6 +217,6 @@ class FullStateLoader:
         state = {}
         for index, entries in state_dict["state"].items():
             p = params[int(index)]
-            state[index] = {k: like(p, v) if torch.is_tensor(v) and v.shape == p.shape else v
+            state[index] = {k: like(p, v) if torch.is_tensor(v) and k != "step" and v.shape == p.shape else v
                             for k, v in entries.items()}
         return {**state_dict, "state": state}
