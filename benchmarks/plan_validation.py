@@ -8,11 +8,14 @@ resident set overstates live tensors), are compared too.
 
 The prediction is tdm.plan's, unchanged: parameters and saved activations counted on the meta device for the same
 network and batch (tdm.plan.planner.count_strategy), then tdm.plan.memory.layout_memory. No constant of the model
-was fitted to these measurements. FSDP is not validated: no FSDP measurement exists yet.
+was fitted to these measurements. FSDP rows: the per-rank training peaks of benchmarks/fsdp_memory.py (two CPU
+processes, tdm.sharding's FSDP2, the same UNets, batch 2 per rank, generator forward rollout) against the plan's
+`fsdp` layout at 2 GPUs.
 
     cd benchmarks && MALLOC_MMAP_THRESHOLD_=65536 python roles_memory.py --iterations 2 \
         --out results/plan_validation/batch2   # and --configs mid --batch 8 (--strategies lora
         --gradient-checkpointing) --out results/plan_validation/batch8(_checkpointing)
+    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/fsdp_memory.py --configs tiny mid --out benchmarks/results
     python benchmarks/plan_validation.py [--out benchmarks/results]
 """
 
@@ -42,6 +45,7 @@ MEASURED = {"benchmarks/results/plan_validation/batch2/roles_memory.json": FIXED
             "benchmarks/results/roles_memory.json": DEFAULT,
             "benchmarks/results/batch8/roles_memory.json": DEFAULT,
             "benchmarks/results/batch8_checkpointing/roles_memory.json": DEFAULT}
+FSDP_MEASURED = "benchmarks/results/fsdp_memory.json"
 
 
 def architecture(name: str) -> Architecture:
@@ -51,11 +55,11 @@ def architecture(name: str) -> Architecture:
                         context={"encoder_hidden_states": (TOKENS, kwargs["cross_attention_dim"])})
 
 
-def predicted_peak(row: dict, checkpointing: bool) -> dict:
+def predicted_peak(row: dict, checkpointing: bool, sharding: str = "ddp", gpus: int = 1) -> dict:
     settings = {"lora_rank": LORA["rank"], "lora_targets": list(LORA["targets"]), "batch_size": row["batch"],
                 "gradient_checkpointing": checkpointing, "num_steps": 4, "guidance_scale": 2.0}
     counts, _ = count_strategy(architecture(row["config"]), settings, row["strategy"], torch.float32)
-    memory = layout_memory(counts, "ddp", 1, 4, 4, checkpointing, row["generator_forward"])
+    memory = layout_memory(counts, sharding, gpus, 4, 4, checkpointing, row["generator_forward"])
     return {"counts": counts.__dict__, "memory_mib": {k: v / MIB for k, v in memory.items()}}
 
 
@@ -80,14 +84,31 @@ def main():
             print(f"{allocator:8} {row['config']:6} {row['strategy']:9} {row['generator_forward']:9} "
                   f"{row['batch']:5d} {'on' if checkpointing else 'off':>4} {pred['memory_mib']['peak']:10.1f} "
                   f"{row['peak_mib']:10.1f} {ratio:6.3f}", flush=True)
-    within = {a: f"{sum(abs(r['ratio'] - 1) <= 0.15 for r in rows if r['allocator'] == a)} of "
-                 f"{sum(r['allocator'] == a for r in rows)}" for a in (FIXED, DEFAULT)}
+    fsdp = json.loads(Path(FSDP_MEASURED).read_text())
+    for row in fsdp["rows"]:
+        pred = predicted_peak(row, False, "fsdp", row["processes"])
+        ratio = pred["memory_mib"]["peak"] / row["peak_mib"]
+        rows.append({"measured_in": FSDP_MEASURED, "allocator": FIXED, "measured_command": fsdp["command"],
+                     "device": fsdp["device"], "sharding": "fsdp", "processes": row["processes"],
+                     "rank": row["rank"], "config": row["config"], "strategy": row["strategy"],
+                     "generator_forward": row["generator_forward"],
+                     "batch": row["batch"], "gradient_checkpointing": False, "measured_peak_mib": row["peak_mib"],
+                     "predicted_peak_mib": pred["memory_mib"]["peak"], "ratio": ratio, **pred})
+        print(f"{'fsdp x' + str(row['processes']):8} {row['config']:6} {row['strategy']:9} "
+              f"{row['generator_forward']:9} {row['batch']:5d} {'off':>4} {pred['memory_mib']['peak']:10.1f} "
+              f"{row['peak_mib']:10.1f} {ratio:6.3f}"
+              f"  (rank {row['rank']})", flush=True)
+    groups = {FIXED: lambda r: r["allocator"] == FIXED and "sharding" not in r,
+              DEFAULT: lambda r: r["allocator"] == DEFAULT, "fsdp": lambda r: r.get("sharding") == "fsdp"}
+    within = {name: f"{sum(abs(r['ratio'] - 1) <= 0.15 for r in rows if member(r))} of "
+                    f"{sum(map(member, rows))}" for name, member in groups.items()}
     print(f"within 15%: {within}")
     result = {"command": " ".join(["python benchmarks/plan_validation.py", *sys.argv[1:]]),
               "predicted": "tdm.plan (counted on the meta device; tdm.plan.memory's model, no fitted constants)",
               "measured": "benchmarks/roles_memory.py: peak resident set minus the resident set before the model "
                           "is built, one process on the CPU",
-              "not_validated": "FSDP (no measurement), DDP with more than one process (buckets)",
+              "not_validated": "DDP with more than one process (buckets); FSDP with gradient checkpointing or "
+                               "the recompute forward",
               "allocators": ALLOCATORS, "within_15_percent": within, "rows": rows}
     out = Path(args.out)
     write_text_atomic(out / "plan_validation.json", json.dumps(result, indent=1))

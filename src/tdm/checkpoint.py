@@ -53,9 +53,9 @@ def holds_weights(manifest: dict, name: str) -> bool:
     return _weights_file(name) in manifest["files"]
 
 
-def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Split an optimiser state dict into tensors (safetensors) and the rest (JSON)."""
-    sd = optimizer.state_dict()
+def _optimizer_to_files(optimizer: torch.optim.Optimizer | dict) -> tuple[dict, dict]:
+    """Split an optimiser's state dict (or the state dict itself) into tensors (safetensors) and the rest (JSON)."""
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, state in sd["state"].items():
         for key, value in state.items():
@@ -74,12 +74,13 @@ def _optimizer_from_files(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(root: Path, step: int, modules: dict[str, nn.Module],
-                    optimizers: dict[str, torch.optim.Optimizer], rng: dict[str, torch.Tensor],
+def save_checkpoint(root: Path, step: int, modules: dict[str, nn.Module | dict],
+                    optimizers: dict[str, torch.optim.Optimizer | dict], rng: dict[str, torch.Tensor],
                     config: dict, base_fingerprint: str | None = None, trainer_state: dict | None = None) -> Path:
     """Write a checkpoint atomically under root/step_XXXXXXX and return its path. `base_fingerprint` names the
     frozen base that LoRA-only module weights belong to (tdm.roles.base_fingerprint); `trainer_state` is the
-    run's progress as JSON (`TrainState.manifest_entry`, manifest key "trainer")."""
+    run's progress as JSON (`TrainState.manifest_entry`, manifest key "trainer"). A module or optimiser may be
+    given as its state dict (sharded training gathers them first on every rank)."""
     final = root / checkpoint_name(step)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     try:
@@ -96,7 +97,8 @@ def _write_checkpoint(root, tmp, final, step, modules, optimizers, rng, config, 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name, module in modules.items():
-        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        weights = module if isinstance(module, dict) else module.state_dict()
+        state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
         save_file(state, tmp / _weights_file(name))
     for name, optimizer in optimizers.items():
         tensors, meta = _optimizer_to_files(optimizer)

@@ -46,6 +46,9 @@ def _distill(preset: str, overrides: list[str], out: str, resume: str | None, re
             if trainer.stopped_by:
                 print(f"tdm: stopped by {trainer.stopped_by} after iteration {trainer.state.step}; checkpoint: {path}; "
                       f"continue with --resume auto")
+            elif report and config.eval.num_samples > 0 and trainer.sharded:  # sampling would take every rank
+                print(f"tdm: note: no report after FSDP training; evaluate the checkpoint with `accelerate launch "
+                      f"-m tdm.cli evaluate {out} --out {out}/evaluation`", file=sys.stderr)
             elif report and config.eval.num_samples > 0:
                 write_report(Path(out), evaluate_distillation(trainer), trainer.history, trainer.backbone,
                              _command_line())

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.nn.utils import get_total_norm
 from tqdm.auto import tqdm
 
@@ -47,6 +48,11 @@ class DivergenceRecord:
         return good[-1] if good else None
 
 
+def _norm(params: list[torch.Tensor]) -> torch.Tensor:
+    norm = get_total_norm(params)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP: over every rank's shard
+
+
 class DivergenceWatch:
     def __init__(self, recovery: int, verbose: bool = True):
         """`recovery`: healthy iterations in a row that end a divergence; `verbose`: print jump warnings."""
@@ -57,9 +63,9 @@ class DivergenceWatch:
     def watch(self, role: str, optimizer: torch.optim.Optimizer, step: int):
         """Around `optimizer.step()` of iteration `step`: compare the norm of its weights before and after."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        before = get_total_norm(params)  # stays on the device: one sync per step, for the comparison below
+        before = _norm(params)  # stays on the device: one sync per step, for the comparison below
         yield
-        after = get_total_norm(params)
+        after = _norm(params)
         if not bool(~torch.isfinite(after) | ((after > JUMP_FACTOR * before) & (before > 0))):
             return
         self._unhealthy = True

@@ -213,7 +213,11 @@ class AdapterView(nn.Module):
     def __init__(self, shared: SharedBase, adapter: str | None):
         super().__init__()
         self.adapter, self.shared = adapter, shared  # a plain object: nn.Module neither registers nor walks it
-        self._weights = shared.adapter_weights(adapter) if adapter is not None else {}
+        self.rebind()
+
+    def rebind(self) -> None:
+        """Find this adapter's weights in the base again (after sharding replaced its parameters)."""
+        self._weights = self.shared.adapter_weights(self.adapter) if self.adapter is not None else {}
 
     def forward(self, x_t, t, cond):
         with self.shared.using(self.adapter):

@@ -4,7 +4,8 @@ and validation grids, checkpoints, resume.
 The roles come from `Roles.from_config` (train.roles): whichever the strategy, each optimiser, the gradient
 clipping, the non-finite checks, the EMA and the checkpoint see only that role's trainable weights.
 
-Runs under plain `python` (one process) and under `accelerate launch` / `torchrun` (DDP); tdm.launch says which
+Runs under plain `python` (one process) and under `accelerate launch` / `torchrun` (DDP), or FSDP2 when launched
+with an accelerate FSDP config (tdm.sharding shards the roles; checkpoints hold full tensors); tdm.launch says which
 mixed precision applies and refuses a launch that started fewer processes than it asked for. Randomness of
 step n on rank r comes from a generator seeded with (seed, r, n), so a resumed run replays the same draws.
 
@@ -37,6 +38,7 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import sharding
 from .backbones.base import Backbone
 from .checkpoint import load_checkpoint, prune_checkpoints, read_manifest, save_checkpoint
 from .config import Config, to_dict
@@ -112,12 +114,17 @@ class Trainer:
         self.config, self.out_dir = config, Path(out_dir)
         trackers = tracker_names(config.train.report_to)  # a missing tracker package stops the run here,
         check_optimizer_packages(config.optim)             # as does a missing optimiser or schedule package
+        fsdp = sharding.launch_settings()  # an accelerate FSDP config: tdm.sharding shards the roles
         # DDP without a buffer broadcast at each forward: the rollout calls the student per level on the samples
         # still running it, so ranks make different numbers of calls (the networks' buffers are constants).
-        self.accelerator = Accelerator(mixed_precision=mixed_precision(config.train.mixed_precision),
-                                       cpu=not torch.cuda.is_available(),  # gloo DDP on CPU-only machines
-                                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        with sharding.accelerate_without_fsdp():  # sharding is tdm's, not accelerate's
+            self.accelerator = Accelerator(mixed_precision=mixed_precision(config.train.mixed_precision),
+                                           cpu=not torch.cuda.is_available(),  # gloo DDP on CPU-only machines
+                                           kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         check_process_count(self.accelerator.num_processes)  # before loading anything
+        self.sharded = fsdp is not None and self.accelerator.num_processes > 1
+        if self.sharded:
+            sharding.check_config(config, self.accelerator.mixed_precision)
         self.trackers = Trackers(self.accelerator, trackers, self.out_dir, to_dict(config)) \
             if self.accelerator.is_main_process else None
         on_cpu = self.accelerator.device.type == "cpu"
@@ -132,10 +139,12 @@ class Trainer:
         self.ema = roles.student_ema() if config.train.ema_decay > 0 else None
         if config.train.compile:  # after the EMA copy: only the networks training calls are compiled
             roles.compile()
+        if self.sharded:  # before the optimisers, which then hold the shards
+            sharding.shard_roles(roles, self.ema, fsdp, self.accelerator.mixed_precision)
         o = config.optim
         opt_g = build_optimizer(roles.student.parameters(), o.generator_lr, o)
         opt_f = build_optimizer(roles.fake_score.parameters(), o.fake_lr, o)
-        if roles.shared is None:
+        if roles.shared is None and not self.sharded:
             self.student, self.fake_score, self.opt_g, self.opt_f = self.accelerator.prepare(
                 roles.student, roles.fake_score, opt_g, opt_f)
         else:
@@ -145,6 +154,7 @@ class Trainer:
             # named_parameters that DDP need not honour. Instead one all-reduce per role averages its gradients
             # after its backward (_average_gradients): explicit, and LoRA gradients are small, so DDP's overlap
             # of communication with the backward is not missed.
+            # Sharded roles are not wrapped either: FSDP reduce-scatters their gradients in the backward.
             self.student, self.fake_score = roles.student, roles.fake_score
             self.opt_g, self.opt_f = self.accelerator.prepare(opt_g, opt_f)
         # the lr schedules drive the torch optimisers (after accelerate's fp16 patch of their step, so it is theirs)
@@ -218,7 +228,8 @@ class Trainer:
             self.fake_score, micro, draws,
             lambda traj, d, cond: self.tdm.fake_score_loss(self.fake_score, traj, d, cond))
         self._update("fake_score", self.fake_score, self.opt_f, loss)
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.fake_score.parameters() if p.grad is not None])
+        grad_norm = sharding.full(torch.nn.utils.get_total_norm([p.grad for p in self.fake_score.parameters()
+                                                        if p.grad is not None]))
         return {"fake/loss": loss.mean(), "fake/grad_norm": grad_norm, **mean_logs(logs),
                 **per_step_losses(loss, draws.k, "fake")}
 
@@ -238,15 +249,16 @@ class Trainer:
             # clip_grad_norm_ unscales every optimiser's, and the fake score's stale overflowed gradients would
             # back the scale off a second time.
             self.accelerator.unscale_gradients(self.opt_g)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), o.max_grad_norm)
+            grad_norm = sharding.full(torch.nn.utils.clip_grad_norm_(self.student.parameters(), o.max_grad_norm))
         if self._update("student", self.student, self.opt_g, loss) and self.ema is not None:
             self._update_ema()
         return {"generator/loss": loss.mean(), "generator/grad_norm": grad_norm, **mean_logs(logs),
                 **per_step_losses(loss, draws.k, "generator")}
 
     def _average_gradients(self, module: torch.nn.Module) -> None:
-        """Mean of a LoRA role's gradients over all ranks, in one all-reduce (what DDP does for wrapped roles)."""
-        if self.roles.shared is None or self.accelerator.num_processes == 1:
+        """Mean of a LoRA role's gradients over all ranks, in one all-reduce (what DDP does for wrapped roles, and
+        FSDP's reduce-scatter for sharded ones)."""
+        if self.roles.shared is None or self.accelerator.num_processes == 1 or self.sharded:
             return
         average_gradients(list(module.parameters()), self.accelerator.num_processes)
 
@@ -270,11 +282,12 @@ class Trainer:
     def _finite_update(self, role: str, module: torch.nn.Module | None, loss: torch.Tensor) -> bool:
         """True if the loss and (all-reduced) gradients of `module` (None: the loss only) are finite; else count
         a skipped update for `role` and abort after `train.max_nonfinite` in a row. Gradients are synchronised,
-        so all ranks agree."""
+        so all ranks agree; sharded, each rank checks its shards and its loss, and all take the verdict of all."""
         params = module.parameters() if module is not None else ()
-        checks = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+        checks = [torch.isfinite(sharding.local(p.grad)).all() for p in params if p.grad is not None]
         state = self.state
-        if bool(torch.stack([*checks, torch.isfinite(loss).all()]).all()):  # one device sync
+        finite = torch.stack([*checks, torch.isfinite(loss).all()]).all()
+        if sharding.all_ranks_true(finite) if self.sharded else bool(finite):  # one device sync
             state.nonfinite_in_a_row[role] = 0
             state.last_finite_loss[role] = float(loss.detach().mean())
             return True
@@ -344,7 +357,8 @@ class Trainer:
             part = map_cond(lambda v, rows=rows: v[rows], cond)
             with self.accelerator.autocast():
                 traj = self.tdm.rollout_for(self.student, noise[rows], part, [draw_rows(d, rows) for d in fake_draws],
-                                            gen_draws and draw_rows(gen_draws, rows), generator_step=take_step)
+                                            gen_draws and draw_rows(gen_draws, rows), generator_step=take_step,
+                                            any_left=sharding.any_rank if self.sharded else None)
             micro.append((rows, part, traj))
         return micro
 
@@ -381,19 +395,21 @@ class Trainer:
                                                  device=self.accelerator.device)[0]
         return self._teacher_samples
 
-    def _validate(self, trackers: Trackers) -> None:
+    def _validate(self, trackers: Trackers | None) -> None:
         """The validation grid (train.validation_every): to the trackers and <run>/validation/step_*.png."""
         t = self.config.train
         first = self._validation is None
         if first:
             self._validation = validation_conditions(self.backbone, t.validation_prompts, t.validation_samples)
         cond, prompts = self._validation
-        if first and prompts is not None:
+        if first and prompts is not None and trackers is not None:
             write_text_atomic(self.out_dir / "validation" / "prompts.txt", "".join(f"{p}\n" for p in prompts))
         count = len(prompts) if prompts is not None else t.validation_samples
         student = student_samplers(self.student_for_sampling(), self.config.tdm, self.backbone.schedule,
                                    [self.tdm.grid.num_steps])[0]
         grid = validation_grid(self.backbone, student, cond, count, t.seed + 2, self.accelerator.device)
+        if trackers is None:  # a sharded student samples on every rank; the main one writes
+            return
         step = self.state.step
         atomic_write(self.out_dir / "validation" / f"step_{step:07d}.png", lambda tmp: Image.fromarray(grid).save(tmp))
         trackers.images({"validation/samples": grid}, step)
@@ -423,11 +439,14 @@ class Trainer:
         rng_states = gather_object([torch.get_rng_state()])  # one per rank, in rank order
         state = self.state
         state.checkpointed_step = state.step
+        modules, optimizers = self._modules(), {"generator": self.opt_g, "fake_score": self.opt_f}
+        if self.sharded:  # full tensors, gathered by every rank
+            modules = {name: sharding.full_state(m) for name, m in modules.items()}
+            optimizers = {name: sharding.full_state(opt) for name, opt in optimizers.items()}
         if not self.accelerator.is_main_process:
             return None
-        optimizers = {"generator": self.opt_g, "fake_score": self.opt_f}
         rng = {f"torch_rank{r}": rank_state for r, rank_state in enumerate(rng_states)}
-        state.checkpoint_path = path = save_checkpoint(self.out_dir / "checkpoints", state.step, self._modules(),
+        state.checkpoint_path = path = save_checkpoint(self.out_dir / "checkpoints", state.step, modules,
                                                        optimizers, rng, to_dict(self.config),
                                                        self.roles.base_fingerprint, state.manifest_entry())
         if state.divergence.began is None:  # while diverging, keep the good checkpoints from before it
@@ -440,10 +459,13 @@ class Trainer:
         is none yet: a first run under a scheduler that always passes --resume auto starts from scratch).
         'auto' moves damaged checkpoints aside (resume.py); if some exist and none loads it raises, unless
         `start_fresh`."""
-        optimizers = {"generator": self.opt_g, "fake_score": self.opt_f}
+        modules, optimizers = self._modules(), {"generator": self.opt_g, "fake_score": self.opt_f}
+        if self.sharded:  # every rank keeps its shard of the full tensors
+            modules = {name: sharding.FullStateLoader(m) for name, m in modules.items()}
+            optimizers = {name: sharding.FullStateLoader(opt) for name, opt in optimizers.items()}
 
         def load(path: Path):
-            return load_checkpoint(path, self._modules(), optimizers, self.roles.base_fingerprint)
+            return load_checkpoint(path, modules, optimizers, self.roles.base_fingerprint)
 
         if where != "auto":
             path = Path(where)
@@ -499,7 +521,7 @@ class Trainer:
         return self.stopped_by is not None
 
     def _record_launch(self) -> None:
-        """<run>/launch.json: the processes, mixed precision and autocast dtype this run trains with."""
+        """<run>/launch.json: the processes, mixed precision, autocast dtype and sharding this run trains with."""
         acc = self.accelerator
         with acc.autocast():
             autocast_dtype = torch.mm(torch.ones(1, 1, device=acc.device), torch.ones(1, 1, device=acc.device)).dtype
@@ -507,7 +529,7 @@ class Trainer:
                   "mixed_precision": acc.mixed_precision, "autocast_dtype": str(autocast_dtype).removeprefix("torch."),
                   "mixed_precision_from": "train.mixed_precision" if self.config.train.mixed_precision else
                   "accelerate", "gradient_accumulation_steps": self.config.train.gradient_accumulation_steps,
-                  "trackers": self.trackers.names}
+                  "trackers": self.trackers.names, "fsdp": self.sharded}
         write_text_atomic(self.out_dir / "launch.json", json.dumps(record, indent=1))
 
     def _iteration(self, trackers: Trackers | None, bar) -> None:
@@ -531,7 +553,7 @@ class Trainer:
         if log_now or eval_now:
             self._log(trackers, logs)
             self._warn(trackers, logs)
-        if cfg.validation_every and step % cfg.validation_every == 0 and trackers is not None:
+        if cfg.validation_every and step % cfg.validation_every == 0 and (trackers is not None or self.sharded):
             self._validate(trackers)
         healthy = not any(self.state.nonfinite_in_a_row.values())  # never rotate good checkpoints out mid-fault
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.iterations and healthy:

@@ -13,6 +13,7 @@ one 2B call, fake 1F/1B + 1F: about 7.1F + 2B, against the official code's 11F +
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -223,18 +224,21 @@ class TDM:
                        self.prediction, stop_level=min(stop_level, grid.num_steps), return_trajectory=True)
 
     def rollout_for(self, student: Model, noise: Tensor, cond: Cond, fake_draws: list[Draws],
-                    generator_draws: Draws | None = None, generator_step: bool = True) -> Trajectory:
+                    generator_draws: Draws | None = None, generator_step: bool = True,
+                    any_left: Callable[[Tensor], bool] | None = None) -> Trajectory:
         """The rollout these draws need, at their K, each sample only as deep as its own draws (`stop_levels`).
 
         With generator draws and `generator_step`, each sample's forward at its generator level carries gradient
         and is the generator loss's one differentiable student step (`Trajectory.generator_step`): no student
         forward is computed twice. Without, the rollout takes no gradient and the generator loss recomputes that
-        forward (less memory held across the fake-score update, one forward more per sample at most)."""
+        forward (less memory held across the fake-score update, one forward more per sample at most).
+        `any_left`: see `rollout_per_sample` (sharded training)."""
         grid = self.grids[fake_draws[0].num_steps]
         take_step = generator_step and generator_draws is not None
         stop = self.stop_levels(fake_draws, generator_draws, generator_step)
         return rollout_per_sample(bind_steps(student, self.config, grid.num_steps), noise, cond, grid,
-                                  self.schedule, self.prediction, stop, generator_draws.k if take_step else None)
+                                  self.schedule, self.prediction, stop, generator_draws.k if take_step else None,
+                                  any_left)
 
     # ---- shared by both phases: trajectory point -> diffused sample (method.md C.6-C.8) ----
     def _diffuse(self, x0: Tensor, eps: Tensor, d: Draws) -> tuple[Tensor, Tensor]:

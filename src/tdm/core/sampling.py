@@ -187,7 +187,8 @@ def _store(table: dict[int, Tensor], levels: Tensor, rows: Tensor, values: Tenso
 
 
 def rollout_per_sample(model: Model, noise: Tensor, cond: Cond, grid: StudentGrid, schedule: Schedule,
-                       prediction: PredictionType, stop_level: Tensor, grad_level: Tensor | None = None) -> Trajectory:
+                       prediction: PredictionType, stop_level: Tensor, grad_level: Tensor | None = None,
+                       any_left: Callable[[Tensor], bool] | None = None) -> Trajectory:
     """The rollout of `rollout`, with each sample evaluated only at the levels it needs: sample i at levels
     K, ..., stop_level[i] (and its state one level below). At level grad_level[i] (>= stop_level[i]), if given,
     sample i's forward carries gradient: those forwards form `Trajectory.generator_step`, and their detached
@@ -196,7 +197,13 @@ def rollout_per_sample(model: Model, noise: Tensor, cond: Cond, grid: StudentGri
     With gradient levels the rollout runs in three stages, so that the differentiable forwards are one call
     (one backward of the whole batch, not one per level): every sample down to just above its gradient level,
     level by level; one call of all samples, each at its gradient level, with gradient; then, without, the
-    samples that go deeper, each at its own next level per call."""
+    samples that go deeper, each at its own next level per call.
+
+    `any_left(mask)`: whether a stage goes on while `mask` marks the samples still due (default: any of them).
+    Sharded training (FSDP) passes one that asks every process, so all make the same number of calls: each call
+    of a sharded network is a collective. A process with no sample left then calls the model on its first
+    sample at level K and drops the result."""
+    any_left = any_left or (lambda mask: bool(mask.any()))
     K, batch = grid.num_steps, noise.shape[0]
     if not bool(((stop_level >= 1) & (stop_level <= K)).all()):
         raise ValueError(f"stop_level must lie in [1, {K}]")
@@ -222,14 +229,21 @@ def rollout_per_sample(model: Model, noise: Tensor, cond: Cond, grid: StudentGri
         level[rows] -= 1
         return x0, eps
 
+    def evaluate_due(due: Tensor) -> None:
+        if due.any():
+            evaluate(due.nonzero()[:, 0])
+        else:  # only other processes have samples due: one call in step with theirs
+            first = torch.zeros(1, dtype=torch.long, device=noise.device)
+            model(noise[first], _grid_time(grid, schedule, torch.full_like(first, K)), rows_of(cond, first))
+
     pause = stop_level - 1 if grad_level is None else grad_level  # stage 1 runs the levels above `pause`
     with torch.no_grad():
-        while (above := level > pause).any():
-            evaluate(above.nonzero()[:, 0])
+        while any_left(above := level > pause):
+            evaluate_due(above)
     if grad_level is not None:
         with torch.enable_grad():
             traj.generator_step = evaluate(torch.arange(batch, device=noise.device))
         with torch.no_grad():
-            while (deeper := level >= stop_level).any():
-                evaluate(deeper.nonzero()[:, 0])
+            while any_left(deeper := level >= stop_level):
+                evaluate_due(deeper)
     return traj

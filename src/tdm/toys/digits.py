@@ -104,6 +104,8 @@ class DigitsUNet(nn.Module):
     `forward(x_t [B, 1, 8, 8], t [B] on the 0..999 axis, cond [B] labels 0..9 or NULL_CLASS) -> eps`.
     """
 
+    _no_split_modules = ["ResBlock"]  # the units FSDP shards (tdm.sharding), as diffusers models name theirs
+
     def __init__(self, channels: tuple[int, int] = (32, 64), emb_dim: int = 128, groups: int = 8):
         super().__init__()
         c1, c2 = channels

@@ -1,0 +1,138 @@
+"""Per-rank memory of FSDP2 training (tdm.sharding) on two CPU processes (gloo), for `tdm plan`'s validation.
+
+The UNets of benchmarks/roles_memory.py (tiny, mid), roles lora and separate: every rank builds the whole teacher
+and its roles (tdm does not load sharded yet), shards them as the trainer does (tdm.sharding.shard_roles), then
+runs `--iterations` TDM iterations (passes.tdm_iteration, the same draws on both ranks). Recorded per rank, from
+/proc/self/status, relative to the resident set before the model is built:
+- `load_peak_mib`: the peak while building and sharding (the whole model on every rank's host);
+- `peak_mib`: the peak of training, the high-water mark reset (/proc/self/clear_refs) once the roles are sharded;
+- `gathered_after_no_grad_bytes`: weights left gathered after a no-grad call of the teacher and of the fake score
+  (FSDP2 keeps a root module gathered after its forward unless told to reshard; tdm.sharding tells it to).
+Each (config, strategy) runs in a fresh `torchrun --nproc_per_node 2`.
+
+    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/fsdp_memory.py --configs tiny mid --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from roles_memory import CONFIGS, LORA, TextUNet, _status_mib
+from tdm.files import write_text_atomic
+
+STRATEGIES = ("lora", "separate")
+
+
+def gathered_bytes(modules) -> int:
+    """Bytes of FSDP-managed weights currently gathered (unsharded) in `modules` and their submodules."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
+
+    total = 0
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, FSDPModule):
+                group = m._get_fsdp_state()._fsdp_param_group
+                for p in group.fsdp_params if group else ():
+                    if p.sharded_state == ShardedState.UNSHARDED:
+                        total += p._orig_size.numel() * p.param_dtype.itemsize if p.param_dtype else \
+                            p._orig_size.numel() * p.sharded_param.dtype.itemsize
+    return total
+
+
+def worker(config: str, strategy: str, iterations: int, batch: int, out: Path) -> None:
+    import torch.distributed as dist
+    from diffusers import UNet2DConditionModel
+
+    from passes import tdm_iteration
+    from tdm.core.algorithm import TDM, TDMConfig
+    from tdm.core.prediction import PredictionType
+    from tdm.core.schedules import DiscreteVP
+    from tdm.roles import Roles
+    from tdm.sharding import FSDPSettings, shard_roles
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    kwargs = CONFIGS[config]
+    g = torch.Generator().manual_seed(0)  # the same draws on both ranks: the same number of calls
+    shape = (batch, kwargs["in_channels"], kwargs["sample_size"], kwargs["sample_size"])
+    cond = torch.randn(batch, 8, kwargs["cross_attention_dim"], generator=g)
+    uncond, noise = torch.zeros_like(cond), torch.randn(shape, generator=g)
+    tdm = TDM(DiscreteVP.from_betas("scaled_linear", 1000, 0.00085, 0.012), PredictionType.EPSILON,
+              TDMConfig(num_steps=4, total_steps=1000, guidance_scale=2.0))
+    start_rss = _status_mib("VmRSS")
+    torch.manual_seed(0)
+    teacher = TextUNet(UNet2DConditionModel(**kwargs))
+    roles = (Roles.separate_copies(teacher, teacher) if strategy == "separate" else
+             Roles.lora(teacher, teacher, LORA["rank"], LORA["alpha"], LORA["targets"]))
+    shard_roles(roles, None, FSDPSettings(), None)
+    gc.collect()
+    load_peak = _status_mib("VmHWM") - start_rss
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+    opt_g = torch.optim.AdamW(roles.student.parameters(), lr=1e-6, betas=(0.0, 0.95))
+    opt_f = torch.optim.AdamW(roles.fake_score.parameters(), lr=5e-6, betas=(0.0, 0.95))
+    for _ in range(iterations):
+        tdm_iteration(tdm, roles, (opt_g, opt_f), (cond, uncond, noise), g)
+    peak = _status_mib("VmHWM") - start_rss
+    networks = [roles.shared.base] if roles.shared is not None else [roles.teacher, roles.student, roles.fake_score]
+    after = {}
+    with torch.no_grad():
+        for name, role in (("teacher", roles.teacher), ("fake_score", roles.fake_score)):
+            role(noise, torch.full((batch,), 500.0), cond)
+            after[name] = gathered_bytes(networks)
+    row = {"config": config, "strategy": strategy, "processes": dist.get_world_size(), "rank": rank,
+           "batch": batch, "iterations": iterations, "generator_forward": "rollout",
+           "load_peak_mib": load_peak, "peak_mib": peak, "gathered_after_no_grad_bytes": after}
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, row)
+    if rank == 0:
+        write_text_atomic(out, json.dumps(rows))
+    del roles, networks, opt_g, opt_f, teacher  # before the process group goes (environment.md 5: exit aborts)
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["tiny", "mid"], choices=list(CONFIGS))
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--iterations", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "STRATEGY", "FILE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker[0], args.worker[1], args.iterations, args.batch, Path(args.worker[2]))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    out = Path(args.out)
+    rows = []
+    for config in args.configs:
+        for strategy in args.strategies:
+            part = out / f".fsdp_memory_{config}_{strategy}.json"
+            subprocess.run([str(torchrun), "--nproc_per_node", "2", __file__, "--iterations", str(args.iterations),
+                            "--batch", str(args.batch), "--worker", config, strategy, str(part)],
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
+            for row in json.loads(part.read_text()):
+                rows.append(row)
+                print(f"{config:5} {strategy:9} rank {row['rank']}: load peak {row['load_peak_mib']:8.1f} MiB, "
+                      f"training peak {row['peak_mib']:8.1f} MiB, gathered after no-grad calls "
+                      f"{row['gathered_after_no_grad_bytes']}", flush=True)
+            part.unlink()
+    result = {"command": " ".join(["python benchmarks/fsdp_memory.py", *sys.argv[1:]]),
+              "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default"),
+              "device": "cpu", "rows": rows}
+    write_text_atomic(out / "fsdp_memory.json", json.dumps(result, indent=1))
+    print(f"wrote {out / 'fsdp_memory.json'}")
+
+
+if __name__ == "__main__":
+    main()

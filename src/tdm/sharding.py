@@ -1,0 +1,222 @@
+"""FSDP2 for TDM's roles: torch's `fully_shard` applied to each role's networks, driven by the FSDP settings of
+`accelerate launch` (its config file's `distributed_type: FSDP` and `fsdp_config`, which it passes to every rank
+as ACCELERATE_USE_FSDP and FSDP_* variables).
+
+tdm shards the roles itself rather than through `Accelerator.prepare`: accelerate's FSDP2 preparation takes one
+model per call with its optimiser, and TDM trains two networks next to a frozen one (or two adapters on one
+frozen base, whose views are not modules FSDP can wrap); and accelerate runs FSDP only on accelerators, while a
+CPU run (gloo) would silently get DDP from the same config. So the Accelerator is built as a plain multi-process
+one (`accelerate_without_fsdp`) and this module shards:
+- train.roles=separate: the teacher, the student, the fake score and the student's EMA, each a network of its own;
+- train.roles=lora: the one frozen base with its adapters (student, fake, EMA), trainable fp32 LoRA weights and
+  frozen base weights of any dtype in the same units; the views then see the sharded adapter weights.
+A unit is each module whose class the config names (fsdp_transformer_layer_cls_to_wrap), else the network's
+`_no_split_modules` (diffusers' and accelerate's transformer and resnet blocks), else each element of the
+outermost ModuleLists; then the whole network (its remaining weights). Every unit, the whole network too, frees its
+gathered weights after each forward, so the no-grad calls of the teacher and fake score keep none alive.
+
+Gradients are reduce-scattered by FSDP during the backward (mean over ranks), so each rank holds the gradient
+shard of its weight shard; optimisers, clipping, the EMA and the non-finite checks work on the shards (DTensors).
+Checkpoints hold full tensors (`full_state` gathers them on every rank; `FullStateLoader` keeps each rank's
+shard of them), so a run resumes on any process count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from .errors import ConfigError
+from .launch import LaunchError
+from .roles import AdapterView, Roles
+
+MIXED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class FSDPSettings:
+    """The fsdp_config entries tdm honours."""
+    reshard_after_forward: bool = True
+    offload_params: bool = False
+    unit_classes: tuple[str, ...] = ()  # fsdp_transformer_layer_cls_to_wrap; () = the networks' own blocks
+    whole_networks: bool = False  # fsdp_auto_wrap_policy NO_WRAP: no units, each network is one
+
+
+def _flag(name: str, default: str = "false") -> bool:
+    return os.environ.get(name, default).lower() == "true"
+
+
+def launch_settings() -> FSDPSettings | None:
+    """The FSDP settings `accelerate launch` passed down, or None for a launch without FSDP. Settings tdm does not
+    implement are errors or warnings naming the fsdp_config key, never silently dropped."""
+    if not _flag("ACCELERATE_USE_FSDP"):
+        return None
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise LaunchError(f"fsdp_config.fsdp_version: tdm shards with FSDP2 only; set fsdp_version: 2 (got {version})")
+    if _flag("FSDP_ACTIVATION_CHECKPOINTING"):
+        raise LaunchError("fsdp_config.fsdp_activation_checkpointing: tdm checkpoints the diffusers families' "
+                          "blocks itself (the LoRA roles route the recomputation through their adapter); set it to "
+                          "false and set backbone.gradient_checkpointing=true")
+    if _flag("FSDP_CPU_RAM_EFFICIENT_LOADING") and os.environ.get("RANK", "0") == "0":
+        print("tdm: warning: fsdp_config.fsdp_cpu_ram_efficient_loading is not implemented by tdm: every rank "
+              "loads the whole teacher on the host before sharding it", file=sys.stderr)
+    policy = os.environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
+    if policy not in ("TRANSFORMER_BASED_WRAP", "NO_WRAP"):
+        raise LaunchError(f"fsdp_config.fsdp_auto_wrap_policy: tdm shards TRANSFORMER_BASED_WRAP units (the "
+                          f"classes fsdp_transformer_layer_cls_to_wrap names, else the model's blocks) or NO_WRAP "
+                          f"(each network whole), not {policy}")
+    classes = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
+    return FSDPSettings(reshard_after_forward=_flag("FSDP_RESHARD_AFTER_FORWARD", "true"),
+                        offload_params=_flag("FSDP_OFFLOAD_PARAMS"),
+                        unit_classes=tuple(c.strip() for c in classes.split(",") if c.strip()),
+                        whole_networks=policy == "NO_WRAP")
+
+
+@contextlib.contextmanager
+def accelerate_without_fsdp() -> Iterator[None]:
+    """Build the Accelerator inside: with ACCELERATE_USE_FSDP hidden it is a plain multi-process one (MULTI_GPU)
+    on GPUs, as it is on the CPU, where accelerate ignores FSDP anyway; this module shards."""
+    saved = os.environ.pop("ACCELERATE_USE_FSDP", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = saved
+
+
+def check_config(config, mixed_precision: str) -> None:
+    """Training options that do not combine with FSDP here, before anything is loaded."""
+    if config.train.compile:
+        raise ConfigError("train.compile: not supported under FSDP by tdm yet; set train.compile=false")
+    if mixed_precision == "fp16":
+        raise ConfigError("mixed_precision fp16: not supported under FSDP by tdm (the grad scaler would judge "
+                          "overflows on each rank's gradient shard alone); use bf16")
+    if config.train.fp32_signal and mixed_precision in MIXED_DTYPES:
+        raise ConfigError(f"train.fp32_signal: under FSDP with mixed_precision={mixed_precision} the sharded "
+                          f"weights are gathered in {mixed_precision}, so the teacher and fake score cannot run in "
+                          f"float32; set train.fp32_signal=false or mixed precision no")
+
+
+def _units(network: nn.Module, classes: tuple[str, ...]) -> list[nn.Module]:
+    """The modules sharded as units of `network`, innermost first: those of `classes`, else of the blocks the
+    network's models declare (`_no_split_modules`, as accelerate reads them), else the outermost ModuleLists'
+    elements that hold weights."""
+    classes = classes or tuple(c for m in network.modules() for c in getattr(m, "_no_split_modules", None) or ())
+    if classes:
+        units = [m for m in network.modules() if type(m).__name__ in classes and m is not network]
+    else:
+        units, inside = [], set()
+        for parent in network.modules():
+            if isinstance(parent, nn.ModuleList) and id(parent) not in inside:
+                units += [m for m in parent if any(True for _ in m.parameters())]
+                inside.update(id(m) for m in parent.modules())
+    return units[::-1]
+
+
+def shard_network(network: nn.Module, settings: FSDPSettings, mixed_precision: str | None) -> nn.Module:
+    """`network` sharded in place over all ranks: its units, then itself."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    dtype = MIXED_DTYPES.get(mixed_precision or "no")
+    # Weights gathered in the compute dtype, gradients reduced in float32; the inputs keep their dtype (the
+    # run's autocast casts what the layers compute: a float timestep cast to bf16 would lose its value).
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None,
+                                  cast_forward_inputs=False)
+    kwargs = {"reshard_after_forward": settings.reshard_after_forward, "mp_policy": policy,
+              "offload_policy": CPUOffloadPolicy() if settings.offload_params else OffloadPolicy()}
+    for unit in [] if settings.whole_networks else _units(network, settings.unit_classes):
+        fully_shard(unit, **kwargs)
+    fully_shard(network, **kwargs)  # explicitly resharding after forward: torch keeps a root gathered by default
+    return network
+
+
+def shard_roles(roles: Roles, ema: nn.Module | None, settings: FSDPSettings, mixed_precision: str | None) -> None:
+    """Shard every network of `roles` (and the student's EMA) in place; the LoRA views then hold the sharded
+    adapter weights."""
+    networks = [roles.shared.base] if roles.shared is not None else [roles.student, roles.fake_score]
+    if ema is not None and roles.shared is None:
+        networks.append(ema)
+    if not isinstance(roles.teacher, AdapterView):
+        networks.append(roles.teacher)
+    for network in networks:
+        shard_network(network, settings, mixed_precision)
+    if roles.shared is not None:
+        for view in (roles.student, roles.fake_score, ema):
+            if view is not None:
+                view.rebind()
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `tensor` (itself when not sharded)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of `tensor`: gathered from every rank when sharded (all ranks must call this)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value`, a full tensor, as `param` holds it: this rank's shard when `param` is sharded (no communication:
+    every rank has the full tensor)."""
+    if not isinstance(param, DTensor) or isinstance(value, DTensor):
+        return value
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
+def all_ranks_true(flag: torch.Tensor) -> bool:
+    """Whether `flag` (a boolean scalar) is true on every rank."""
+    flag = flag.float().reshape(1)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def any_rank(mask: torch.Tensor) -> bool:
+    """Whether `mask` has a true entry on any rank (a loop over data-dependent calls goes on while one has)."""
+    flag = mask.any().float().reshape(1)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+def full_state(target) -> dict:
+    """The state dict of a sharded module or optimiser with every sharded tensor gathered (all ranks call this);
+    what a checkpoint holds."""
+    def gathered(value):
+        if isinstance(value, dict):
+            return {k: gathered(v) for k, v in value.items()}
+        return full(value).detach() if torch.is_tensor(value) else value
+
+    return gathered(target.state_dict())
+
+
+class FullStateLoader:
+    """Loads a checkpoint's full tensors into a sharded module or optimiser: each rank keeps its shard."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if isinstance(self.target, torch.optim.Optimizer) or hasattr(self.target, "optimizer"):
+            self.target.load_state_dict(self._optimizer_state(state_dict))
+            return
+        params = dict(self.target.named_parameters())
+        params.update(self.target.named_buffers())
+        self.target.load_state_dict({k: like(params[k], v) if k in params else v for k, v in state_dict.items()})
+
+    def _optimizer_state(self, state_dict: dict) -> dict:
+        """Each per-parameter state tensor of its parameter's full shape, as that parameter's shard."""
+        params = [p for group in self.target.param_groups for p in group["params"]]
+        state = {}
+        for index, entries in state_dict["state"].items():
+            p = params[int(index)]
+            state[index] = {k: like(p, v) if torch.is_tensor(v) and k != "step" and v.shape == p.shape else v
+                            for k, v in entries.items()}
+        return {**state_dict, "state": state}
