@@ -105,20 +105,33 @@ def check_config(config, mixed_precision: str) -> None:
                           f"float32; set train.fp32_signal=false or mixed precision no")
 
 
-def _units(network: nn.Module, classes: tuple[str, ...]) -> list[nn.Module]:
+def units(network: nn.Module, classes: tuple[str, ...] = ()) -> list[nn.Module]:
     """The modules sharded as units of `network`, innermost first: those of `classes`, else of the blocks the
     network's models declare (`_no_split_modules`, as accelerate reads them), else the outermost ModuleLists'
     elements that hold weights."""
     classes = classes or tuple(c for m in network.modules() for c in getattr(m, "_no_split_modules", None) or ())
     if classes:
-        units = [m for m in network.modules() if type(m).__name__ in classes and m is not network]
+        found = [m for m in network.modules() if type(m).__name__ in classes and m is not network]
     else:
-        units, inside = [], set()
+        found, inside = [], set()
         for parent in network.modules():
             if isinstance(parent, nn.ModuleList) and id(parent) not in inside:
-                units += [m for m in parent if any(True for _ in m.parameters())]
+                found += [m for m in parent if any(True for _ in m.parameters())]
                 inside.update(id(m) for m in parent.modules())
-    return units[::-1]
+    return found[::-1]
+
+
+def gathered_params(network: nn.Module, classes: tuple[str, ...] = ()) -> int:
+    """Parameters of `network` FSDP holds gathered at once during a forward: the root's own (gathered for the whole
+    forward) and twice the largest unit's own (the unit computing and the one prefetched); a unit's own weights
+    are those no unit inside it shards."""
+    managed: set[int] = set()
+    largest = 0
+    for unit in units(network, classes):  # innermost first
+        own = [p for p in unit.parameters() if id(p) not in managed]
+        managed.update(id(p) for p in own)
+        largest = max(largest, sum(p.numel() for p in own))
+    return sum(p.numel() for p in network.parameters() if id(p) not in managed) + 2 * largest
 
 
 def shard_network(network: nn.Module, settings: FSDPSettings, mixed_precision: str | None) -> nn.Module:
@@ -132,7 +145,7 @@ def shard_network(network: nn.Module, settings: FSDPSettings, mixed_precision: s
                                   cast_forward_inputs=False)
     kwargs = {"reshard_after_forward": settings.reshard_after_forward, "mp_policy": policy,
               "offload_policy": CPUOffloadPolicy() if settings.offload_params else OffloadPolicy()}
-    for unit in [] if settings.whole_networks else _units(network, settings.unit_classes):
+    for unit in [] if settings.whole_networks else units(network, settings.unit_classes):
         fully_shard(unit, **kwargs)
     fully_shard(network, **kwargs)  # explicitly resharding after forward: torch keeps a root gathered by default
     return network

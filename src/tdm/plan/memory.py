@@ -10,10 +10,10 @@ base, b the base's bytes per parameter, A the bytes one forward with grad saves 
 - activations: the generator's student forward under train.generator_forward=rollout is taken from the rollout and
   held through the fake score's update (A + max(A, step)); recompute holds one set at a time (max(A, step)).
 - DDP (more than one process): float32 gradient buckets for each of the 2 wrapped roles, 8 P.
-- FSDP over N GPUs: weights, gradients, optimiser states and the step temporary divided by N, plus the largest
-  sharded unit gathered twice (the one computing and the one prefetched) in the compute dtype; a unit is taken to
-  be the largest element of any ModuleList (a transformer block; a UNet's whole down or up block, so an upper
-  bound there), and communication buffers are not counted.
+- FSDP over N GPUs: weights, gradients, optimiser states and the step temporary divided by N, plus the weights
+  gathered at once in the compute dtype: the root network's own and twice the largest unit's own (the one
+  computing and the one prefetched), units as tdm.sharding shards them (the blocks a model declares, e.g. a
+  UNet's transformer and resnet blocks inside its up blocks); communication buffers are not counted.
 Not counted: the no-grad teacher and fake-score forwards' transient tensors, the allocator's fragmentation, the
 CUDA context and kernels' workspaces, the text encoders and VAE (prompt embeddings are cached)."""
 
@@ -33,7 +33,7 @@ class Counts:
     trainable_params: int   # one trainable role's (an adapter, or a full copy)
     activations: int        # bytes saved by one forward with grad at the batch, without checkpointing
     activations_checkpointed: int  # the same under gradient checkpointing
-    largest_unit_params: int  # the largest block FSDP would shard as one unit
+    gathered_params: int  # weights FSDP holds gathered at once (tdm.sharding.gathered_params)
 
 
 def layout_memory(counts: Counts, sharding: str, gpus: int, base_bytes: int, compute_bytes: int,
@@ -47,7 +47,7 @@ def layout_memory(counts: Counts, sharding: str, gpus: int, base_bytes: int, com
     parts = {
         "weights": weights // shard,
         "optimiser": ROLES * ADAM_MOMENTS * p * FLOAT32 // shard,
-        "gathered": 2 * counts.largest_unit_params * compute_bytes if sharding == "fsdp" else 0,
+        "gathered": counts.gathered_params * compute_bytes if sharding == "fsdp" else 0,
         "ddp_buckets": ROLES * p * FLOAT32 if sharding == "ddp" and gpus > 1 else 0,
         "gradients_and_step": 2 * p * FLOAT32 // shard,
         "activations": counts.activations_checkpointed if checkpointing else counts.activations,

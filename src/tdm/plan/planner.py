@@ -7,10 +7,10 @@ batch; memory per GPU follows tdm.plan.memory's model; time per iteration is the
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..config import Config
 from ..errors import ConfigError
+from ..sharding import gathered_params
 from .architectures import ARCHITECTURES, Architecture, check_latent
 from .counting import (
     checkpointed_activations,
@@ -46,12 +46,6 @@ def architecture_for(config: Config) -> Architecture:
     raise AssertionError("unreachable")
 
 
-def largest_unit(model: nn.Module) -> int:
-    """Parameters of the largest element of any ModuleList (the blocks FSDP shards as units)."""
-    units = [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst]
-    return max((sum(p.numel() for p in m.parameters()) for m in units), default=0)
-
-
 def count_strategy(arch: Architecture, settings: dict, strategy: str, dtype: torch.dtype,
                    autocast: bool = False) -> tuple[Counts, dict]:
     """(memory counts at the settings' batch, TFLOP per sample of each pass) for one role strategy, with the network
@@ -63,7 +57,7 @@ def count_strategy(arch: Architecture, settings: dict, strategy: str, dtype: tor
         return arch.call(m, x, t, kwargs)
 
     base = sum(p.numel() for p in model.parameters())
-    unit = largest_unit(model)
+    gathered = gathered_params(model)  # the units tdm.sharding shards
     with torch.no_grad():
         teacher, _ = count_flops(lambda: run(model))
     make_trainable(model, strategy, settings["lora_rank"], settings["lora_targets"])
@@ -79,7 +73,7 @@ def count_strategy(arch: Architecture, settings: dict, strategy: str, dtype: tor
     batch = settings["batch_size"]
     # every expert is held and trained (its own adapters or copies); one runs per call
     counts = Counts(base * arch.experts, sum(p.numel() for p in trainable) * arch.experts, saved * batch,
-                    checkpointed * batch, unit)
+                    checkpointed * batch, gathered)
     flops = {"teacher_forward": teacher, "forward": counted["forward"],
              "forward_backward": counted["forward_grad"] + counted["backward"]}
     return counts, {k: v / 1e12 for k, v in flops.items()}
