@@ -173,7 +173,7 @@ class Trainer:
         # the lr schedules drive the torch optimisers (after accelerate's fp16 patch of their step, so it is theirs)
         self._raw_optimizers = {spec.optimizer: self.optimizers[name].optimizer
                                 for name, spec in self.role_specs.items()}
-        self.state = TrainState(lr_schedule_steps=config.train.iterations)  # the run's progress, checkpointed
+        self.state = TrainState(lr_schedule_steps=config.train.iterations).track(self.role_specs)  # checkpointed
         self.lr_schedulers = self._lr_schedulers(config.train.iterations)
         self.history: list[dict] = []  # logged scalars, for the end-of-run curves
         self.diagnostics = Diagnostics()  # drift and collapse warnings
@@ -426,9 +426,14 @@ class Trainer:
                                         self.config.train.seed, device=self.accelerator.device)
         metrics = {f"eval/{k}": v for k, v in self.backbone.metrics(samples, cond).items()}
         metrics.update(sample_statistics(samples, self._teacher_reference()))
+        metrics.update(self._stage_metrics(samples, cond))
         if trackers is not None and self.backbone.is_image:
             trackers.images({"eval/samples": image_grid(self.backbone.to_images(samples), nrow=10)}, self.state.step)
         return metrics
+
+    def _stage_metrics(self, samples: torch.Tensor, cond) -> dict:
+        """Further evaluation metrics of a training stage (the reward stage's reward and FD); none here."""
+        return {}
 
     def _teacher_reference(self) -> torch.Tensor:
         """The reference teacher's samples (the first eval.teacher_steps, the run's CFG) on the evaluation conditions,
@@ -531,7 +536,7 @@ class Trainer:
             if path is None:
                 return None
             step, rng, _ = loaded
-        self.state = TrainState.resumed(path, step, read_manifest(path).get("trainer"))
+        self.state = TrainState.resumed(path, step, read_manifest(path).get("trainer")).track(self.role_specs)
         self._restore_lr_schedules()
         rank_state = rng.get(f"torch_rank{self.accelerator.process_index}")
         if rank_state is not None:  # absent when resuming on more processes than saved the checkpoint
