@@ -220,6 +220,8 @@ class RewardConfig:
     beta: float = 0.001           # the surrogate's pull towards the base: beta * mean (out - base out)^2
     tau_min: float = 250.0        # lowest level the generator queries the surrogate at (time-axis units)
     tau_min_surrogate: float = 300.0  # lowest level the surrogate trains at
+    tau_max: float = 1000.0       # highest level of both (capped at the student's noisiest level t_K): the x0
+                                  # difference that gives the reward direction grows like sigma / alpha there
     trunc_steps: int = 0          # the reward term acts on the trunc_steps noisiest student steps; 0 = all
     drift_threshold: float = 0.0  # trust region: a sample whose surrogate drift mean (out - base out)^2 exceeds it
                                   # and whose implicit reward already has A's sign gets no gradient; 0 = off
@@ -237,6 +239,8 @@ class RewardConfig:
             _require(getattr(self, name) >= 0, f"reward.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("guidance", "beta_dpo", "lr", "advantage_clip"):
             _require(getattr(self, name) > 0, f"reward.{name} must be > 0, got {getattr(self, name)}")
+        _require(self.tau_max > max(self.tau_min, self.tau_min_surrogate),
+                 f"reward.tau_max ({self.tau_max}) must exceed reward.tau_min and reward.tau_min_surrogate")
         _require(self.advantage_std in ("global", "group"),
                  f"reward.advantage_std must be global or group, got {self.advantage_std!r}")
 

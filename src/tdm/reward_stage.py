@@ -48,6 +48,7 @@ from .runs import Run
 from .trainer import RoleSpec, Trainer, draw_rows, mean_logs, step_generator
 
 REWARD_OPTIMIZER = "reward_model"  # the surrogate optimiser's checkpoint files and lr schedule
+TAU_MARGIN = 20.0  # tau starts this far above the trajectory state's level (the code's +20 on the time axis)
 
 
 def check_reward_config(config: Config) -> None:
@@ -141,12 +142,12 @@ class RewardTrainer(Trainer):
         return torch.tensor(sum(s == 0 for s in spread) / len(spread))
 
     def _draw_tau(self, k: torch.Tensor, K: int, floor: float, g: torch.Generator) -> torch.Tensor:
-        """A level tau per sample, uniform above both the level after step k (t_{k-1}, 0 for the last step) and
-        `floor`, up to the grid's noisiest level t_K (docs/reward.md S1, without the code's timestep shift)."""
+        """A level tau per sample, uniform from TAU_MARGIN above both the level after step k (t_{k-1}, 0 after the
+        last step) and `floor`, up to reward.tau_max or the grid's noisiest level t_K, but always above that start
+        (docs/reward.md S1, without the code's timestep shift): tau > t_{k-1}, so the kernel adds noise."""
         grid, s = self.tdm.grids[K], self.backbone.schedule
-        lo = torch.clamp(self._level_after(k, K).double(), min=floor)
-        hi = torch.full_like(lo, float(grid.timesteps[0]))
-        lo = torch.minimum(lo, hi - 1)
+        lo = torch.clamp(self._level_after(k, K).double(), min=floor) + TAU_MARGIN
+        hi = torch.maximum(torch.full_like(lo, min(float(grid.timesteps[0]), self.config.reward.tau_max)), lo + 1)
         u = torch.rand(k.shape[0], generator=g, dtype=torch.float64).to(k.device)
         tau = s.snap(lo + (hi - lo) * u)
         return tau if s.discrete else tau.float()
