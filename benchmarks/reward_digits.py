@@ -8,7 +8,7 @@ Every arm from `--seeds` seeds; before and after: the reward, FD to the teacher'
 and to the training digits (fd_train), class accuracy, all at 4 steps on eval.num_samples samples with the
 evaluation's seeds. Writes <out>/reward_digits.json and before/after grids <out>/reward_digits_<arm>.png.
 
-    python benchmarks/reward_digits.py [--start runs/demo] [--iterations 300] [--seeds 0 1 2]
+    python benchmarks/reward_digits.py [--start runs/demo] [--iterations 150] [--seeds 0 1 2]
 
 --start: the demo run (`make demo`, or `tdm demo --out runs/demo`); trained here with the demo's config if absent.
 """
@@ -43,7 +43,7 @@ ARMS = {  # name: (experiment, reward, options, overrides)
     "thick_tdmr1": (2, "digits-thickness", f"target={THICK}", []),
     "thick_no_regulariser": (2, "digits-thickness", f"target={THICK}", ["reward.regulariser_weight=0"]),
 }
-TUNED = ["reward.weight=0.3", "reward.lr=1e-5", "reward.tau_max=600"]  # the stage's settings for this toy
+TUNED = ["reward.weight=0.3", "reward.lr=1e-4", "reward.tau_max=600"]  # this toy's settings (docs/reward.md 3.7)
 
 
 class Evaluation:
@@ -139,8 +139,8 @@ def curve_table(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--start", default="runs/demo", help="the demo run (trained with `tdm demo` if absent)")
-    parser.add_argument("--iterations", type=int, default=300)
-    parser.add_argument("--eval-every", type=int, default=100, help="evaluate each run every N iterations")
+    parser.add_argument("--iterations", type=int, default=150)
+    parser.add_argument("--eval-every", type=int, default=50, help="evaluate each run every N iterations")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--out", default="benchmarks/results")

@@ -44,6 +44,9 @@ def _resumes_exactly(start, tmp_path, reward, overrides):
         assert any(k.startswith(prefix) for k in a), prefix
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    middle = _checkpoint_tensors(tmp_path / "full" / "checkpoints" / "step_0000002")
+    for role in ("student.", "fake_score.", "reward_model."):  # all three roles train
+        assert any(not torch.equal(v, middle[k]) for k, v in a.items() if k.startswith(role)), role
     return last
 
 

@@ -223,8 +223,9 @@ class RewardConfig:
     tau_max: float = 1000.0       # highest level of both (capped at the student's noisiest level t_K): the x0
                                   # difference that gives the reward direction grows like sigma / alpha there
     trunc_steps: int = 0          # the reward term acts on the trunc_steps noisiest student steps; 0 = all
-    drift_threshold: float = 0.0  # trust region: a sample whose surrogate drift mean (out - base out)^2 exceeds it
-                                  # and whose implicit reward already has A's sign gets no gradient; 0 = off
+    drift_threshold: float = 0.05  # trust region: a sample whose surrogate drift mean (out - base out)^2 exceeds it
+                                  # and whose implicit reward already has A's sign gets no gradient (the code's
+                                  # reg_threshold); 0 = off
     lr: float = 1e-4              # the surrogate's learning rate (its optimiser: optim.optimizer, betas, decay)
     max_grad_norm: float = 1.0    # the surrogate's gradient clipping (0 = off)
     advantage_std: str = "global"  # global | group: the std advantages are divided by
