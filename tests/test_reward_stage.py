@@ -92,3 +92,17 @@ def test_tiny_diffusers_reward_stage_with_lora_roles_resumes_exactly_and_exports
     last = _resumes_exactly(start, tmp_path, "jpeg-compressibility", overrides)
     assert main(["export", "--checkpoint", str(last), "--out", str(tmp_path / "export")]) == 0
     assert list((tmp_path / "export").rglob("*.safetensors"))
+
+
+def test_the_safeguard_warns_when_the_reward_rises_while_fd_to_the_teacher_passes_its_bound(tmp_path):
+    trainer = RewardTrainer(load_config("digits-demo", [*DIGITS, "reward.name=digits-class", "reward.group_size=4"]),
+                            tmp_path)
+    start = {"step": 0, "eval/reward_mean": 0.3, "eval/fd_teacher": 5.0}
+    for step, reward, fd in ((10, 0.5, 9.0), (20, 0.2, 11.0), (30, 0.5, 11.0), (40, 0.6, 12.0)):
+        logs = {"eval/reward_mean": reward, "eval/fd_teacher": fd}
+        trainer.history = [start, {"step": step, **logs}]
+        trainer.state.step = step
+        trainer._warn(None, logs)
+    assert [w["step"] for w in trainer.diagnostics.warnings] == [30]  # over 2 x 5.0 with a higher reward, once
+    assert trainer.diagnostics.warnings[0]["condition"] == "reward hacking"
+    trainer.close()
