@@ -110,8 +110,9 @@ def _stats(values: list[float]) -> dict:
 
 def save_grid(path: Path, before: torch.Tensor, after: list[torch.Tensor]) -> None:
     """Rows: the start student, then each seed's post-trained student (same conditions and noise per column)."""
-    grid = image_grid(torch.cat([before, *after]), nrow=20)
-    atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="png"))
+    grid = Image.fromarray(image_grid(torch.cat([before, *after]), nrow=20))
+    grid = grid.resize((grid.width * 4, grid.height * 4), Image.NEAREST)  # 8 x 8 digits: 4 x for the eye
+    atomic_write(path, lambda tmp: grid.save(tmp, format="png"))
 
 
 def table(result: dict) -> str:
