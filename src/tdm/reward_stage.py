@@ -73,6 +73,9 @@ class RewardTrainer(Trainer):
         check_reward_config(config)
         self.reward = load_reward(config.reward.name, **config.reward.reward_options())
         super().__init__(config, out_dir, backbone)
+        if self.sharded:  # tdm.sharding shards the distillation roles only
+            raise ConfigError("the reward stage does not train under FSDP yet: launch it with DDP (no accelerate "
+                              "fsdp_config) or in one process")
         if start is not None:
             self._load_start(start)
         self._fd_warned = False  # the reward-hacking warning is given once
