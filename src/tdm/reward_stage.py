@@ -66,6 +66,8 @@ def check_reward_config(config: Config) -> None:
 
 
 class RewardTrainer(Trainer):
+    stage = "reward"
+
     def __init__(self, config: Config, out_dir: str | Path, start: Run | None = None,
                  backbone: Backbone | None = None):
         """`start`: the distillation run (or checkpoint) whose student (its EMA when kept) and fake score the stage

@@ -117,6 +117,8 @@ class RoleSpec:
 
 
 class Trainer:
+    stage = "distill"  # the progress bar's label
+
     def __init__(self, config: Config, out_dir: str | Path, backbone: Backbone | None = None):
         """`backbone`: an already built `config.backbone` (benchmarks reuse one across runs); None builds it."""
         if backbone is None:
@@ -552,7 +554,7 @@ class Trainer:
         trackers = self.trackers
         if acc.is_main_process:
             self._record_launch()
-        bar = tqdm(total=cfg.iterations, initial=self.state.step, disable=not acc.is_main_process, desc="distill",
+        bar = tqdm(total=cfg.iterations, initial=self.state.step, disable=not acc.is_main_process, desc=self.stage,
                    mininterval=2.0)
         self._tic, self._tic_step = time.perf_counter(), self.state.step
         with StopSignals(cfg.stop_signals) as stop:
