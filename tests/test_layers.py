@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
       "tdm.runs", "tdm.validation")),
     ("the tasks: train, export, generate, evaluate, score (rewards)",
      ("tdm.trainer", "tdm.export", "tdm.network_export", "tdm.lora_files", "tdm.model_card", "tdm.hub",
-      "tdm.generate", "tdm.evaluate", "tdm.plan", "tdm.rewards")),
+      "tdm.generate", "tdm.evaluate", "tdm.plan", "tdm.rewards", "tdm.reward_stage")),
     ("the command line", ("tdm.cli",)),
 ]
 
@@ -43,6 +43,7 @@ FORBIDDEN: list[tuple[str, tuple[str, ...]]] = [
     ("tdm.backbones", ("tdm.toys", "tdm.registry", "tdm.config", "tdm.trainer", "tdm.cli", "tdm.evaluate")),
     ("tdm.toys", ("tdm.evaluate", "tdm.registry")),
     ("tdm.rewards", ("tdm.trainer", "tdm.cli")),
+    ("tdm.reward_stage", ("tdm.evaluate", "tdm.cli")),
 ]
 
 

@@ -1,4 +1,4 @@
-"""The `tdm` command: distill | evaluate | demo | export | generate | cache-prompts | plan | train-teacher |
+"""The `tdm` command: distill | reward | evaluate | demo | export | generate | cache-prompts | plan | train-teacher |
 train-classifier."""
 
 from __future__ import annotations
@@ -26,14 +26,38 @@ def _command_line() -> str:
 
 def _distill(preset: str, overrides: list[str], out: str, resume: str | None, report: bool,
              allow_config_change: bool = False, start_fresh: bool = False) -> Path:
-    from .evaluate.run_report import evaluate_distillation, write_report
     from .trainer import Trainer
 
     config = load_config(preset, overrides)  # validate before any heavy work
+    return _train(lambda: Trainer(config, out), config, out, resume, report, allow_config_change, start_fresh)
+
+
+def _reward(start: str, reward: str, overrides: list[str], out: str, resume: str | None, report: bool,
+            allow_config_change: bool = False, start_fresh: bool = False) -> Path:
+    """Reward post-training of the student of the run or checkpoint `start` (tdm.reward_stage): its config, the
+    reward group set by `reward` and `overrides`, into a run folder of its own."""
+    from .config import from_dict, to_dict
+    from .reward_stage import RewardTrainer, check_reward_config
+    from .runs import open_run
+
+    run = open_run(start)
+    config = from_dict(to_dict(run.config), [f"reward.name={reward}", *overrides])
+    check_reward_config(config)
+    return _train(lambda: RewardTrainer(config, out, run), config, out, resume, report, allow_config_change,
+                  start_fresh, evaluate_first=True)
+
+
+def _train(make_trainer, config, out: str, resume: str | None, report: bool, allow_config_change: bool,
+           start_fresh: bool, evaluate_first: bool = False) -> Path:
+    """Train with the trainer `make_trainer()` builds in the run folder `out` (locked), resuming as asked, then
+    write the report. `evaluate_first`: evaluate the starting weights before the first iteration (the reward
+    stage's reference for its safeguard)."""
+    from .evaluate.run_report import evaluate_distillation, write_report
+
     check_run_dir(out)  # before the lock, which creates --out
     with RunLock(out):  # one run per folder
         expected = check_resume(Path(out), resume, config, allow_config_change, start_fresh)  # no model needed
-        trainer = Trainer(config, out)
+        trainer = make_trainer()
         if resume:
             path = trainer.resume(resume, start_fresh)
             check_loaded(path, expected, config, allow_config_change)
@@ -41,6 +65,8 @@ def _distill(preset: str, overrides: list[str], out: str, resume: str | None, re
                   f"--resume {resume}: no complete checkpoint in {out}, starting from scratch")
         if trainer.accelerator.is_main_process:
             claim_run_dir(out, _command_line())
+        if evaluate_first and trainer.state.step == 0 and config.train.eval_every:
+            trainer.evaluate_now()
         path = trainer.train()
         if trainer.accelerator.is_main_process:
             if trainer.stopped_by:
@@ -158,6 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "`tdm distill --config digits-demo --set tdm.num_steps=1 --out runs/k1`")
     add_flags(ev, EvaluateOptions)
 
+    reward = sub.add_parser("reward", help="reward post-training (TDM-R1) of a distilled student against a reward "
+                                           "that needs no gradient; writes a run folder like distill")
+    reward.add_argument("--from", dest="start", required=True, help="the distillation run folder (its newest "
+                        "checkpoint) or a checkpoint folder whose student (its EMA when kept) is post-trained")
+    reward.add_argument("--reward", required=True, help="a built-in reward (digits-class, digits-confident, "
+                        "digits-thickness, jpeg-compressibility, clip-score, pickscore, imagereward, hpsv2) or "
+                        "module:function; its options: --set reward.options=key=value,...")
+    reward.add_argument("--out", required=True, help="the reward run's folder")
+    reward.add_argument("--resume", help="'auto' (newest checkpoint in --out) or a checkpoint folder")
+    reward.add_argument("--no-report", action="store_true", help="skip the end-of-run report")
+    reward.add_argument("--allow-config-change", action="store_true", help="resume with a changed config")
+    reward.add_argument("--start-fresh", action="store_true", help="with --resume auto: start over if no "
+                        "checkpoint loads")
+    _add_overrides(reward, "change the run's config or the reward group, e.g. train.iterations=200, "
+                           "reward.weight=2 (repeat for more)")
+
     demo = sub.add_parser("demo", help="distil the shipped digits teacher into a 4-step student on CPU")
     demo.add_argument("--out", default="runs/demo")
     _add_overrides(demo, "change the digits-demo preset (repeat for more)")
@@ -230,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
                      args.allow_config_change, args.start_fresh)
         elif args.command == "evaluate":
             _evaluate(args)
+        elif args.command == "reward":
+            _reward(args.start, args.reward, args.overrides, args.out, args.resume, not args.no_report,
+                    args.allow_config_change, args.start_fresh)
         elif args.command == "demo":
             _distill("digits-demo", args.overrides, args.out, None, True)
         elif args.command == "export":

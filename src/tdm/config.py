@@ -208,12 +208,62 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class RewardConfig:
+    """Reward post-training (`tdm reward`, docs/reward.md): TDM-R1 on a distilled student. Unused by `tdm distill`."""
+    name: str = ""                # a reward of tdm.rewards (e.g. digits-confident) or module:function; "" = none
+    options: str = ""             # the built-in reward's options, "key=value,key=value" (e.g. threshold=0.999)
+    group_size: int = 8           # G: samples per condition; train.batch_size must be a multiple of it
+    weight: float = 1.0           # lambda_R: the reward term's weight in the generator loss
+    regulariser_weight: float = 1.0  # weight of TDM's generator loss (the distribution-matching regulariser); 0 = off
+    guidance: float = 1.0         # w_R: the surrogate's own CFG in the reward direction (the code: 2.5-4.5)
+    beta_dpo: float = 1.0         # the group preference loss's scale of the implicit reward
+    beta: float = 0.001           # the surrogate's pull towards the base: beta * mean (out - base out)^2
+    tau_min: float = 250.0        # lowest level the generator queries the surrogate at (time-axis units)
+    tau_min_surrogate: float = 300.0  # lowest level the surrogate trains at
+    tau_max: float = 1000.0       # highest level of both (capped at the student's noisiest level t_K): the x0
+                                  # difference that gives the reward direction grows like sigma / alpha there
+    trunc_steps: int = 0          # the reward term acts on the trunc_steps noisiest student steps; 0 = all
+    drift_threshold: float = 0.05  # trust region: a sample whose surrogate drift mean (out - base out)^2 exceeds it
+                                  # and whose implicit reward already has A's sign gets no gradient (the code's
+                                  # reg_threshold); 0 = off
+    lr: float = 1e-4              # the surrogate's learning rate (its optimiser: optim.optimizer, betas, decay)
+    max_grad_norm: float = 1.0    # the surrogate's gradient clipping (0 = off)
+    advantage_std: str = "global"  # global | group: the std advantages are divided by
+    advantage_clip: float = 5.0
+    fd_bound: float = 0.0         # warn when the reward rises while FD to the teacher's samples exceeds this;
+                                  # 0 = twice the FD of the starting student
+
+    def __post_init__(self):
+        _require(self.group_size >= 2, f"reward.group_size must be >= 2, got {self.group_size}")
+        for name in ("weight", "regulariser_weight", "beta", "tau_min", "tau_min_surrogate", "trunc_steps",
+                     "drift_threshold", "max_grad_norm", "fd_bound"):
+            _require(getattr(self, name) >= 0, f"reward.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("guidance", "beta_dpo", "lr", "advantage_clip"):
+            _require(getattr(self, name) > 0, f"reward.{name} must be > 0, got {getattr(self, name)}")
+        _require(self.tau_max > max(self.tau_min, self.tau_min_surrogate),
+                 f"reward.tau_max ({self.tau_max}) must exceed reward.tau_min and reward.tau_min_surrogate")
+        _require(self.advantage_std in ("global", "group"),
+                 f"reward.advantage_std must be global or group, got {self.advantage_std!r}")
+
+    def reward_options(self) -> dict:
+        """reward.options as keyword arguments, each value read as YAML (numbers, booleans, strings)."""
+        out = {}
+        for item in filter(None, (part.strip() for part in self.options.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"reward.options: expected key=value[,key=value], got {item!r}")
+            out[key.strip()] = yaml.safe_load(value.strip())
+        return out
+
+
+@dataclass(frozen=True)
 class Config:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     tdm: TDMConfig = field(default_factory=TDMConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
     def __post_init__(self):
         _require(not self.train.fp32_signal or self.backbone.dtype == "float32",

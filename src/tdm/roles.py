@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .backbones.base import Backbone
 
 STUDENT, FAKE, STUDENT_EMA = "student", "fake", "student_ema"  # adapter names on the shared base
+REWARD_MODEL = "reward_model"  # the surrogate reward model of reward post-training (tdm.reward_stage)
 
 # Named groups usable in train.lora_targets, next to plain module-name patterns.
 TARGET_GROUPS: dict[str, tuple[str, ...]] = {
@@ -245,6 +246,7 @@ class Roles:
     student: nn.Module     # the few-step generator G
     fake_score: nn.Module | None  # tracks the student's diffused distribution (F); None when only loading
     shared: SharedBase | None = None  # the one base of the lora strategy; None for separate copies
+    reward_model: nn.Module | None = None  # reward post-training's surrogate (add_reward_model); else None
 
     @classmethod
     def separate_copies(cls, teacher: nn.Module, initial: nn.Module) -> Roles:
@@ -309,6 +311,17 @@ class Roles:
         ema.requires_grad_(False)
         return ema
 
+    def add_reward_model(self) -> nn.Module:
+        """The surrogate reward model of reward post-training (docs/reward.md 3.1), starting as the teacher, its
+        reference: a third trainable LoRA adapter on the shared base (B = 0), or a trainable copy of the teacher."""
+        if self.shared is None:
+            self.reward_model = trainable_copy(self.teacher)
+        else:
+            self.shared.add_adapter(REWARD_MODEL)
+            self.shared.activate(self.shared.active)  # the new adapter's layers follow the current state
+            self.reward_model = AdapterView(self.shared, REWARD_MODEL)
+        return self.reward_model
+
     def compile(self) -> None:
         """train.compile: torch.compile every network the roles call, in place (`nn.Module.compile`), so parameter
         names, state dicts and checkpoints are those of an uncompiled run.
@@ -335,7 +348,9 @@ class Roles:
 
     def to(self, device) -> Roles:
         """Move every role (views hold no weights of their own: the shared base moves for them)."""
-        for m in (self.teacher, self.student, self.fake_score, *([self.shared.base] if self.shared else [])):
-            m.to(device)
+        for m in (self.teacher, self.student, self.fake_score, self.reward_model,
+                  *([self.shared.base] if self.shared else [])):
+            if m is not None:
+                m.to(device)
         return self
 

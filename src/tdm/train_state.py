@@ -35,6 +35,14 @@ class TrainState:
     checkpoint_path: Path | None = None   # the newest checkpoint written or loaded (rank 0 knows the path)
     checkpointed_step: int | None = None  # the step it holds, on every rank
 
+    def track(self, roles) -> TrainState:
+        """Add fault counters for trainable roles beyond distillation's two (e.g. reward_model)."""
+        for name in COUNTERS:
+            counters = getattr(self, name)
+            for role in roles:
+                counters.setdefault(role, None if name == "last_finite_loss" else 0)
+        return self
+
     def manifest_entry(self) -> dict:
         """What a checkpoint records of this state (JSON); its step has a key of its own in the manifest."""
         return {**{name: dict(getattr(self, name)) for name in COUNTERS}, "divergence": asdict(self.divergence),

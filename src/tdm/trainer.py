@@ -1,8 +1,11 @@
-"""The training loop: accelerate, two optimisers with lr schedules, gradient accumulation, EMA, trackers, sample
-and validation grids, checkpoints, resume.
+"""The training loop: accelerate, one optimiser and lr schedule per trainable role, gradient accumulation, EMA,
+trackers, sample and validation grids, checkpoints, resume.
 
 The roles come from `Roles.from_config` (train.roles): whichever the strategy, each optimiser, the gradient
-clipping, the non-finite checks, the EMA and the checkpoint see only that role's trainable weights.
+clipping, the non-finite checks, the EMA and the checkpoint see only that role's trainable weights. The trainable
+roles live in role-keyed tables (`role_specs`: optimiser name, lr, clipping; `modules`; `optimizers`) from which the
+prepared objects, the lr schedules and the checkpoint's module and optimiser dicts are built, and every role trains
+through one update (`role_update`): a stage with another role (tdm.reward_stage) adds a table entry, not a phase.
 
 Runs under plain `python` (one process) and under `accelerate launch` / `torchrun` (DDP), or FSDP2 when launched
 with an accelerate FSDP config (tdm.sharding shards the roles; checkpoints hold full tensors); tdm.launch says which
@@ -104,7 +107,18 @@ def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None
         if used:
             p.grad = (mean / world_size).view_as(p).to(g.dtype)
 
+@dataclasses.dataclass(frozen=True)
+class RoleSpec:
+    """How a trainable role trains: its optimiser's name (checkpoint files, lr schedule), lr and gradient clipping."""
+
+    optimizer: str
+    lr: float
+    max_grad_norm: float  # 0: no clipping
+
+
 class Trainer:
+    stage = "distill"  # the progress bar's label
+
     def __init__(self, config: Config, out_dir: str | Path, backbone: Backbone | None = None):
         """`backbone`: an already built `config.backbone` (benchmarks reuse one across runs); None builds it."""
         if backbone is None:
@@ -141,12 +155,14 @@ class Trainer:
             roles.compile()
         if self.sharded:  # before the optimisers, which then hold the shards
             sharding.shard_roles(roles, self.ema, fsdp, self.accelerator.mixed_precision)
-        o = config.optim
-        opt_g = build_optimizer(roles.student.parameters(), o.generator_lr, o)
-        opt_f = build_optimizer(roles.fake_score.parameters(), o.fake_lr, o)
+        self.role_specs = self._role_specs()
+        self.modules = {name: self._role_module(name) for name in self.role_specs}
+        optimizers = {name: build_optimizer(module.parameters(), self.role_specs[name].lr, config.optim)
+                      for name, module in self.modules.items()}
         if roles.shared is None and not self.sharded:
-            self.student, self.fake_score, self.opt_g, self.opt_f = self.accelerator.prepare(
-                roles.student, roles.fake_score, opt_g, opt_f)
+            prepared = self.accelerator.prepare(*self.modules.values(), *optimizers.values())
+            self.modules = dict(zip(self.modules, prepared[:len(self.modules)]))
+            self.optimizers = dict(zip(optimizers, prepared[len(self.modules):]))
         else:
             # The views are not DDP-wrapped. DDP finds parameters and buffers by walking module internals; a view
             # of a shared base is either the whole base (then each of two wrappers sees the other role's adapter
@@ -155,11 +171,11 @@ class Trainer:
             # after its backward (_average_gradients): explicit, and LoRA gradients are small, so DDP's overlap
             # of communication with the backward is not missed.
             # Sharded roles are not wrapped either: FSDP reduce-scatters their gradients in the backward.
-            self.student, self.fake_score = roles.student, roles.fake_score
-            self.opt_g, self.opt_f = self.accelerator.prepare(opt_g, opt_f)
+            self.optimizers = dict(zip(optimizers, self.accelerator.prepare(*optimizers.values())))
         # the lr schedules drive the torch optimisers (after accelerate's fp16 patch of their step, so it is theirs)
-        self._raw_optimizers = {GENERATOR: self.opt_g.optimizer, FAKE_SCORE: self.opt_f.optimizer}
-        self.state = TrainState(lr_schedule_steps=config.train.iterations)  # the run's progress, checkpointed
+        self._raw_optimizers = {spec.optimizer: self.optimizers[name].optimizer
+                                for name, spec in self.role_specs.items()}
+        self.state = TrainState(lr_schedule_steps=config.train.iterations).track(self.role_specs)  # checkpointed
         self.lr_schedulers = self._lr_schedulers(config.train.iterations)
         self.history: list[dict] = []  # logged scalars, for the end-of-run curves
         self.diagnostics = Diagnostics()  # drift and collapse warnings
@@ -168,6 +184,22 @@ class Trainer:
         self.stopped_by: str | None = None  # the stop signal that ended train(), if any
         self._tic, self._tic_step = time.perf_counter(), 0  # start (time, step) of the current logging interval
         self._validation: tuple | None = None  # the validation grid's (conditions, prompts), made at its first use
+
+    def _role_specs(self) -> dict[str, RoleSpec]:
+        """The trainable roles, in the order their modules and optimisers are prepared and checkpointed."""
+        o = self.config.optim
+        return {"student": RoleSpec(GENERATOR, o.generator_lr, o.max_grad_norm),
+                "fake_score": RoleSpec(FAKE_SCORE, o.fake_lr, 0.0)}
+
+    def _role_module(self, name: str) -> torch.nn.Module:
+        """Role `name`'s trainable module, from `self.roles`."""
+        return getattr(self.roles, name)
+
+    # the distillation roles by name (tests and benchmarks read them)
+    student = property(lambda self: self.modules["student"])
+    fake_score = property(lambda self: self.modules["fake_score"])
+    opt_g = property(lambda self: self.optimizers["student"])
+    opt_f = property(lambda self: self.optimizers["fake_score"])
 
     def _lr_schedulers(self, steps: int) -> dict:
         """Each optimiser's lr schedule over `steps` iterations (None: constant, no scheduler)."""
@@ -179,9 +211,9 @@ class Trainer:
         length of the run's first start, at the resumed step."""
         steps = self.state.lr_schedule_steps or self.config.train.iterations
         o = self.config.optim
-        for role, opt in self._raw_optimizers.items():
-            for group in opt.param_groups:  # a new schedule takes its base lr from initial_lr
-                group["lr"] = group["initial_lr"] = o.generator_lr if role == GENERATOR else o.fake_lr
+        for spec in self.role_specs.values():
+            for group in self._raw_optimizers[spec.optimizer].param_groups:  # a new schedule takes its base lr
+                group["lr"] = group["initial_lr"] = spec.lr                  # from initial_lr
         self.lr_schedulers = self._lr_schedulers(steps)
         if steps != self.config.train.iterations and self.accelerator.is_main_process and o.lr_scheduler != "constant":
             print(f"tdm: note: the lr schedule keeps the length of the run's first start ({steps} iterations), "
@@ -204,9 +236,9 @@ class Trainer:
                     scheduler.step()
 
     # ---- the parts of one iteration ----
-    def _accumulate_gradients(self, module: torch.nn.Module, micro: list[tuple], draws: Draws,
+    def _accumulate_gradients(self, module: torch.nn.Module, micro: list[tuple],
                               loss_of) -> tuple[torch.Tensor, list[dict]]:
-        """`module`'s gradients of the mean of `loss_of(trajectory, draws, cond)` over the micro-batches `micro`
+        """`module`'s gradients of the mean of `loss_of(rows, cond, trajectory)` over the micro-batches `micro`
         [(rows, cond, trajectory)], all-reduced once, on the last (DDP) or after it (LoRA roles); returns the
         per-sample losses and each micro-batch's logs."""
         losses, logs = [], []
@@ -214,46 +246,62 @@ class Trainer:
             last = i == len(micro) - 1
             with contextlib.nullcontext() if last else self.accelerator.no_sync(module):
                 with self.accelerator.autocast():
-                    loss, log = loss_of(traj, draw_rows(draws, rows), cond)
+                    loss, log = loss_of(rows, cond, traj)
                 self.accelerator.backward(loss.mean() / len(micro))
             losses.append(loss.detach())
             logs.append(log)
         self._average_gradients(module)
         return torch.cat(losses), logs
 
+    def role_update(self, role: str, micro: list[tuple], loss_of) -> tuple[torch.Tensor, list[dict], torch.Tensor,
+                                                                             bool]:
+        """One update of `role`: zero its gradients, accumulate those of `loss_of(rows, cond, trajectory)` over the
+        micro-batches `micro` (`_accumulate_gradients`), clip them to the role's max norm, check they are finite
+        and step its optimiser. Returns the per-sample losses, each micro-batch's logs, the gradient norm (before
+        clipping) and whether the weights changed."""
+        module, opt, spec = self.modules[role], self.optimizers[role], self.role_specs[role]
+        opt.zero_grad(set_to_none=True)
+        loss, logs = self._accumulate_gradients(module, micro, loss_of)
+        grad_norm = None
+        if spec.max_grad_norm > 0:
+            # Unscale (fp16) this optimiser's gradients only, as a plain fp16 loop does: accelerate's
+            # clip_grad_norm_ unscales every optimiser's, and another role's stale overflowed gradients would
+            # back the scale off a second time.
+            self.accelerator.unscale_gradients(opt)
+            grad_norm = sharding.full(torch.nn.utils.clip_grad_norm_(module.parameters(), spec.max_grad_norm))
+        updated = self._update(role, module, opt, loss)
+        if grad_norm is None:
+            grad_norm = sharding.full(torch.nn.utils.get_total_norm([p.grad for p in module.parameters()
+                                                                     if p.grad is not None]))
+        return loss, logs, grad_norm, updated
+
     def fake_score_step(self, micro: list[tuple], draws: Draws) -> dict:
         """One fake-score update from the micro-batches `micro` [(rows, cond, trajectory)] with `draws`."""
-        self.opt_f.zero_grad(set_to_none=True)
-        loss, logs = self._accumulate_gradients(
-            self.fake_score, micro, draws,
-            lambda traj, d, cond: self.tdm.fake_score_loss(self.fake_score, traj, d, cond))
-        self._update("fake_score", self.fake_score, self.opt_f, loss)
-        grad_norm = sharding.full(torch.nn.utils.get_total_norm([p.grad for p in self.fake_score.parameters()
-                                                        if p.grad is not None]))
+        loss, logs, grad_norm, _ = self.role_update(
+            "fake_score", micro,
+            lambda rows, cond, traj: self.tdm.fake_score_loss(self.fake_score, traj, draw_rows(draws, rows), cond))
         return {"fake/loss": loss.mean(), "fake/grad_norm": grad_norm, **mean_logs(logs),
                 **per_step_losses(loss, draws.k, "fake")}
 
     def generator_step(self, micro: list[tuple], draws: Draws, uncond) -> dict:
         """One generator update from the micro-batches `micro` [(rows, cond, trajectory)] with `draws`."""
-        teacher, fake = self.teacher, self.fake_score
-        if self.config.train.fp32_signal:  # no gradient flows through either: the unwrapped fake score will do
-            teacher, fake = autocast_off(teacher), autocast_off(self.accelerator.unwrap_model(fake))
-        self.opt_g.zero_grad(set_to_none=True)
-        loss, logs = self._accumulate_gradients(
-            self.student, micro, draws,
-            lambda traj, d, cond: self.tdm.generator_loss(self.student, teacher, fake, traj, d, cond, uncond))
-        o = self.config.optim
-        grad_norm = torch.tensor(float("nan"))
-        if o.max_grad_norm > 0:
-            # Unscale (fp16) this optimiser's gradients only, as a plain fp16 loop does: accelerate's
-            # clip_grad_norm_ unscales every optimiser's, and the fake score's stale overflowed gradients would
-            # back the scale off a second time.
-            self.accelerator.unscale_gradients(self.opt_g)
-            grad_norm = sharding.full(torch.nn.utils.clip_grad_norm_(self.student.parameters(), o.max_grad_norm))
-        if self._update("student", self.student, self.opt_g, loss) and self.ema is not None:
+        teacher, fake = self._frozen_signal()
+        loss, logs, grad_norm, updated = self.role_update(
+            "student", micro,
+            lambda rows, cond, traj: self.tdm.generator_loss(self.student, teacher, fake, traj,
+                                                             draw_rows(draws, rows), cond, uncond))
+        if updated and self.ema is not None:
             self._update_ema()
         return {"generator/loss": loss.mean(), "generator/grad_norm": grad_norm, **mean_logs(logs),
                 **per_step_losses(loss, draws.k, "generator")}
+
+    def _frozen_signal(self) -> tuple:
+        """Teacher and fake score as the generator's loss calls them: with train.fp32_signal, autocast off (no
+        gradient flows through either, so the unwrapped fake score will do)."""
+        teacher, fake = self.teacher, self.fake_score
+        if self.config.train.fp32_signal:
+            teacher, fake = autocast_off(teacher), autocast_off(self.accelerator.unwrap_model(fake))
+        return teacher, fake
 
     def _average_gradients(self, module: torch.nn.Module) -> None:
         """Mean of a LoRA role's gradients over all ranks, in one all-reduce (what DDP does for wrapped roles, and
@@ -380,9 +428,14 @@ class Trainer:
                                         self.config.train.seed, device=self.accelerator.device)
         metrics = {f"eval/{k}": v for k, v in self.backbone.metrics(samples, cond).items()}
         metrics.update(sample_statistics(samples, self._teacher_reference()))
+        metrics.update(self._stage_metrics(samples, cond))
         if trackers is not None and self.backbone.is_image:
             trackers.images({"eval/samples": image_grid(self.backbone.to_images(samples), nrow=10)}, self.state.step)
         return metrics
+
+    def _stage_metrics(self, samples: torch.Tensor, cond) -> dict:
+        """Further evaluation metrics of a training stage (the reward stage's reward and FD); none here."""
+        return {}
 
     def _teacher_reference(self) -> torch.Tensor:
         """The reference teacher's samples (the first eval.teacher_steps, the run's CFG) on the evaluation conditions,
@@ -428,8 +481,8 @@ class Trainer:
 
     # ---- checkpoints ----
     def _modules(self) -> dict:
-        mods = {"student": self.accelerator.unwrap_model(self.student),
-                "fake_score": self.accelerator.unwrap_model(self.fake_score)}
+        """The checkpoint's modules: every trainable role's, then the student's EMA."""
+        mods = {name: self.accelerator.unwrap_model(module) for name, module in self.modules.items()}
         if self.ema is not None:
             mods["student_ema"] = self.ema
         return mods
@@ -439,7 +492,7 @@ class Trainer:
         rng_states = gather_object([torch.get_rng_state()])  # one per rank, in rank order
         state = self.state
         state.checkpointed_step = state.step
-        modules, optimizers = self._modules(), {"generator": self.opt_g, "fake_score": self.opt_f}
+        modules, optimizers = self._modules(), self._checkpoint_optimizers()
         if self.sharded:  # full tensors, gathered by every rank
             modules = {name: sharding.full_state(m) for name, m in modules.items()}
             optimizers = {name: sharding.full_state(opt) for name, opt in optimizers.items()}
@@ -454,12 +507,16 @@ class Trainer:
         write_text_atomic(self.out_dir / "history.json", json.dumps(self.history))
         return path
 
+    def _checkpoint_optimizers(self) -> dict:
+        """The checkpoint's optimisers, keyed as their files are named."""
+        return {self.role_specs[name].optimizer: opt for name, opt in self.optimizers.items()}
+
     def resume(self, where: str, start_fresh: bool = False) -> Path | None:
         """Resume from a checkpoint folder, or 'auto' for the newest one in this run that loads (None if there
         is none yet: a first run under a scheduler that always passes --resume auto starts from scratch).
         'auto' moves damaged checkpoints aside (resume.py); if some exist and none loads it raises, unless
         `start_fresh`."""
-        modules, optimizers = self._modules(), {"generator": self.opt_g, "fake_score": self.opt_f}
+        modules, optimizers = self._modules(), self._checkpoint_optimizers()
         if self.sharded:  # every rank keeps its shard of the full tensors
             modules = {name: sharding.FullStateLoader(m) for name, m in modules.items()}
             optimizers = {name: sharding.FullStateLoader(opt) for name, opt in optimizers.items()}
@@ -481,7 +538,7 @@ class Trainer:
             if path is None:
                 return None
             step, rng, _ = loaded
-        self.state = TrainState.resumed(path, step, read_manifest(path).get("trainer"))
+        self.state = TrainState.resumed(path, step, read_manifest(path).get("trainer")).track(self.role_specs)
         self._restore_lr_schedules()
         rank_state = rng.get(f"torch_rank{self.accelerator.process_index}")
         if rank_state is not None:  # absent when resuming on more processes than saved the checkpoint
@@ -497,7 +554,7 @@ class Trainer:
         trackers = self.trackers
         if acc.is_main_process:
             self._record_launch()
-        bar = tqdm(total=cfg.iterations, initial=self.state.step, disable=not acc.is_main_process, desc="distill",
+        bar = tqdm(total=cfg.iterations, initial=self.state.step, disable=not acc.is_main_process, desc=self.stage,
                    mininterval=2.0)
         self._tic, self._tic_step = time.perf_counter(), self.state.step
         with StopSignals(cfg.stop_signals) as stop:
@@ -561,7 +618,8 @@ class Trainer:
 
     def close(self):
         """Tear down cleanly (avoids an abort at exit of multi-process CPU runs; environment.md 5)."""
-        del self.student, self.fake_score, self.opt_g, self.opt_f
+        self.modules.clear()
+        self.optimizers.clear()
         gc.collect()
         self.accelerator.end_training()
 

@@ -20,7 +20,9 @@ from .harness import feature_space
 
 CURVES = ("fake/loss", "generator/loss", "generator/teacher_fake_gap", "generator/grad_norm",
           ("student/x0_mean", "student/x0_std"), ("eval/student_std", "eval/teacher_std"),
-          ("eval/student_mean", "eval/teacher_mean"), "eval/saturation")
+          ("eval/student_mean", "eval/teacher_mean"), "eval/saturation",
+          # the reward stage's (tdm reward; absent from a distillation run's history, so not drawn there)
+          ("reward/mean", "eval/reward_mean"), "eval/fd_teacher", "reward_model/loss", "reward_model/drift")
 
 
 def evaluate_distillation(trainer) -> dict:
