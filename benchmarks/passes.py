@@ -7,7 +7,7 @@ tdm's iteration runs each sample's rollout only as deep as its draws and takes t
 from it (about 7.1F + 2B at K = 4); `tdm-recompute` is train.generator_forward=recompute (about 7.75F + 2B).
 A backward is counted in samples / batch, as a forward is.
 
-    python benchmarks/passes.py [--backbone digits|mid] [--batch 64] [--repeats 7] [--out runs/bench]
+    python benchmarks/passes.py [--backbone digits|mid] [--batch 64] [--repeats 7] [--block 5] [--out runs/bench]
 
 `mid` is the mid-size UNet2DConditionModel of benchmarks/roles_memory.py (SD1.5's layout at 0.4x its width).
 """
@@ -139,6 +139,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--counted", type=int, default=20, help="iterations whose passes are counted")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--block", type=int, default=5, help="iterations per timed block")
     parser.add_argument("--out", default="runs/bench")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -170,7 +171,7 @@ def main():
                               for role in per_iter[0]},
         }
 
-    # Time: warm up, then interleave the schedules; median of `repeats` blocks of 5 iterations. Wall time and
+    # Time: warm up, then interleave the schedules; median of `repeats` blocks of `block` iterations. Wall time and
     # the process's CPU time: at one thread they agree on a quiet machine, and CPU time is what survives sharing it.
     times = {name: [] for name in schedules}
     cpu_times = {name: [] for name in schedules}
@@ -179,10 +180,10 @@ def main():
     for _ in range(args.repeats):
         for name, fn in schedules.items():
             tic, cpu_tic = time.perf_counter(), time.process_time()
-            for _ in range(5):
+            for _ in range(args.block):
                 fn(tdm, roles, opts, inputs, g)
-            times[name].append((time.perf_counter() - tic) / 5)
-            cpu_times[name].append((time.process_time() - cpu_tic) / 5)
+            times[name].append((time.perf_counter() - tic) / args.block)
+            cpu_times[name].append((time.process_time() - cpu_tic) / args.block)
     med = {name: statistics.median(v) for name, v in times.items()}
     cpu_med = {name: statistics.median(v) for name, v in cpu_times.items()}
 

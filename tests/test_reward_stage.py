@@ -1,6 +1,8 @@
 """Reward post-training (tdm reward, tdm.reward_stage): it starts from a distillation run's student, trains the three
 roles, resumes bit-exactly after an interruption, and exports the student as distillation does."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -78,7 +80,7 @@ def test_reward_stage_refuses_groups_that_do_not_fit_the_batch(tmp_path, capsys)
         RewardTrainer(config, tmp_path)
 
 
-def test_tiny_diffusers_reward_stage_with_lora_roles_resumes_exactly_and_exports(tmp_path, tiny_dirs):
+def test_tiny_diffusers_reward_stage_with_lora_roles_resumes_exactly_and_exports(tmp_path, tiny_dirs, monkeypatch):
     from tiny_diffusers import PROMPTS, cli_sets, tiny_overrides
 
     prompts = tmp_path / "prompts.txt"
@@ -92,6 +94,21 @@ def test_tiny_diffusers_reward_stage_with_lora_roles_resumes_exactly_and_exports
     last = _resumes_exactly(start, tmp_path, "jpeg-compressibility", overrides)
     assert main(["export", "--checkpoint", str(last), "--out", str(tmp_path / "export")]) == 0
     assert list((tmp_path / "export").rglob("*.safetensors"))
+
+    # a reward that reads the text gets each sample's prompt, the same for a whole group
+    (tmp_path / "prompt_reward.py").write_text(
+        "import json\n"
+        "def prompt_length(images, conditions, prompts):\n"
+        "    with open('seen.json', 'a') as f:\n"
+        "        f.write(json.dumps(prompts) + '\\n')\n"
+        "    return [float(len(p)) for p in prompts]\n")
+    monkeypatch.chdir(tmp_path)
+    assert _reward(start, tmp_path / "prompted", "prompt_reward:prompt_length", [*overrides, "train.batch_size=4"],
+                   1) == 0
+    seen = [json.loads(line) for line in (tmp_path / "seen.json").read_text().splitlines()]
+    batch = seen[0]
+    assert len(batch) == 4 and set(batch) <= set(PROMPTS)
+    assert all(batch[i] == batch[i + 1] for i in range(0, len(batch), 2))  # groups of reward.group_size=2
 
 
 def test_the_safeguard_warns_when_the_reward_rises_while_fd_to_the_teacher_passes_its_bound(tmp_path):

@@ -109,8 +109,9 @@ class RewardTrainer(Trainer):
         acc = self.accelerator
         g = step_generator(cfg.train.seed, acc.process_index, self.state.step)
         B, G = cfg.train.batch_size, r.group_size
-        cond = map_cond(lambda v: v.repeat_interleave(G, 0), self.backbone.sample_conditions(B // G, g))
-        cond = cond_to(cond, acc.device)
+        cond, prompts = self.backbone.sample_prompted_conditions(B // G, g)
+        cond = cond_to(map_cond(lambda v: v.repeat_interleave(G, 0), cond), acc.device)
+        prompts = prompts and [p for p in prompts for _ in range(G)]
         group = torch.arange(B // G, device=acc.device).repeat_interleave(G)
         noise = torch.randn((B, *self.backbone.sample_shape), generator=g).to(acc.device)
         uncond = cond_to(self.backbone.null_condition(B), acc.device)
@@ -123,7 +124,7 @@ class RewardTrainer(Trainer):
 
         with acc.autocast():
             traj = self.tdm.student_trajectory(self.student, noise, cond, 1, K)
-        rewards = score(self.reward, self.backbone.to_images(traj.x0[1]), cond, None, r.name).to(acc.device)
+        rewards = score(self.reward, self.backbone.to_images(traj.x0[1]), cond, prompts, r.name).to(acc.device)
         all_rewards = acc.gather(rewards)
         advantages = group_advantages(rewards, group, r.advantage_std, r.advantage_clip,
                                       global_std=all_rewards.std(unbiased=False))
@@ -246,7 +247,8 @@ class RewardTrainer(Trainer):
     def _stage_metrics(self, samples: torch.Tensor, cond) -> dict:
         """The reward's mean and spread on the evaluation samples and their FD to the teacher's reference samples
         (eval.teacher_steps[0] steps, in the backbone's features): the trade-off a user watches."""
-        scores = score(self.reward, self.backbone.to_images(samples), cond, None, self.config.reward.name)
+        prompts = self.backbone.evaluation_prompts(samples.shape[0])  # the text of the evaluation conditions
+        scores = score(self.reward, self.backbone.to_images(samples), cond, prompts, self.config.reward.name)
         fd = frechet_distance(self.backbone.features(samples), self.backbone.features(self._teacher_reference()))
         return {"eval/reward_mean": float(scores.mean()), "eval/reward_std": float(scores.std(unbiased=False)),
                 "eval/fd_teacher": fd}

@@ -52,6 +52,11 @@ class Backbone(ABC):
     def sample_conditions(self, batch: int, generator: torch.Generator) -> Cond:
         """A training batch of conditions (the 'prompts'), drawn with `generator`."""
 
+    def sample_prompted_conditions(self, batch: int, generator: torch.Generator) -> tuple[Cond, list[str] | None]:
+        """`sample_conditions` (the same draw) and the prompts they encode, for rewards that read text (None: no
+        text, e.g. class labels)."""
+        return self.sample_conditions(batch, generator), None
+
     @abstractmethod
     def null_condition(self, batch: int) -> Cond:
         """The unconditional (empty-prompt) conditioning for classifier-free guidance."""

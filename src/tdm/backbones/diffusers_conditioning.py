@@ -77,6 +77,9 @@ class DiffusersConditioning:
     def sample_conditions(self, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
         return self.conditions.sample(batch, generator)
 
+    def sample_prompted_conditions(self, batch: int, generator: torch.Generator) -> tuple[dict[str, Tensor], list[str]]:
+        return self.conditions.sample_with_prompts(batch, generator)
+
     def null_condition(self, batch: int) -> dict[str, Tensor]:
         return self.conditions.null(batch)
 

@@ -65,10 +65,15 @@ class PromptConditions:
 
     def sample(self, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
         """`batch` training prompts drawn uniformly with `generator`, encoded."""
+        return self.sample_with_prompts(batch, generator)[0]
+
+    def sample_with_prompts(self, batch: int, generator: torch.Generator) -> tuple[dict[str, Tensor], list[str]]:
+        """`sample`'s conditions (the same draw) and the prompts they encode."""
         if not self.prompts:
             raise ConfigError(f"backbone.prompts: the {self.family} teacher has no training prompts")
         index = torch.randint(len(self.prompts), (batch,), generator=generator, device=generator.device)
-        return self.encode([self.prompts[i] for i in index.tolist()])
+        prompts = [self.prompts[i] for i in index.tolist()]
+        return self.encode(prompts), prompts
 
     def evaluation_prompts(self, num_samples: int) -> list[str]:
         """The training prompts in order, cycled to `num_samples` (fixed for every sampler)."""
