@@ -5,7 +5,6 @@ single process draws, from the same weights; later losses follow the ranks' aver
 run resumed with `--resume auto` (or from a checkpoint) ends bit for bit as an uninterrupted one; a 2-process
 checkpoint resumes in one process."""
 
-import contextlib
 import json
 import os
 import signal
@@ -194,64 +193,10 @@ def test_tiny_sd3_fsdp_matches_one_process_and_resumes_bit_for_bit(roles, two_pr
     assert _first_fake_loss(straight) == pytest.approx(single, rel=1e-5)
 
 
-class _Buffered(torch.nn.Module):
-    """Two sharded units and a buffer outside the state dict (as diffusers' sin-cos position embeddings)."""
-
-    def __init__(self):
-        super().__init__()
-        self.blocks = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(2))
-        self.register_buffer("scale", torch.linspace(0.5, 1.5, 8), persistent=False)
-
-    def forward(self, x, t, cond):
-        for block in self.blocks:
-            x = block(x) * self.scale
-        return x
-
-
-def _roles_loaded_by_rank0_worker() -> None:
-    """Under torchrun (2 ranks): for both strategies, rank 0 builds the roles on real weights with nonzero LoRA B
-    matrices, rank 1 on meta; once sharded with from_rank0, every rank's roles and EMA compute what unsharded ones
-    built from rank 0's weights compute, and the base fingerprint is rank 0's."""
-    import torch.distributed as dist
-
-    from tdm.roles import Roles
-    from tdm.sharding import FSDPSettings, shard_roles
-
-    dist.init_process_group("gloo")
-    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
-
-    def build(strategy: str, meta: bool) -> Roles:
-        torch.manual_seed(0)
-        with torch.device("meta") if meta else contextlib.nullcontext():
-            teacher = _Buffered()
-        roles = Roles.separate_copies(teacher, teacher) if strategy == "separate" else \
-            Roles.lora(teacher, teacher, 2, 2.0, ("blocks.0", "blocks.1"))
-        if roles.shared is not None and not meta:
-            with torch.no_grad():
-                for name, p in roles.shared.base.named_parameters():
-                    if "lora_B" in name:
-                        p.copy_(torch.linspace(-0.2, 0.3, p.numel()).view_as(p) * (1 + ("fake" in name)))
-        return roles
-
-    for strategy in ("lora", "separate"):
-        reference, roles = build(strategy, False), build(strategy, dist.get_rank() > 0)
-        ema = roles.student_ema()
-        shard_roles(roles, ema, FSDPSettings(from_rank0=True), None)
-        with torch.no_grad():
-            for name in ("teacher", "student", "fake_score"):
-                expected = getattr(reference, name)(x, None, None)
-                assert torch.allclose(getattr(roles, name)(x, None, None), expected, atol=1e-6), (strategy, name)
-            assert torch.allclose(ema(x, None, None), reference.student(x, None, None), atol=1e-6), strategy
-        assert roles.base_fingerprint == reference.base_fingerprint, strategy
-    dist.destroy_process_group()
-
-
 def test_roles_loaded_by_rank0_compute_on_every_rank_what_a_full_load_does(tmp_path):
+    """fsdp_cpu_ram_efficient_loading's sharding step on a network with a buffer outside its state dict, for both
+    strategies (tests/rank0_loading_worker.py asserts on every rank)."""
     torchrun = Path(sys.executable).parent / "torchrun"
-    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", __file__], env=ENV, capture_output=True,
-                            text=True, timeout=120, cwd=tmp_path)
+    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(ROOT / "tests" / "rank0_loading_worker.py")],
+                            env=ENV, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-
-
-if __name__ == "__main__":
-    _roles_loaded_by_rank0_worker()

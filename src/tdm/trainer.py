@@ -133,13 +133,13 @@ class Trainer:
         if config.train.compile:
             require_compiler(self.accelerator.device)  # before loading anything
         # fsdp_cpu_ram_efficient_loading: rank 0 loads the weights, the others build the network to shard on meta
-        on_meta = self.sharded and fsdp.from_rank0 and backbone is None and not self.accelerator.is_main_process
-        with denoiser_on_meta(on_meta):
+        from_rank0 = self.sharded and fsdp.from_rank0
+        with denoiser_on_meta(from_rank0 and backbone is None and not self.accelerator.is_main_process):
             self.backbone = backbone or build_backbone(config.backbone)
         check_validation(self.backbone, config.train.validation_every, config.train.validation_prompts)
         self.tdm = TDM(self.backbone.schedule, self.backbone.prediction, config.tdm, self.backbone.guidance_rule)
         self.roles = roles = Roles.from_config(config, self.backbone)
-        if not on_meta:  # meta networks reach the device when sharded
+        if not from_rank0:  # else fully_shard moves rank 0's networks to the device unit by unit, as shards
             roles.to(self.accelerator.device)
         self.teacher = roles.teacher
         self.ema = roles.student_ema() if config.train.ema_decay > 0 else None
