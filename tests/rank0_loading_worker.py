@@ -5,6 +5,7 @@
 and exits non-zero (an assertion on some rank) when a rank's roles differ from a full load's."""
 
 import contextlib
+import gc
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,7 @@ def main() -> None:
     """Under torchrun (2 ranks): for both strategies, rank 0 builds the roles on real weights with nonzero LoRA B
     matrices, rank 1 on meta; once sharded with from_rank0, every rank's roles and EMA compute what unsharded ones
     built from rank 0's weights compute, and the base fingerprint is rank 0's."""
+    torch.set_num_threads(1)
     dist.init_process_group("gloo")
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
 
@@ -57,6 +59,8 @@ def main() -> None:
                 assert torch.allclose(getattr(roles, name)(x, None, None), expected, atol=1e-6), (strategy, name)
             assert torch.allclose(ema(x, None, None), reference.student(x, None, None), atol=1e-6), strategy
         assert roles.base_fingerprint == reference.base_fingerprint, strategy
+    del reference, roles, ema  # sharded modules go before the process group (environment.md 5: exit aborts)
+    gc.collect()
     dist.destroy_process_group()
 
 
