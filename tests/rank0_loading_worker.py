@@ -10,8 +10,9 @@ import gc
 import torch
 import torch.distributed as dist
 
+from tdm.errors import TDMError
 from tdm.roles import Roles
-from tdm.sharding import FSDPSettings, shard_roles
+from tdm.sharding import FSDPSettings, rank0_state, shard_roles
 
 
 class Buffered(torch.nn.Module):
@@ -31,7 +32,8 @@ class Buffered(torch.nn.Module):
 def main() -> None:
     """Under torchrun (2 ranks): for both strategies, rank 0 builds the roles on real weights with nonzero LoRA B
     matrices, rank 1 on meta; once sharded with from_rank0, every rank's roles and EMA compute what unsharded ones
-    built from rank 0's weights compute, and the base fingerprint is rank 0's."""
+    built from rank 0's weights compute, and the base fingerprint is rank 0's; a network unlike rank 0's is an
+    error on every rank."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
@@ -59,6 +61,14 @@ def main() -> None:
                 assert torch.allclose(getattr(roles, name)(x, None, None), expected, atol=1e-6), (strategy, name)
             assert torch.allclose(ema(x, None, None), reference.student(x, None, None), atol=1e-6), strategy
         assert roles.base_fingerprint == reference.base_fingerprint, strategy
+    odd = Buffered()  # rank 1's network has another shape than rank 0's: every rank stops with the error
+    if dist.get_rank() > 0:
+        odd.blocks[1] = torch.nn.Linear(8, 8, bias=False, device="meta")
+    try:
+        rank0_state(odd)
+        raise AssertionError("a network unlike rank 0's was accepted")
+    except TDMError as err:
+        assert str(err).startswith("fsdp_config.fsdp_cpu_ram_efficient_loading: the Buffered"), err
     del reference, roles, ema  # sharded modules go before the process group (environment.md 5: exit aborts)
     gc.collect()
     dist.destroy_process_group()

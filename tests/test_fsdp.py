@@ -195,7 +195,7 @@ def test_tiny_sd3_fsdp_matches_one_process_and_resumes_bit_for_bit(roles, two_pr
 
 def test_roles_loaded_by_rank0_compute_on_every_rank_what_a_full_load_does(tmp_path):
     """fsdp_cpu_ram_efficient_loading's sharding step on a network with a buffer outside its state dict, for both
-    strategies (tests/rank0_loading_worker.py asserts on every rank)."""
+    strategies, and a rank whose network differs from rank 0's (tests/rank0_loading_worker.py asserts on every rank)."""
     torchrun = Path(sys.executable).parent / "torchrun"
     result = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(ROOT / "tests" / "rank0_loading_worker.py")],
                             env=ENV, capture_output=True, text=True, timeout=120, cwd=tmp_path)

@@ -199,10 +199,11 @@ def rank0_state(network: nn.Module) -> dict[str, torch.Tensor]:
     layout = _from_rank0({name: (tuple(t.shape), t.dtype) for name, t in tensors.items()})
     differ = sorted(name for name, t in tensors.items() if layout.get(name, (None,))[0] != tuple(t.shape))
     differ += sorted(layout.keys() - tensors.keys())
-    if differ:
-        raise TDMError(f"fsdp_config.fsdp_cpu_ram_efficient_loading: the {type(network).__name__} rank "
-                       f"{torch.distributed.get_rank()} built from its config differs from rank 0's loaded one in "
-                       f"{differ[:3]}; set fsdp_cpu_ram_efficient_loading: false")
+    if not all_ranks_true(torch.tensor(not differ)):  # every rank stops, none waits in a collective
+        where = f"rank {torch.distributed.get_rank()}'s, in {differ[:3]}" if differ else "another rank's"
+        raise TDMError(f"fsdp_config.fsdp_cpu_ram_efficient_loading: the {type(network).__name__} built from its "
+                       f"config ({where}) differs from the one rank 0 loaded; set fsdp_cpu_ram_efficient_loading: "
+                       f"false")
     for name, t in tensors.items():
         if t.is_meta and t.dtype != layout[name][1]:
             t.data = t.data.to(layout[name][1])
