@@ -1,14 +1,16 @@
 """Per-rank memory of FSDP2 training (tdm.sharding) on two CPU processes (gloo), for `tdm plan`'s validation.
 
-The UNets of benchmarks/roles_memory.py (tiny, mid), roles lora and separate: every rank builds the whole teacher
-and its roles (tdm does not load sharded yet), shards them as the trainer does (tdm.sharding.shard_roles), then
-runs `--iterations` TDM iterations (passes.tdm_iteration, the same draws on both ranks). Recorded per rank, from
-/proc/self/status, relative to the resident set before the model is built:
-- `load_peak_mib`: the peak while building and sharding (the whole model on every rank's host);
+The UNets of benchmarks/roles_memory.py (tiny, mid), roles lora and separate, and two ways of loading:
+`every-rank` (every rank builds the whole teacher and its roles) and `rank0` (fsdp_cpu_ram_efficient_loading: rank 0
+builds them, rank 1 builds them on the meta device and receives its shards of rank 0's weights); each shards them
+as the trainer does (tdm.sharding.shard_roles), then runs `--iterations` TDM iterations (passes.tdm_iteration, the
+same draws on both ranks). Recorded per rank, from /proc/self/status, relative to the resident set before the model
+is built:
+- `load_peak_mib`: the peak while building and sharding (every-rank: the whole model on every rank's host);
 - `peak_mib`: the peak of training, the high-water mark reset (/proc/self/clear_refs) once the roles are sharded;
 - `gathered_after_no_grad_bytes`: weights left gathered after a no-grad call of the teacher and of the fake score
   (FSDP2 keeps a root module gathered after its forward unless told to reshard; tdm.sharding tells it to).
-Each (config, strategy) runs in a fresh `torchrun --nproc_per_node 2`.
+Each (config, strategy, loading) runs in a fresh `torchrun --nproc_per_node 2`.
 
     MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/fsdp_memory.py --configs tiny mid --out benchmarks/results
 """
@@ -16,7 +18,9 @@ Each (config, strategy) runs in a fresh `torchrun --nproc_per_node 2`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import itertools
 import json
 import os
 import subprocess
@@ -29,6 +33,7 @@ from roles_memory import CONFIGS, LORA, TextUNet, _status_mib
 from tdm.files import write_text_atomic
 
 STRATEGIES = ("lora", "separate")
+LOADINGS = ("every-rank", "rank0")
 
 
 def gathered_bytes(modules) -> int:
@@ -48,7 +53,7 @@ def gathered_bytes(modules) -> int:
     return total
 
 
-def worker(config: str, strategy: str, iterations: int, batch: int, out: Path) -> None:
+def worker(config: str, strategy: str, loading: str, iterations: int, batch: int, out: Path) -> None:
     import torch.distributed as dist
     from diffusers import UNet2DConditionModel
 
@@ -71,10 +76,12 @@ def worker(config: str, strategy: str, iterations: int, batch: int, out: Path) -
               TDMConfig(num_steps=4, total_steps=1000, guidance_scale=2.0))
     start_rss = _status_mib("VmRSS")
     torch.manual_seed(0)
-    teacher = TextUNet(UNet2DConditionModel(**kwargs))
+    on_meta = loading == "rank0" and rank > 0
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        teacher = TextUNet(UNet2DConditionModel(**kwargs))
     roles = (Roles.separate_copies(teacher, teacher) if strategy == "separate" else
              Roles.lora(teacher, teacher, LORA["rank"], LORA["alpha"], LORA["targets"]))
-    shard_roles(roles, None, FSDPSettings(), None)
+    shard_roles(roles, None, FSDPSettings(from_rank0=loading == "rank0"), None)
     gc.collect()
     load_peak = _status_mib("VmHWM") - start_rss
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
@@ -89,7 +96,7 @@ def worker(config: str, strategy: str, iterations: int, batch: int, out: Path) -
         for name, role in (("teacher", roles.teacher), ("fake_score", roles.fake_score)):
             role(noise, torch.full((batch,), 500.0), cond)
             after[name] = gathered_bytes(networks)
-    row = {"config": config, "strategy": strategy, "processes": dist.get_world_size(), "rank": rank,
+    row = {"config": config, "strategy": strategy, "loading": loading, "processes": dist.get_world_size(), "rank": rank,
            "batch": batch, "iterations": iterations, "generator_forward": "rollout",
            "load_peak_mib": load_peak, "peak_mib": peak, "gathered_after_no_grad_bytes": after}
     rows = [None] * dist.get_world_size()
@@ -105,28 +112,28 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["tiny", "mid"], choices=list(CONFIGS))
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--loadings", nargs="+", default=list(LOADINGS), choices=LOADINGS)
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "STRATEGY", "FILE"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=4, metavar=("CONFIG", "STRATEGY", "LOADING", "FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker[0], args.worker[1], args.iterations, args.batch, Path(args.worker[2]))
+        return worker(*args.worker[:3], args.iterations, args.batch, Path(args.worker[3]))
     torchrun = Path(sys.executable).parent / "torchrun"
     out = Path(args.out)
     rows = []
-    for config in args.configs:
-        for strategy in args.strategies:
-            part = out / f".fsdp_memory_{config}_{strategy}.json"
-            subprocess.run([str(torchrun), "--nproc_per_node", "2", __file__, "--iterations", str(args.iterations),
-                            "--batch", str(args.batch), "--worker", config, strategy, str(part)],
-                           env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
-            for row in json.loads(part.read_text()):
-                rows.append(row)
-                print(f"{config:5} {strategy:9} rank {row['rank']}: load peak {row['load_peak_mib']:8.1f} MiB, "
-                      f"training peak {row['peak_mib']:8.1f} MiB, gathered after no-grad calls "
-                      f"{row['gathered_after_no_grad_bytes']}", flush=True)
-            part.unlink()
+    for config, strategy, loading in itertools.product(args.configs, args.strategies, args.loadings):
+        part = out / f".fsdp_memory_{config}_{strategy}_{loading}.json"
+        subprocess.run([str(torchrun), "--nproc_per_node", "2", __file__, "--iterations", str(args.iterations),
+                        "--batch", str(args.batch), "--worker", config, strategy, loading, str(part)],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
+        for row in json.loads(part.read_text()):
+            rows.append(row)
+            print(f"{config:5} {strategy:9} {loading:10} rank {row['rank']}: load peak {row['load_peak_mib']:8.1f} "
+                  f"MiB, training peak {row['peak_mib']:8.1f} MiB, gathered after no-grad calls "
+                  f"{row['gathered_after_no_grad_bytes']}", flush=True)
+        part.unlink()
     result = {"command": " ".join(["python benchmarks/fsdp_memory.py", *sys.argv[1:]]),
               "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default"),
               "device": "cpu", "rows": rows}

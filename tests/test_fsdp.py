@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from tdm.checkpoint import latest_checkpoint
 from tdm.config import load_config
 from tdm.launch import LaunchError
-from tdm.sharding import launch_settings
+from tdm.sharding import check_config, launch_settings
 from tdm.trainer import Trainer
 from tiny_diffusers import PROMPTS, save_tiny, tiny_overrides
 
@@ -61,6 +61,13 @@ def test_fsdp_settings_tdm_does_not_implement_are_one_line_errors_naming_the_key
     monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "false")
     monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "ResBlock, BasicTransformerBlock")
     assert launch_settings().unit_classes == ("ResBlock", "BasicTransformerBlock")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    settings = launch_settings()
+    assert settings.from_rank0
+    check_config(load_config("digits-demo"), "no", settings)  # digits builds on meta
+    with pytest.raises(LaunchError, match=r"^fsdp_config.fsdp_cpu_ram_efficient_loading: backbone toy-gmm .*"
+                                          r"set it to false$"):
+        check_config(load_config("toy-gmm"), "no", settings)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     assert launch_settings() is None
 
@@ -71,6 +78,16 @@ def two_process_config(tmp_path_factory) -> Path:
     config = yaml.safe_load(EXAMPLE.read_text())
     config.update(num_processes=2, mixed_precision="no")
     path = tmp_path_factory.mktemp("accelerate") / "fsdp-2.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def rank0_loading_config(two_process_config) -> Path:
+    """The 2-process config with fsdp_cpu_ram_efficient_loading: rank 1 builds the networks on meta."""
+    config = yaml.safe_load(two_process_config.read_text())
+    config["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] = True
+    path = two_process_config.with_name("fsdp-2-rank0-loading.yaml")
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -155,14 +172,31 @@ def tiny_sd3(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("roles", ["lora", "separate"])
-def test_tiny_sd3_fsdp_matches_one_process_and_resumes_bit_for_bit(roles, two_process_config, tiny_sd3, tmp_path):
-    """SD3's preset (gradient checkpointing on) on a tiny pipeline: a 2-iteration run, and the same run resumed
-    from its first checkpoint in another folder."""
+def test_tiny_sd3_fsdp_matches_one_process_and_resumes_bit_for_bit(roles, two_process_config, rank0_loading_config,
+                                                                  tiny_sd3, tmp_path):
+    """SD3's preset (gradient checkpointing on) on a tiny pipeline: a 2-iteration run, the same run resumed from
+    its first checkpoint in another folder, and the same run loaded by rank 0 alone (fsdp_cpu_ram_efficient_loading:
+    rank 1 builds the transformer on meta and receives its shards of rank 0's weights): both end bit for bit as the
+    first, so every rank's shards (whose gradients both ranks' updates average) compute what a full load does."""
     overrides = [*tiny_overrides("sd3", tiny_sd3), f"train.roles={roles}", "train.eval_every=0"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight, resumed, rank0 = tmp_path / "straight", tmp_path / "resumed", tmp_path / "rank0"
     _run(_launch(two_process_config, "sd3-medium-lora", straight, overrides))
     _run(_launch(two_process_config, "sd3-medium-lora", resumed, overrides, "--resume",
                  str(straight / "checkpoints" / "step_0000001")))
     _assert_same(straight / "checkpoints" / "step_0000002", resumed / "checkpoints" / "step_0000002")
+    _run(_launch(rank0_loading_config, "sd3-medium-lora", rank0, overrides))
+    _assert_same(straight / "checkpoints" / "step_0000002", rank0 / "checkpoints" / "step_0000002")
+    assert _first_fake_loss(rank0) == _first_fake_loss(straight)
+    state = [json.loads((run / "checkpoints" / "step_0000002" / "state.json").read_text()) for run in (straight, rank0)]
+    assert state[0].get("base_fingerprint") == state[1].get("base_fingerprint")  # lora: rank 0's; separate: None
     single = _single_process_fake_loss("sd3-medium-lora", [*overrides, "train.report_to=none"], tmp_path / "single")
     assert _first_fake_loss(straight) == pytest.approx(single, rel=1e-5)
+
+
+def test_roles_loaded_by_rank0_compute_on_every_rank_what_a_full_load_does(tmp_path):
+    """fsdp_cpu_ram_efficient_loading's sharding step on a network with a buffer outside its state dict, for both
+    strategies, and a rank whose network differs from rank 0's (tests/rank0_loading_worker.py asserts on every rank)."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(ROOT / "tests" / "rank0_loading_worker.py")],
+                            env=ENV, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -269,6 +269,11 @@ def check_backbone_matches(config: BackboneConfig, backbone: Backbone) -> None:
                           f"{type(backbone).__name__}")
 
 
+def builds_on_meta(name: str) -> bool:
+    """Whether backbone `name`'s loader honours tdm.meta_init (a denoising network built on the meta device)."""
+    return name == "digits" or name in DIFFUSERS_FAMILIES
+
+
 def build_backbone(config: BackboneConfig) -> Backbone:
     if config.name not in BACKBONES:
         target = own_backbone_target(config.name)

@@ -28,6 +28,7 @@ from .config import Config
 from .core.algorithm import FAKE_SCORE
 from .core.algorithm import STUDENT as STUDENT_ROLE
 from .errors import ConfigError, TDMError
+from .meta_init import on_meta
 from .step_conditioning import accept_earlier_layout, condition_for_role, initial_network
 
 if TYPE_CHECKING:
@@ -138,7 +139,10 @@ class SharedBase:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self.base, self.seed = base.eval().requires_grad_(False), seed
-        self.fingerprint = base_fingerprint(base)
+        # A base on meta (sharded loading, tdm.meta_init) gets rank 0's fingerprint and adapters when its weights
+        # arrive (tdm.sharding); its adapters stay on meta too.
+        self.on_meta = on_meta(base)
+        self.fingerprint = None if self.on_meta else base_fingerprint(base)
         self.config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=resolve_targets(base, targets))
         for name in adapters:
             self.add_adapter(name)
@@ -152,7 +156,8 @@ class SharedBase:
         """Inject LoRA adapter `name` (B = 0: the base's output is unchanged) with trainable fp32 weights."""
         from peft import inject_adapter_in_model
 
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        placement = torch.device("meta") if self.on_meta else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), placement:
             torch.manual_seed(self.seed)  # the same initial LoRA weights on every rank and in every run
             warnings.filterwarnings("ignore", "Already found a `peft_config`")  # several adapters are the point
             inject_adapter_in_model(self.config, self.base, adapter_name=name)

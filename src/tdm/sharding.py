@@ -19,13 +19,18 @@ Gradients are reduce-scattered by FSDP during the backward (mean over ranks), so
 shard of its weight shard; optimisers, clipping, the EMA and the non-finite checks work on the shards (DTensors).
 Checkpoints hold full tensors (`full_state` gathers them on every rank; `FullStateLoader` keeps each rank's
 shard of them), so a run resumes on any process count.
+
+With fsdp_cpu_ram_efficient_loading, rank 0 alone loads the teacher's weights; the other ranks build the networks
+to shard on the meta device (tdm.meta_init) and the roles on them as rank 0 does. `shard_roles` then gives their
+meta tensors rank 0's dtypes, shards every network, and sends rank 0's weights, tensor by tensor, into each rank's
+shards (torch.distributed.checkpoint's broadcast from rank 0), buffers outside the state dict and the shared
+base's fingerprint too; so a rank > 0 never holds more than its shards and one full tensor.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,8 +38,10 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .errors import ConfigError
+from .errors import ConfigError, TDMError
 from .launch import LaunchError
+from .meta_init import on_meta
+from .registry import builds_on_meta
 from .roles import AdapterView, Roles
 
 MIXED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,6 +54,7 @@ class FSDPSettings:
     offload_params: bool = False
     unit_classes: tuple[str, ...] = ()  # fsdp_transformer_layer_cls_to_wrap; () = the networks' own blocks
     whole_networks: bool = False  # fsdp_auto_wrap_policy NO_WRAP: no units, each network is one
+    from_rank0: bool = False  # fsdp_cpu_ram_efficient_loading: ranks > 0 build on meta and receive rank 0's weights
 
 
 def _flag(name: str, default: str = "false") -> bool:
@@ -65,9 +73,6 @@ def launch_settings() -> FSDPSettings | None:
         raise LaunchError("fsdp_config.fsdp_activation_checkpointing: tdm checkpoints the diffusers families' "
                           "blocks itself (the LoRA roles route the recomputation through their adapter); set it to "
                           "false and set backbone.gradient_checkpointing=true")
-    if _flag("FSDP_CPU_RAM_EFFICIENT_LOADING") and os.environ.get("RANK", "0") == "0":
-        print("tdm: warning: fsdp_config.fsdp_cpu_ram_efficient_loading is not implemented by tdm: every rank "
-              "loads the whole teacher on the host before sharding it", file=sys.stderr)
     policy = os.environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
     if policy not in ("TRANSFORMER_BASED_WRAP", "NO_WRAP"):
         raise LaunchError(f"fsdp_config.fsdp_auto_wrap_policy: tdm shards TRANSFORMER_BASED_WRAP units (the "
@@ -77,7 +82,8 @@ def launch_settings() -> FSDPSettings | None:
     return FSDPSettings(reshard_after_forward=_flag("FSDP_RESHARD_AFTER_FORWARD", "true"),
                         offload_params=_flag("FSDP_OFFLOAD_PARAMS"),
                         unit_classes=tuple(c.strip() for c in classes.split(",") if c.strip()),
-                        whole_networks=policy == "NO_WRAP")
+                        whole_networks=policy == "NO_WRAP",
+                        from_rank0=_flag("FSDP_CPU_RAM_EFFICIENT_LOADING"))
 
 
 @contextlib.contextmanager
@@ -92,8 +98,12 @@ def accelerate_without_fsdp() -> Iterator[None]:
             os.environ["ACCELERATE_USE_FSDP"] = saved
 
 
-def check_config(config, mixed_precision: str) -> None:
+def check_config(config, mixed_precision: str, settings: FSDPSettings) -> None:
     """Training options that do not combine with FSDP here, before anything is loaded."""
+    if settings.from_rank0 and not builds_on_meta(config.backbone.name):
+        raise LaunchError(f"fsdp_config.fsdp_cpu_ram_efficient_loading: backbone {config.backbone.name} cannot be "
+                          f"built without its weights on ranks > 0 (supported: digits and the diffusers families); "
+                          f"set it to false")
     if config.train.compile:
         raise ConfigError("train.compile: not supported under FSDP by tdm yet; set train.compile=false")
     if mixed_precision == "fp16":
@@ -153,18 +163,67 @@ def shard_network(network: nn.Module, settings: FSDPSettings, mixed_precision: s
 
 def shard_roles(roles: Roles, ema: nn.Module | None, settings: FSDPSettings, mixed_precision: str | None) -> None:
     """Shard every network of `roles` (and the student's EMA) in place; the LoRA views then hold the sharded
-    adapter weights."""
+    adapter weights. `settings.from_rank0`: rank 0's weights are every rank's (the others' may be on meta)."""
     networks = [roles.shared.base] if roles.shared is not None else [roles.student, roles.fake_score]
     if ema is not None and roles.shared is None:
         networks.append(ema)
     if not isinstance(roles.teacher, AdapterView):
         networks.append(roles.teacher)
+    rank0_states = [rank0_state(network) for network in networks] if settings.from_rank0 else []
     for network in networks:
         shard_network(network, settings, mixed_precision)
+    for network, state in zip(networks, rank0_states):
+        load_from_rank0(network, state)
+    if settings.from_rank0 and roles.shared is not None:
+        roles.shared.fingerprint = _from_rank0(roles.shared.fingerprint)
     if roles.shared is not None:
         for view in (roles.student, roles.fake_score, ema):
             if view is not None:
                 view.rebind()
+
+
+def _from_rank0(value):
+    """Rank 0's `value` (a picklable object) on every rank."""
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rank0_state(network: nn.Module) -> dict[str, torch.Tensor]:
+    """Before sharding: rank 0's state dict of `network` ({} on the other ranks), whose tensors it keeps until
+    `load_from_rank0` sends them. Every rank checks that its `network` has rank 0's tensor names and shapes, and
+    gives its meta tensors rank 0's dtypes (a network built from its config may differ from the loaded one, e.g.
+    modules diffusers keeps in float32)."""
+    tensors = dict(network.named_parameters())
+    tensors.update(network.named_buffers())
+    layout = _from_rank0({name: (tuple(t.shape), t.dtype) for name, t in tensors.items()})
+    differ = sorted(name for name, t in tensors.items() if layout.get(name, (None,))[0] != tuple(t.shape))
+    differ += sorted(layout.keys() - tensors.keys())
+    if not all_ranks_true(torch.tensor(not differ)):  # every rank stops, none waits in a collective
+        where = f"rank {torch.distributed.get_rank()}'s, in {differ[:3]}" if differ else "another rank's"
+        raise TDMError(f"fsdp_config.fsdp_cpu_ram_efficient_loading: the {type(network).__name__} built from its "
+                       f"config ({where}) differs from the one rank 0 loaded; set fsdp_cpu_ram_efficient_loading: "
+                       f"false")
+    for name, t in tensors.items():
+        if t.is_meta and t.dtype != layout[name][1]:
+            t.data = t.data.to(layout[name][1])
+    return dict(network.state_dict()) if torch.distributed.get_rank() == 0 else {}
+
+
+def load_from_rank0(network: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Every rank's shards of sharded `network` (all its tensors, also buffers outside the state dict) from rank 0's
+    `state` (`rank0_state`; {} on the other ranks). A rank whose network is on meta allocates its shards first."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if on_meta(network):
+        network.to_empty(device=device)
+    set_model_state_dict(network, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    in_state = network.state_dict().keys()
+    for name, buffer in network.named_buffers():
+        if name not in in_state:
+            torch.distributed.broadcast(buffer, src=0)
+    state.clear()  # rank 0's full tensors go now
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,7 @@ from .divergence import DivergenceWatch
 from .errors import TrainingAborted
 from .files import atomic_write, write_text_atomic
 from .launch import check_process_count, mixed_precision
+from .meta_init import denoiser_on_meta
 from .optimizers import FAKE_SCORE, GENERATOR, build_lr_scheduler, build_optimizer, check_optimizer_packages
 from .preemption import StopSignals
 from .registry import build_backbone, check_backbone_matches, check_training_inputs
@@ -138,17 +139,22 @@ class Trainer:
         check_process_count(self.accelerator.num_processes)  # before loading anything
         self.sharded = fsdp is not None and self.accelerator.num_processes > 1
         if self.sharded:
-            sharding.check_config(config, self.accelerator.mixed_precision)
+            sharding.check_config(config, self.accelerator.mixed_precision, fsdp)
         self.trackers = Trackers(self.accelerator, trackers, self.out_dir, to_dict(config)) \
             if self.accelerator.is_main_process else None
         on_cpu = self.accelerator.device.type == "cpu"
         self.thread_budget = thread_budget(config.train.threads) if on_cpu else None  # before any network runs
         if config.train.compile:
             require_compiler(self.accelerator.device)  # before loading anything
-        self.backbone = backbone or build_backbone(config.backbone)
+        # fsdp_cpu_ram_efficient_loading: rank 0 loads the weights, the others build the network to shard on meta
+        from_rank0 = self.sharded and fsdp.from_rank0
+        with denoiser_on_meta(from_rank0 and backbone is None and not self.accelerator.is_main_process):
+            self.backbone = backbone or build_backbone(config.backbone)
         check_validation(self.backbone, config.train.validation_every, config.train.validation_prompts)
         self.tdm = TDM(self.backbone.schedule, self.backbone.prediction, config.tdm, self.backbone.guidance_rule)
-        self.roles = roles = Roles.from_config(config, self.backbone).to(self.accelerator.device)
+        self.roles = roles = Roles.from_config(config, self.backbone)
+        if not from_rank0:  # else fully_shard moves rank 0's networks to the device unit by unit, as shards
+            roles.to(self.accelerator.device)
         self.teacher = roles.teacher
         self.ema = roles.student_ema() if config.train.ema_decay > 0 else None
         if config.train.compile:  # after the EMA copy: only the networks training calls are compiled

@@ -21,6 +21,7 @@ from ..data.cache import EmbeddingCache
 from ..data.conditioning import PromptConditioner
 from ..data.prompt_conditions import PromptConditions
 from ..errors import ConfigError
+from ..meta_init import denoiser_on_meta_requested, on_meta
 from .base import Backbone
 from .diffusers_conditioning import DiffusersConditioning
 from .diffusers_pipeline import check_local_parts, check_pipeline_class, import_diffusers, pipeline_folder
@@ -106,9 +107,13 @@ class DiffusersBackbone(DiffusersConditioning, Backbone):
             if not cache.missing([*prompts, negative_prompt or ""]):
                 load.update(dict.fromkeys(text.parts))  # all cached: the text encoders are not loaded
         check_local_parts(source, [part for part in text.parts if part not in load], cls.name)
+        if denoiser_on_meta_requested():  # sharded loading: this rank receives its shards of rank 0's weights
+            load[cls.denoiser_name] = cls.meta_denoiser(source, dtype, kwargs.get("revision"))
         pipeline = getattr(diffusers, cls.pipeline_class).from_pretrained(source, vae=None, dtype=dtype, **load)
         vae_config = diffusers.AutoencoderKL.load_config(source, subfolder="vae", revision=kwargs.get("revision"))
-        pipeline.to(device)
+        for module in pipeline.components.values():  # a meta network stays there until it is sharded
+            if isinstance(module, nn.Module) and not on_meta(module):
+                module.to(device)
         for name, module in pipeline.components.items():
             if isinstance(module, nn.Module) and name != cls.denoiser_name:
                 module.requires_grad_(False)  # frozen parts: text encoders
@@ -118,6 +123,17 @@ class DiffusersBackbone(DiffusersConditioning, Backbone):
                        negative_prompt=negative_prompt, **own)
         backbone.conditions.prepare()
         return backbone
+
+    @classmethod
+    def meta_denoiser(cls, source: str, dtype: torch.dtype, revision: str | None = None) -> nn.Module:
+        """The pipeline's denoising network built from its config on the meta device, in `dtype`: no weights
+        read (tdm.meta_init)."""
+        diffusers = import_diffusers()
+        index = getattr(diffusers, cls.pipeline_class).load_config(source, revision=revision)
+        network_class = getattr(diffusers, index[cls.denoiser_name][1])
+        config = network_class.load_config(source, subfolder=cls.denoiser_name, revision=revision)
+        with torch.device("meta"):
+            return network_class.from_config(config).to(dtype).eval()
 
     def fix_scheduler(self) -> None:
         """Make `pipeline.scheduler` one fixed noise process at this backbone's sample size, before the schedule

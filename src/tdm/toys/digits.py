@@ -9,6 +9,7 @@ on the train split only, deterministically on the CPU, and ship in `weights/` as
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -26,6 +27,7 @@ from ..backbones.base import Backbone
 from ..core.prediction import PredictionType
 from ..core.schedules import DiscreteVP
 from ..files import atomic_write, write_text_atomic
+from ..meta_init import denoiser_on_meta_requested
 from ..metrics import frechet_distance
 
 NUM_CLASSES = 10
@@ -173,8 +175,9 @@ def _save(module: nn.Module, config: dict, out_dir: str | Path, filename: str) -
     return path
 
 
-def _load(cls: type[nn.Module], path: str | Path | None, filename: str) -> nn.Module:
-    """Build `cls` from the JSON kwargs beside the weights and load them.
+def _load(cls: type[nn.Module], path: str | Path | None, filename: str, on_meta: bool = False) -> nn.Module:
+    """Build `cls` from the JSON kwargs beside the weights and load them (`on_meta`: build it on the meta device
+    and read no weights).
 
     `path` is a weights file, a directory holding `filename`, or None / "" for the shipped weights.
     """
@@ -182,14 +185,17 @@ def _load(cls: type[nn.Module], path: str | Path | None, filename: str) -> nn.Mo
     if p.is_dir():
         p = p / filename
     config = json.loads(p.with_suffix(".json").read_text())
-    module = cls(**config["kwargs"])
-    module.load_state_dict(load_file(str(p)))
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        module = cls(**config["kwargs"])
+    if not on_meta:
+        module.load_state_dict(load_file(str(p)))
     return module.eval()
 
 
-def load_teacher(path: str | Path | None = None) -> DigitsUNet:
-    """The teacher U-Net in eval mode (default: the shipped `weights/digits_teacher.safetensors`)."""
-    return _load(DigitsUNet, path, TEACHER_FILE)
+def load_teacher(path: str | Path | None = None, on_meta: bool = False) -> DigitsUNet:
+    """The teacher U-Net in eval mode (default: the shipped `weights/digits_teacher.safetensors`); `on_meta`: its
+    shapes alone, on the meta device (tdm.meta_init)."""
+    return _load(DigitsUNet, path, TEACHER_FILE, on_meta)
 
 
 def load_classifier(path: str | Path | None = None) -> DigitsClassifier:
@@ -340,7 +346,7 @@ class DigitsBackbone(Backbone):
                            "scores real held-out digits.")
 
     def __init__(self, teacher_path: str | None = None):
-        self.teacher = load_teacher(teacher_path)
+        self.teacher = load_teacher(teacher_path, on_meta=denoiser_on_meta_requested())
         self.schedule = make_schedule()
         self.classifier = load_classifier()
 
