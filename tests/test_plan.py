@@ -97,3 +97,13 @@ def test_tdm_plan_on_a_preset_prints_every_row_offline(capsys):
     for row in ("lora      teacher", "lora      student", "separate  fake score", "without checkpointing",
                 "ddp lora", "ddp separate", "fsdp lora", "fsdp separate", "s/iteration", "Fits in 8 x 80 GiB:"):
         assert row in out, row
+
+
+def test_the_architecture_is_the_released_teachers_where_a_family_has_two_at_one_size():
+    from tdm.plan.planner import architecture_for
+
+    assert architecture_for(load_config("wan2.1-t2v-14b-lora")).name == "wan2.1-t2v-14b"
+    assert architecture_for(load_config("wan2.2-t2v-a14b-lora")).experts == 2
+    local = load_config("wan2.1-t2v-14b-lora", ["backbone.teacher=/models/my-wan"])
+    assert architecture_for(local).name == "wan2.2-t2v-a14b"  # unknown teacher: the first shipped at that size
+    assert architecture_for(load_config("wan2.1-t2v-1.3b-lora")).name == "wan2.1-t2v-1.3b"

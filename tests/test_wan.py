@@ -302,6 +302,9 @@ def test_presets():
     a14b = load_config("wan2.2-t2v-a14b-lora")
     assert a14b.backbone.teacher == "Wan-AI/Wan2.2-T2V-A14B-Diffusers" and a14b.backbone.name == "wan"
     assert (a14b.backbone.height, a14b.backbone.width, a14b.backbone.frames) == (720, 1280, 81)
+    wan14b = load_config("wan2.1-t2v-14b-lora")
+    assert wan14b.backbone.teacher == "Wan-AI/Wan2.1-T2V-14B-Diffusers" and wan14b.tdm.guidance_scale == 5.0
+    assert (wan14b.backbone.height, wan14b.backbone.width, wan14b.backbone.frames) == (720, 1280, 81)
     config = load_config(PRESET)
     assert config.backbone.name == "wan" and config.backbone.teacher == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     assert (config.backbone.height, config.backbone.width, config.backbone.frames) == (480, 832, 81)

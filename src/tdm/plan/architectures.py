@@ -39,6 +39,7 @@ class Architecture:
     per_sample: dict[str, Any] = field(default_factory=dict, hash=False)  # kwargs: a list of this value per sample
     vae_latent: tuple[int, ...] = ()  # the VAE latent's ([frames,] h, w) where the sample's layout hides it
     experts: int = 1           # networks of this config the model holds, one called per step (Wan 2.2 A14B: 2)
+    teacher: str = ""          # the released model's hub id, where a family has two models at one sample size
 
     @property
     def learned_sigma(self) -> bool:
@@ -158,7 +159,12 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
         latent=(16, 21, 60, 104), context=WAN_TEXT, vae_latent=(21, 60, 104)),
     Architecture(  # two 14B experts (high and low noise), one called per step; 81 frames at 720 x 1280
         "wan2.2-t2v-a14b", "wan2.2-t2v-a14b-lora.yaml", "wan", "WanTransformer3DModel", _wan(40, 13824, 40),
-        latent=(16, 21, 90, 160), context=WAN_TEXT, vae_latent=(21, 90, 160), experts=2),
+        latent=(16, 21, 90, 160), context=WAN_TEXT, vae_latent=(21, 90, 160), experts=2,
+        teacher="Wan-AI/Wan2.2-T2V-A14B-Diffusers"),
+    Architecture(  # one 14B transformer; 81 frames at 720 x 1280
+        "wan2.1-t2v-14b", "wan2.1-t2v-14b-lora.yaml", "wan", "WanTransformer3DModel", _wan(40, 13824, 40),
+        latent=(16, 21, 90, 160), context=WAN_TEXT, vae_latent=(21, 90, 160),
+        teacher="Wan-AI/Wan2.1-T2V-14B-Diffusers"),
 ]}
 
 

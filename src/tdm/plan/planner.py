@@ -30,8 +30,10 @@ MARGIN = 0.15  # a peak this close to the limit is "tight": the estimate ran 3 t
 
 
 def architecture_for(config: Config) -> Architecture:
-    """The shipped architecture of the config's family at its sample size."""
-    candidates = [a for a in ARCHITECTURES.values() if a.family == config.backbone.name]
+    """The shipped architecture of the config's family at its sample size; where the family has two at that size
+    (Wan 2.1 14B and Wan 2.2 A14B), the one released as the config's teacher, else the first."""
+    candidates = sorted((a for a in ARCHITECTURES.values() if a.family == config.backbone.name),
+                        key=lambda a: a.teacher != config.backbone.teacher)  # stable: the shipped order otherwise
     if not candidates:
         shipped = sorted({a.family for a in ARCHITECTURES.values()})
         raise ConfigError(f"backbone.name: no shipped architecture config for {config.backbone.name!r} to plan "
