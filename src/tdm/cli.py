@@ -147,6 +147,7 @@ def _evaluate(args: argparse.Namespace) -> Path | None:
         report = write_evaluation(args.out, result, backbone, _command_line())
         print(comparison_table(result["rows"], result["floor"]))
         print(f"report: {report}")
+    del result, backbone  # the networks, before the process group goes (Processes.finish)
     launched_processes().finish()
     return report
 

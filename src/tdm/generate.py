@@ -39,6 +39,13 @@ def generate(model_dir: str | Path, prompts: list[str], out_dir: str | Path, *, 
         raise ExportError(f"--steps must be >= 1, got {steps}")
     check_output_dir(out_dir)
     processes = launched_processes()
+    written = _generate(processes, model_dir, prompts, out_dir, steps, seed, merged, dtype, device)
+    processes.finish()  # after the pipeline is gone (_generate returned): a rank that exits holding it can abort
+    return written if processes.is_main else None
+
+
+def _generate(processes, model_dir, prompts, out_dir, steps, seed, merged, dtype, device) -> list[Path]:
+    """`generate` on this process: its share of the prompts, and the files on the main process."""
     device = processes.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe, recipe = load_pipeline(model_dir, merged=merged, dtype=getattr(torch, dtype), device=device, steps=steps)
     pipe.set_progress_bar_config(disable=True)
@@ -61,5 +68,4 @@ def generate(model_dir: str | Path, prompts: list[str], out_dir: str | Path, *, 
             index.append({"file": path.name, "prompt": prompts[j], "seed": seed + j, "steps": steps})
     if processes.is_main:
         write_text_atomic(out_dir / "samples.json", json.dumps(index, indent=2) + "\n")
-    processes.finish()
-    return written if processes.is_main else None
+    return written

@@ -9,6 +9,7 @@ plain `python` start) is `ONE_PROCESS`: it computes every batch and gathers noth
 from __future__ import annotations
 
 import functools
+import gc
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class Processes:
         if self.count > 1:
             import torch.distributed as dist
 
+            gc.collect()  # networks freed before the group goes: a rank exiting with them can abort (SIGABRT)
             dist.barrier(group=self.group)
             dist.destroy_process_group()
 
