@@ -39,7 +39,6 @@ from .core.reward import (
     trust_region_mask,
 )
 from .core.sampling import cond_to, guided, map_cond
-from .core.schedules import append_dims
 from .errors import ConfigError
 from .metrics import frechet_distance
 from .rewards import load_reward, score
@@ -227,9 +226,9 @@ class RewardTrainer(Trainer):
                                                         map_cond(lambda v: v[rows], uncond))
             tau, z = reward_tau[rows], reward_noise[rows]
             with torch.no_grad():
-                x_next = s.ddim_step(x0.detach(), eps.detach(), self._level_after(d.k, K))
-                a, b = (append_dims(c, x0.ndim) for c in s.transition_coefficients(self._level_after(d.k, K), tau))
-                x_tau = a * x_next + b * z
+                t_next = self._level_after(d.k, K)
+                x_next = s.ddim_step(x0.detach(), eps.detach(), t_next)
+                x_tau = conditional_score_target(x_next, t_next, tau, z, s)[0]  # q(x_tau | x_next), eq. G2
                 surrogate_x0 = to_x0_eps(surrogate(x_tau, tau, cond), x_tau, tau, s, prediction)[0]
                 reference_x0 = to_x0_eps(teacher(x_tau, tau, cond), x_tau, tau, s, prediction)[0]
             reward_term, reward_logs = reward_generator_loss(x0, surrogate_x0, reference_x0)
