@@ -132,13 +132,9 @@ class RewardTrainer(Trainer):
         logs = self.fake_score_step(micro, fake_draws)
         logs.update(self.reward_model_step(micro, surrogate_draws, group, advantages))
         logs.update(self.reward_generator_step(micro, gen_draws, uncond, reward_tau, reward_noise, K))
-        self._step_lr_schedules()
         logs.update({"reward/mean": all_rewards.mean(), "reward/std": all_rewards.std(unbiased=False),
                      "reward/groups_without_signal": self._flat_groups(rewards, group)})
-        logs.update({f"skipped/{role}": n for role, n in self.state.skipped.items()})
-        self.divergence.end_iteration(self.state.divergence, self.state.step)
-        self.state.step += 1
-        return {k: float(v) for k, v in logs.items()}
+        return self._end_iteration(logs)
 
     @staticmethod
     def _flat_groups(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:

@@ -382,12 +382,17 @@ class Trainer:
             else:
                 logs = self.fake_score_step(micro, d)
         logs.update(self.generator_step(micro, gen_draws, uncond))
-        self._step_lr_schedules()  # the lr of the next iteration, also after a skipped update
+        logs["train/num_steps"] = gen_draws.num_steps  # TDM-unify: this iteration's K
+        return self._end_iteration(logs)
+
+    def _end_iteration(self, logs: dict) -> dict:
+        """After an iteration's updates (any stage): the lr schedules step (the lr of the next iteration, also after
+        a skipped update), the fault counters join the logs, the step advances; returns the logs as floats."""
+        self._step_lr_schedules()
         logs.update({f"skipped/{role}": n for role, n in self.state.skipped.items()})
         if self.accelerator.scaler is not None:
             logs.update({f"fp16/overflows_{role}": n for role, n in self.state.overflows.items()})
             logs["fp16/loss_scale"] = self.accelerator.scaler.get_scale()
-        logs["train/num_steps"] = gen_draws.num_steps  # TDM-unify: this iteration's K
         self.divergence.end_iteration(self.state.divergence, self.state.step)
         self.state.step += 1
         return {k: float(v) for k, v in logs.items()}
