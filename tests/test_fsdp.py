@@ -98,9 +98,17 @@ def _launch(config: Path, preset: str, out: Path, overrides: list[str], *flags: 
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    """`cmd` to its end; on a timeout (ranks waiting in a collective) the launcher and its ranks are killed."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after 300 s: {err[-3000:]}") from None
+    assert proc.returncode == 0, err[-3000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -190,6 +198,36 @@ def test_tiny_sd3_fsdp_matches_one_process_and_resumes_bit_for_bit(roles, two_pr
     state = [json.loads((run / "checkpoints" / "step_0000002" / "state.json").read_text()) for run in (straight, rank0)]
     assert state[0].get("base_fingerprint") == state[1].get("base_fingerprint")  # lora: rank 0's; separate: None
     single = _single_process_fake_loss("sd3-medium-lora", [*overrides, "train.report_to=none"], tmp_path / "single")
+    assert _first_fake_loss(straight) == pytest.approx(single, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_wan22(tmp_path_factory) -> Path:
+    pytest.importorskip("diffusers")
+    from tiny_wan import save_wan
+
+    root = tmp_path_factory.mktemp("wan22")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    return save_wan(root / "two", two_experts=True)
+
+
+def test_wan22_experts_fsdp_from_rank0_equal_every_rank_loading_and_one_process(two_process_config,
+                                                                              rank0_loading_config, tiny_wan22,
+                                                                              tmp_path):
+    """Wan 2.2 A14B's preset on a tiny two-expert pipeline. Each sample runs the expert its t selects, so in a call
+    one process may need an expert that another does not: every process still runs it (a sharded network's calls
+    are collectives; a process that skipped one would leave the others waiting). Loaded by rank 0 alone (rank 1
+    builds both experts on meta), two iterations end bit for bit as when every rank loads, and the first fake
+    loss is one process's."""
+    from test_wan import overrides as wan_overrides
+
+    overrides = [*wan_overrides(tiny_wan22), "train.eval_every=0", "train.validation_every=0"]
+    straight, rank0 = tmp_path / "straight", tmp_path / "rank0"
+    _run(_launch(two_process_config, "wan2.2-t2v-a14b-lora", straight, overrides))
+    _run(_launch(rank0_loading_config, "wan2.2-t2v-a14b-lora", rank0, overrides))
+    _assert_same(straight / "checkpoints" / "step_0000002", rank0 / "checkpoints" / "step_0000002")
+    single = _single_process_fake_loss("wan2.2-t2v-a14b-lora", [*overrides, "train.report_to=none"],
+                                       tmp_path / "single")
     assert _first_fake_loss(straight) == pytest.approx(single, rel=1e-5)
 
 

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("the method, pure torch", ("tdm.core",)),
     ("leaves: errors, files, optional imports, sample-set distances",
      ("tdm", "tdm.errors", "tdm.files", "tdm.optional", "tdm.metrics", "tdm.preemption", "tdm.diagnostics",
-      "tdm.cpu_threads", "tdm.launch", "tdm.tracking", "tdm.processes", "tdm.meta_init")),
+      "tdm.cpu_threads", "tdm.launch", "tdm.collectives", "tdm.tracking", "tdm.processes", "tdm.meta_init")),
     ("prompts and embedding caches; run folders, checkpoints, pictures",
      ("tdm.data", "tdm.checkpoint", "tdm.run_lock", "tdm.output_dirs", "tdm.divergence", "tdm.train_state",
       "tdm.report")),

@@ -18,6 +18,7 @@ from tdm.config import ConfigError, load_config  # noqa: E402
 from tdm.core.algorithm import make_grid  # noqa: E402
 from tdm.core.sampling import rollout  # noqa: E402
 from tdm.export import load_pipeline, read_recipe, sampling_kwargs  # noqa: E402
+from tdm.meta_init import denoiser_on_meta, on_meta  # noqa: E402
 from tdm.trainer import Trainer  # noqa: E402
 from test_prompt_cache import assert_identical, conditions, encoded_together, no_model_loads  # noqa: E402
 from tiny_diffusers import PROMPTS, cli_sets, save_tiny  # noqa: E402
@@ -296,6 +297,17 @@ def test_gradients_of_an_expert_that_ran_on_one_rank_only_average_as_in_ddp(tmp_
         both, first_only, unused = torch.load(tmp_path / f"rank{rank}.pt")
         assert torch.equal(both, torch.full((3,), 1.5)) and torch.equal(first_only, torch.full((3,), 2.0))
         assert unused is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sharded_loading_builds_every_expert_on_meta(kind, wan_dirs):
+    """fsdp_cpu_ram_efficient_loading on ranks > 0: both experts of Wan 2.2 A14B (one of Wan 2.1) are built from
+    their configs on the meta device, with no weights read, and receive rank 0's weights when sharded."""
+    with denoiser_on_meta():
+        backbone = load_wan(wan_dirs[kind])
+    assert len(backbone.experts) == (2 if KINDS[kind] else 1)
+    assert all(on_meta(expert) for expert in backbone.experts)
+    assert not on_meta(backbone.pipeline.text_encoder)
 
 
 def test_presets():

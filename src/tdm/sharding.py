@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from .collectives import all_ranks_true
 from .errors import ConfigError, TDMError
 from .launch import LaunchError
 from .meta_init import on_meta
@@ -242,20 +243,6 @@ def like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     if not isinstance(param, DTensor) or isinstance(value, DTensor):
         return value
     return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-
-
-def all_ranks_true(flag: torch.Tensor) -> bool:
-    """Whether `flag` (a boolean scalar) is true on every rank."""
-    flag = flag.float().reshape(1)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item() > 0)
-
-
-def any_rank(mask: torch.Tensor) -> bool:
-    """Whether `mask` has a true entry on any rank (a loop over data-dependent calls goes on while one has)."""
-    flag = mask.any().float().reshape(1)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item() > 0)
 
 
 def full_state(target) -> dict:

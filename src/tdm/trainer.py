@@ -41,7 +41,7 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import sharding
+from . import collectives, sharding
 from .backbones.base import Backbone
 from .checkpoint import load_checkpoint, prune_checkpoints, read_manifest, save_checkpoint
 from .config import Config, to_dict
@@ -341,7 +341,7 @@ class Trainer:
         checks = [torch.isfinite(sharding.local(p.grad)).all() for p in params if p.grad is not None]
         state = self.state
         finite = torch.stack([*checks, torch.isfinite(loss).all()]).all()
-        if sharding.all_ranks_true(finite) if self.sharded else bool(finite):  # one device sync
+        if collectives.all_ranks_true(finite) if self.sharded else bool(finite):  # one device sync
             state.nonfinite_in_a_row[role] = 0
             state.last_finite_loss[role] = float(loss.detach().mean())
             return True
@@ -417,7 +417,7 @@ class Trainer:
             with self.accelerator.autocast():
                 traj = self.tdm.rollout_for(self.student, noise[rows], part, [draw_rows(d, rows) for d in fake_draws],
                                             gen_draws and draw_rows(gen_draws, rows), generator_step=take_step,
-                                            any_left=sharding.any_rank if self.sharded else None)
+                                            any_left=collectives.any_rank if self.sharded else None)
             micro.append((rows, part, traj))
         return micro
 

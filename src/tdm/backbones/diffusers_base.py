@@ -108,7 +108,7 @@ class DiffusersBackbone(DiffusersConditioning, Backbone):
                 load.update(dict.fromkeys(text.parts))  # all cached: the text encoders are not loaded
         check_local_parts(source, [part for part in text.parts if part not in load], cls.name)
         if denoiser_on_meta_requested():  # sharded loading: this rank receives its shards of rank 0's weights
-            load[cls.denoiser_name] = cls.meta_denoiser(source, dtype, kwargs.get("revision"))
+            load.update(cls.meta_networks(source, dtype, kwargs.get("revision")))
         pipeline = getattr(diffusers, cls.pipeline_class).from_pretrained(source, vae=None, dtype=dtype, **load)
         vae_config = diffusers.AutoencoderKL.load_config(source, subfolder="vae", revision=kwargs.get("revision"))
         for module in pipeline.components.values():  # a meta network stays there until it is sharded
@@ -125,15 +125,22 @@ class DiffusersBackbone(DiffusersConditioning, Backbone):
         return backbone
 
     @classmethod
-    def meta_denoiser(cls, source: str, dtype: torch.dtype, revision: str | None = None) -> nn.Module:
-        """The pipeline's denoising network built from its config on the meta device, in `dtype`: no weights
-        read (tdm.meta_init)."""
+    def meta_networks(cls, source: str, dtype: torch.dtype, revision: str | None = None) -> dict[str, nn.Module]:
+        """The pipeline's networks to shard (the denoiser and `other_networks` it has, e.g. Wan 2.2's
+        transformer_2), each built from its config on the meta device in `dtype`: no weights read
+        (tdm.meta_init)."""
         diffusers = import_diffusers()
         index = getattr(diffusers, cls.pipeline_class).load_config(source, revision=revision)
-        network_class = getattr(diffusers, index[cls.denoiser_name][1])
-        config = network_class.load_config(source, subfolder=cls.denoiser_name, revision=revision)
-        with torch.device("meta"):
-            return network_class.from_config(config).to(dtype).eval()
+        networks = {}
+        for name in (cls.denoiser_name, *cls.other_networks):
+            class_name = (index.get(name) or [None, None])[1]
+            if class_name is None:  # an optional network the pipeline does not have (Wan 2.1: transformer_2)
+                continue
+            network_class = getattr(diffusers, class_name)
+            config = network_class.load_config(source, subfolder=name, revision=revision)
+            with torch.device("meta"):
+                networks[name] = network_class.from_config(config).to(dtype).eval()
+        return networks
 
     def fix_scheduler(self) -> None:
         """Make `pipeline.scheduler` one fixed noise process at this backbone's sample size, before the schedule

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..collectives import any_rank, is_sharded
 from ..core.schedules import Schedule
 from ..errors import ConfigError
 from .diffusers_base import DiffusersBackbone, DiffusersDenoiser
@@ -20,8 +21,9 @@ class WanDenoiser(DiffusersDenoiser):
     """transformer(x_t [B, C, F, h, w], sigma(t) * T, UMT5 embeds), with the pipeline's expert routing: `model`
     (`transformer`) where the network's timestep is >= `boundary`, `model_2` (`transformer_2`) below it, sample by
     sample. Both experts are submodules, so LoRA roles put each adapter on both and every call runs the adapter of
-    the expert its t selects. `expand_timesteps` (Wan 2.2 TI2V-5B): one timestep per latent token, as the pipeline
-    passes it."""
+    the expert its t selects. Sharded (FSDP), each process runs every expert that any process needs: a sharded
+    network's calls are collectives. `expand_timesteps` (Wan 2.2 TI2V-5B): one timestep per latent token, as the
+    pipeline passes it."""
 
     def __init__(self, model: nn.Module, schedule: Schedule, model_2: nn.Module | None = None,
                  boundary: float | None = None, expand_timesteps: bool = False):
@@ -35,14 +37,28 @@ class WanDenoiser(DiffusersDenoiser):
 
     def call(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         timestep = (self.schedule.sigma(t) * self.schedule.num_train_timesteps).expand(x.shape[0])
+        embeds = cond["prompt_embeds"]
         if self.model_2 is None:
-            return self.expert(self.model, x, timestep, cond["prompt_embeds"])
+            return self.expert(self.model, x, timestep, embeds)
         high = timestep >= self.boundary  # WanPipeline: `transformer` for t >= boundary_ratio * T
-        if high.all() or not high.any():
-            return self.expert(self.model if high.all() else self.model_2, x, timestep, cond["prompt_embeds"])
-        out = torch.empty_like(x)
+        sharded = is_sharded(self)
+        parts, idle = [], []
         for model, rows in ((self.model, high), (self.model_2, ~high)):
-            out[rows] = self.expert(model, x[rows], timestep[rows], cond["prompt_embeds"][rows])
+            if rows.any():
+                if sharded:
+                    any_rank(rows)  # in step with the processes that ask below
+                parts.append((rows, self.expert(model, x[rows], timestep[rows], embeds[rows])))
+            elif sharded and any_rank(rows):
+                # Another process runs this expert: its calls are collectives, so this one runs it on one sample too.
+                idle.append(self.expert(model, x[:1], timestep[:1], embeds[:1]))
+        if len(parts) == 1:
+            out = parts[0][1]
+        else:
+            out = torch.empty_like(x)
+            for rows, part in parts:
+                out[rows] = part
+        for part in idle if torch.is_grad_enabled() else ():
+            out = out + 0 * part.sum()  # in the graph, so this process joins the expert's backward collectives too
         return out
 
     def expert(self, model: nn.Module, x: Tensor, timestep: Tensor, embeds: Tensor) -> Tensor:

@@ -1,0 +1,28 @@
+"""Decisions every process of a sharded run takes together: a network sharded with FSDP runs a collective in each
+call, so a data-dependent call must be made on every process or on none."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether `module` or a submodule is sharded across processes by FSDP2's `fully_shard` (its weights are
+    DTensors outside its forward, plain gathered tensors inside)."""
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def all_ranks_true(flag: torch.Tensor) -> bool:
+    """Whether `flag` (a boolean scalar) is true on every rank."""
+    flag = flag.float().reshape(1)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def any_rank(mask: torch.Tensor) -> bool:
+    """Whether `mask` has a true entry on any rank (a loop over data-dependent calls goes on while one has)."""
+    flag = mask.any().float().reshape(1)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item() > 0)
