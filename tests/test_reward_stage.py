@@ -123,3 +123,29 @@ def test_the_safeguard_warns_when_the_reward_rises_while_fd_to_the_teacher_passe
     assert [w["step"] for w in trainer.diagnostics.warnings] == [30]  # over 2 x 5.0 with a higher reward, once
     assert trainer.diagnostics.warnings[0]["condition"] == "reward hacking"
     trainer.close()
+
+
+def test_two_process_reward_stage_resumes_bit_for_bit(tmp_path):
+    """The stage under a 2-process DDP launch (gloo): a run stopped after 2 iterations and resumed with --resume auto
+    ends at iteration 3 bit for bit as an uninterrupted one (all three roles and their optimisers)."""
+    from test_accelerate import ACCELERATE_CONFIG, _launch
+
+    start = tmp_path / "distilled"
+    assert main(["distill", "--config", "digits-demo", "--out", str(start), "--no-report",
+                 *_sets([*DIGITS, "train.iterations=2"])]) == 0
+    config = ACCELERATE_CONFIG.format(kind="MULTI_GPU", cpu="false").replace("mixed_precision: bf16",
+                                                                             "mixed_precision: 'no'")
+
+    def reward(out, iterations, *flags):
+        result = _launch(tmp_path, config, "reward", "--from", str(start), "--reward", "digits-class", "--out",
+                         str(out), "--no-report", *_sets([*REWARD, f"train.iterations={iterations}"]), *flags)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    reward(tmp_path / "full", 3)
+    reward(tmp_path / "split", 2)
+    reward(tmp_path / "split", 3, "--resume", "auto")
+    assert json.loads((tmp_path / "full" / "launch.json").read_text())["num_processes"] == 2
+    a = _checkpoint_tensors(tmp_path / "full" / "checkpoints" / "step_0000003")
+    b = _checkpoint_tensors(tmp_path / "split" / "checkpoints" / "step_0000003")
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert any(k.startswith("reward_model.") for k in a)
