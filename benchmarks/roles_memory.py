@@ -25,6 +25,7 @@ torch.cuda.max_memory_allocated after the warm-up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -55,6 +56,10 @@ MEASURED = ("cpu: peak_mib is the peak resident set (VmHWM) of the measured run 
             "warm-up (a throwaway build and one TDM iteration of the same config and strategy, freed, the heap "
             "trimmed, the high-water mark reset); runtime_overhead_mib is the resident set after the warm-up minus "
             "before it; cuda: torch.cuda.max_memory_allocated after the warm-up")
+MEASURED_TENSORS = ("--tensors: peak_mib is the peak of the tensor bytes allocated through torch's CPU allocator "
+                    "during the measured run (the build and the iterations, after the warm-up) and not yet freed, "
+                    "from the profiler's allocation events: the CPU's analogue of torch.cuda.max_memory_allocated; "
+                    "peak_at, the frames of the allocation that reached it")
 
 
 class TextUNet(torch.nn.Module):
@@ -129,9 +134,37 @@ def optimizers(roles) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
             torch.optim.AdamW(roles.fake_score.parameters(), lr=5e-6, betas=(0.0, 0.95), foreach=True))
 
 
+def tensor_peak(profiler) -> tuple[float, str]:
+    """(MiB, where): the peak of the bytes allocated through torch's CPU allocator while `profiler` ran and not yet
+    freed, the CPU's analogue of torch.cuda.max_memory_allocated, and this script's and tdm's frames (innermost
+    first) of the allocation that reached it."""
+    from torch._C._profiler import _EventType
+
+    def allocations(nodes):
+        for node in nodes:
+            if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+                yield node
+            yield from allocations(node.children)
+
+    live = peak = 0
+    at = None
+    for node in sorted(allocations(profiler.profiler.kineto_results.experimental_event_tree()),
+                       key=lambda n: n.start_time_ns):
+        live += node.extra_fields.alloc_size  # negative when freed
+        if live > peak:
+            peak, at = live, node
+    frames = []
+    while at is not None:
+        if at.name.startswith(("tdm/", "passes.py")):
+            frames.append(at.name)
+        at = at.parent
+    return peak / 2**20, " < ".join(frames)
+
+
 def measure(config: str, strategy: str, generator_forward: str, iterations: int, batch: int, device: str,
-            checkpointing: bool) -> dict:
-    """One (config, strategy) run in this process; call it in a fresh process only."""
+            checkpointing: bool, tensors: bool = False) -> dict:
+    """One (config, strategy) run in this process; call it in a fresh process only. `tensors`: the peak of live
+    tensor bytes (tensor_peak) instead of the resident set's."""
     from diffusers import UNet2DConditionModel  # noqa: F401  (imported before the start: not the runtime's cost)
 
     from passes import tdm_iteration  # the trainer's iteration: shared rollout, fake then generator update
@@ -153,12 +186,15 @@ def measure(config: str, strategy: str, generator_forward: str, iterations: int,
         tdm_iteration(tdm, roles, opts, (cond, uncond, noise), torch.Generator().manual_seed(1), rollout)
 
     memory = warmed_baseline(warm_up, device)
-    teacher, roles, opts = build_roles(config, strategy, checkpointing, device)
+    profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
+                                       with_stack=True) if tensors else contextlib.nullcontext())
+    with profiler:
+        teacher, roles, opts = build_roles(config, strategy, checkpointing, device)
+        tic = time.perf_counter()
+        for _ in range(iterations):
+            tdm_iteration(tdm, roles, opts, (cond, uncond, noise), g, rollout)
+        seconds = (time.perf_counter() - tic) / iterations
     base_params = sum(p.numel() for p in teacher.parameters())
-    tic = time.perf_counter()
-    for _ in range(iterations):
-        tdm_iteration(tdm, roles, opts, (cond, uncond, noise), g, rollout)
-    seconds = (time.perf_counter() - tic) / iterations
     held = [roles.shared.base] if roles.shared is not None else [roles.teacher, roles.student, roles.fake_score]
     result = {
         "config": config, "strategy": strategy, "generator_forward": generator_forward, "device": device,
@@ -169,7 +205,9 @@ def measure(config: str, strategy: str, generator_forward: str, iterations: int,
         "resident_params": sum(p.numel() for m in held for p in m.parameters()),  # every weight held, once
         "seconds_per_iteration": seconds,
     }
-    if device == "cuda":
+    if tensors:
+        result["peak_mib"], result["peak_at"] = tensor_peak(profiler)
+    elif device == "cuda":
         result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     else:
         result.update(memory, peak_rss_mib=_status_mib("VmHWM"))
@@ -189,12 +227,14 @@ def main():
                         choices=["rollout", "recompute"])
     parser.add_argument("--strategies", nargs="+", default=["separate", "lora"], choices=["separate", "lora"])
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute the UNet's blocks in backward")
+    parser.add_argument("--tensors", action="store_true",
+                        help="measure the peak of live tensor bytes (the profiler's allocations), not the resident set")
     parser.add_argument("--child", nargs=3, metavar=("CONFIG", "STRATEGY", "FORWARD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(measure(*args.child, args.iterations, args.batch, args.device,
-                                 args.gradient_checkpointing)))
+                                 args.gradient_checkpointing, args.tensors)))
         return
 
     rows = []
@@ -203,7 +243,8 @@ def main():
             for forward in args.generator_forward:
                 cmd = [sys.executable, __file__, "--child", config, strategy, forward, "--iterations",
                        str(args.iterations), "--batch", str(args.batch), "--threads", str(args.threads),
-                       "--device", args.device, *["--gradient-checkpointing"] * args.gradient_checkpointing]
+                       "--device", args.device, *["--gradient-checkpointing"] * args.gradient_checkpointing,
+                       *["--tensors"] * args.tensors]
                 done = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 r = rows[-1]
@@ -227,7 +268,7 @@ def main():
     out = Path(args.out)
     result = {"command": shell_command("benchmarks/roles_memory.py"), "device": args.device,
               "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default"),
-              "measured": MEASURED, "threads": args.threads, "lora": LORA,
+              "measured": MEASURED_TENSORS if args.tensors else MEASURED, "threads": args.threads, "lora": LORA,
               "gradient_checkpointing": args.gradient_checkpointing,
               "configs": {c: CONFIGS[c] for c in args.configs}, "rows": rows, "ratio_separate_over_lora": ratios,
               "ratio_rollout_over_recompute": held}
