@@ -15,6 +15,8 @@ relative to the resident set after the warm-up (before it, until this warm-up ex
 Each (config, strategy, loading) runs in a fresh `torchrun --nproc_per_node 2`.
 
     MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/fsdp_memory.py --configs tiny mid --out benchmarks/results
+
+`--tensors` records instead the training peak of live tensor bytes (roles_memory.tensor_peak) in a profiled run.
 """
 
 from __future__ import annotations
@@ -31,7 +33,16 @@ from pathlib import Path
 
 import torch
 
-from roles_memory import CONFIGS, LORA, TextUNet, _status_mib, optimizers, shell_command, warmed_baseline
+from roles_memory import (
+    CONFIGS,
+    LORA,
+    TextUNet,
+    _status_mib,
+    optimizers,
+    shell_command,
+    tensor_peak,
+    warmed_baseline,
+)
 from tdm.files import write_text_atomic
 
 STRATEGIES = ("lora", "separate")
@@ -39,6 +50,9 @@ MEASURED = ("per rank, relative to the resident set after a warm-up (a throwaway
             "one iteration, freed, the heap trimmed): load_peak_mib, the peak resident set (VmHWM) until the roles "
             "are sharded; peak_mib, the peak resident set of the training iterations; runtime_overhead_mib, the "
             "resident set after the warm-up minus before it")
+TENSORS = ("--tensors: per rank, peak_mib is the peak of the tensor bytes allocated through torch's CPU allocator "
+           "since the roles were built and not yet freed, reached during the training iterations (the profiler's "
+           "allocation events: the CPU's analogue of torch.cuda.max_memory_allocated); peak_at, where")
 LOADINGS = ("every-rank", "rank0")
 
 
@@ -59,7 +73,8 @@ def gathered_bytes(modules) -> int:
     return total
 
 
-def worker(config: str, strategy: str, loading: str, iterations: int, batch: int, out: Path) -> None:
+def worker(config: str, strategy: str, loading: str, iterations: int, batch: int, out: Path,
+           tensors: bool) -> None:
     import torch.distributed as dist
     from diffusers import UNet2DConditionModel
 
@@ -97,14 +112,20 @@ def worker(config: str, strategy: str, loading: str, iterations: int, batch: int
 
     memory = warmed_baseline(warm_up)
     start_rss = memory["baseline_rss_mib"]
-    teacher, roles = build()
-    gc.collect()
-    load_peak = _status_mib("VmHWM") - start_rss
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
-    opt_g, opt_f = optimizers(roles)
-    for _ in range(iterations):
-        tdm_iteration(tdm, roles, (opt_g, opt_f), (cond, uncond, noise), g)
+    profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
+                                       with_stack=True) if tensors else contextlib.nullcontext())
+    with profiler:
+        teacher, roles = build()
+        gc.collect()
+        load_peak = _status_mib("VmHWM") - start_rss
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+        with torch.profiler.record_function("training"):
+            opt_g, opt_f = optimizers(roles)
+            for _ in range(iterations):
+                tdm_iteration(tdm, roles, (opt_g, opt_f), (cond, uncond, noise), g)
     peak = _status_mib("VmHWM") - start_rss
+    measured = ({"peak_mib": peak, "load_peak_mib": load_peak} if not tensors else
+                dict(zip(("peak_mib", "peak_at"), tensor_peak(profiler, since="training"))))
     networks = [roles.shared.base] if roles.shared is not None else [roles.teacher, roles.student, roles.fake_score]
     after = {}
     with torch.no_grad():
@@ -113,7 +134,7 @@ def worker(config: str, strategy: str, loading: str, iterations: int, batch: int
             after[name] = gathered_bytes(networks)
     row = {"config": config, "strategy": strategy, "loading": loading, "processes": dist.get_world_size(), "rank": rank,
            "batch": batch, "iterations": iterations, "generator_forward": "rollout",
-           **memory, "load_peak_mib": load_peak, "peak_mib": peak, "gathered_after_no_grad_bytes": after}
+           **memory, **measured, "gathered_after_no_grad_bytes": after}
     rows = [None] * dist.get_world_size()
     dist.all_gather_object(rows, row)
     if rank == 0:
@@ -131,27 +152,31 @@ def main():
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--tensors", action="store_true",
+                        help="the training peak of live tensor bytes (roles_memory.tensor_peak), not the resident set")
     parser.add_argument("--worker", nargs=4, metavar=("CONFIG", "STRATEGY", "LOADING", "FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(*args.worker[:3], args.iterations, args.batch, Path(args.worker[3]))
+        return worker(*args.worker[:3], args.iterations, args.batch, Path(args.worker[3]), args.tensors)
     torchrun = Path(sys.executable).parent / "torchrun"
     out = Path(args.out)
     rows = []
     for config, strategy, loading in itertools.product(args.configs, args.strategies, args.loadings):
         part = out / f".fsdp_memory_{config}_{strategy}_{loading}.json"
         subprocess.run([str(torchrun), "--nproc_per_node", "2", __file__, "--iterations", str(args.iterations),
-                        "--batch", str(args.batch), "--worker", config, strategy, loading, str(part)],
+                        "--batch", str(args.batch), *["--tensors"] * args.tensors, "--worker", config, strategy,
+                        loading, str(part)],
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
         for row in json.loads(part.read_text()):
             rows.append(row)
-            print(f"{config:5} {strategy:9} {loading:10} rank {row['rank']}: load peak {row['load_peak_mib']:8.1f} "
-                  f"MiB, training peak {row['peak_mib']:8.1f} MiB, gathered after no-grad calls "
+            print(f"{config:5} {strategy:9} {loading:10} rank {row['rank']}: load peak "
+                  f"{row.get('load_peak_mib', float('nan')):8.1f} MiB, training peak {row['peak_mib']:8.1f} MiB, "
+                  f"gathered after no-grad calls "
                   f"{row['gathered_after_no_grad_bytes']}", flush=True)
         part.unlink()
     result = {"command": shell_command("benchmarks/fsdp_memory.py"),
               "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default"),
-              "measured": MEASURED, "device": "cpu", "rows": rows}
+              "measured": TENSORS if args.tensors else MEASURED, "device": "cpu", "rows": rows}
     write_text_atomic(out / "fsdp_memory.json", json.dumps(result, indent=1))
     print(f"wrote {out / 'fsdp_memory.json'}")
 

@@ -22,6 +22,8 @@ against the plan's `fsdp` layout at 2 GPUs. The commands that measured are in ea
         --out benchmarks/results/plan_validation/batch2   # and --configs mid --batch 8 (--strategies lora
         --gradient-checkpointing) --out benchmarks/results/plan_validation/batch8(_checkpointing); --tensors
         --out benchmarks/results/plan_validation/tensors_batch2
+    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/fsdp_memory.py --configs tiny --tensors \
+        --out benchmarks/results/plan_validation/tensors_fsdp
     python benchmarks/roles_memory.py --out benchmarks/results   # and the batch8 runs (glibc's default)
     MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/fsdp_memory.py --configs tiny mid --out benchmarks/results
     python benchmarks/plan_validation.py [--out benchmarks/results]
@@ -57,7 +59,8 @@ MEASURED = {"benchmarks/results/plan_validation/batch2/roles_memory.json": FIXED
             "benchmarks/results/roles_memory.json": DEFAULT,
             "benchmarks/results/batch8/roles_memory.json": DEFAULT,
             "benchmarks/results/batch8_checkpointing/roles_memory.json": DEFAULT}
-FSDP_MEASURED = "benchmarks/results/fsdp_memory.json"
+FSDP_MEASURED = {"benchmarks/results/fsdp_memory.json": FIXED,
+                 "benchmarks/results/plan_validation/tensors_fsdp/fsdp_memory.json": TENSORS}
 
 
 def architecture(name: str) -> Architecture:
@@ -97,24 +100,26 @@ def main():
             print(f"{allocator:8} {row['config']:6} {row['strategy']:9} {row['generator_forward']:9} "
                   f"{row['batch']:5d} {'on' if checkpointing else 'off':>4} {pred['memory_mib']['peak']:10.1f} "
                   f"{row['peak_mib']:10.1f} {ratio:6.3f}", flush=True)
-    fsdp = json.loads(Path(FSDP_MEASURED).read_text())
-    for row in fsdp["rows"]:
-        pred = predicted_peak(row, False, "fsdp", row["processes"])
-        ratio = pred["memory_mib"]["peak"] / row["peak_mib"]
-        rows.append({"measured_in": FSDP_MEASURED, "allocator": FIXED, "measured_command": fsdp["command"],
-                     "device": fsdp["device"], "sharding": "fsdp", "processes": row["processes"],
-                     "rank": row["rank"], "config": row["config"], "strategy": row["strategy"],
-                     "generator_forward": row["generator_forward"],
-                     "batch": row["batch"], "gradient_checkpointing": False, "measured_peak_mib": row["peak_mib"],
-                     "runtime_overhead_mib": row["runtime_overhead_mib"],
-                     "predicted_peak_mib": pred["memory_mib"]["peak"], "ratio": ratio, **pred})
-        print(f"{'fsdp x' + str(row['processes']):8} {row['config']:6} {row['strategy']:9} "
-              f"{row['generator_forward']:9} {row['batch']:5d} {'off':>4} {pred['memory_mib']['peak']:10.1f} "
-              f"{row['peak_mib']:10.1f} {ratio:6.3f}"
-              f"  (rank {row['rank']})", flush=True)
+    for path, allocator in FSDP_MEASURED.items():
+        fsdp = json.loads(Path(path).read_text())
+        for row in fsdp["rows"]:
+            pred = predicted_peak(row, False, "fsdp", row["processes"])
+            ratio = pred["memory_mib"]["peak"] / row["peak_mib"]
+            rows.append({"measured_in": path, "allocator": allocator, "measured_command": fsdp["command"],
+                         "device": fsdp["device"], "sharding": "fsdp", "processes": row["processes"],
+                         "rank": row["rank"], "loading": row["loading"], "config": row["config"],
+                         "strategy": row["strategy"], "generator_forward": row["generator_forward"],
+                         "batch": row["batch"], "gradient_checkpointing": False, "measured_peak_mib": row["peak_mib"],
+                         **{k: row[k] for k in ("runtime_overhead_mib", "peak_at") if k in row},
+                         "predicted_peak_mib": pred["memory_mib"]["peak"], "ratio": ratio, **pred})
+            print(f"{allocator:8} {row['config']:6} {row['strategy']:9} {row['generator_forward']:9} "
+                  f"{row['batch']:5d} {'off':>4} {pred['memory_mib']['peak']:10.1f} {row['peak_mib']:10.1f} "
+                  f"{ratio:6.3f}  (fsdp x {row['processes']}, rank {row['rank']}, {row['loading']})", flush=True)
     groups = {FIXED: lambda r: r["allocator"] == FIXED and "sharding" not in r,
-              DEFAULT: lambda r: r["allocator"] == DEFAULT, "fsdp": lambda r: r.get("sharding") == "fsdp",
-              TENSORS: lambda r: r["allocator"] == TENSORS}
+              DEFAULT: lambda r: r["allocator"] == DEFAULT,
+              "fsdp": lambda r: r["allocator"] == FIXED and r.get("sharding") == "fsdp",
+              TENSORS: lambda r: r["allocator"] == TENSORS and "sharding" not in r,
+              f"fsdp {TENSORS}": lambda r: r["allocator"] == TENSORS and r.get("sharding") == "fsdp"}
     within = {name: f"{sum(abs(r['ratio'] - 1) <= 0.15 for r in rows if member(r))} of "
                     f"{sum(map(member, rows))}" for name, member in groups.items()}
     print(f"within 15%: {within}")
@@ -125,8 +130,8 @@ def main():
                           "throwaway copy of the same network and roles built and trained for one iteration, freed, "
                           "the heap trimmed, the high-water mark reset); runtime_overhead_mib: the resident set after "
                           "the warm-up minus before it, left out of the measured peak as the CUDA context is on a "
-                          "GPU; allocator `tensors`: the peak of live tensor bytes instead (roles_memory.py "
-                          "--tensors)",
+                          "GPU; allocator `tensors`: the peak of live tensor bytes instead (roles_memory.py and "
+                          "fsdp_memory.py --tensors)",
               "not_validated": "DDP with more than one process (buckets); FSDP with gradient checkpointing or "
                                "the recompute forward",
               "allocators": ALLOCATORS, "within_15_percent": within, "rows": rows}

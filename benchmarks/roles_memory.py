@@ -134,24 +134,25 @@ def optimizers(roles) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
             torch.optim.AdamW(roles.fake_score.parameters(), lr=5e-6, betas=(0.0, 0.95), foreach=True))
 
 
-def tensor_peak(profiler) -> tuple[float, str]:
+def tensor_peak(profiler, since: str | None = None) -> tuple[float, str]:
     """(MiB, where): the peak of the bytes allocated through torch's CPU allocator while `profiler` ran and not yet
     freed, the CPU's analogue of torch.cuda.max_memory_allocated, and this script's and tdm's frames (innermost
-    first) of the allocation that reached it."""
+    first) of the allocation that reached it; `since`: the peak from the start of the record_function so named."""
     from torch._C._profiler import _EventType
 
-    def allocations(nodes):
-        for node in nodes:
-            if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-                yield node
-            yield from allocations(node.children)
+    def nodes(tree):
+        for node in tree:
+            yield node
+            yield from nodes(node.children)
 
+    events = list(nodes(profiler.profiler.kineto_results.experimental_event_tree()))
+    start = min((n.start_time_ns for n in events if n.name == since), default=0) if since else 0
+    allocations = [n for n in events if n.tag == _EventType.Allocation and n.extra_fields.device.type == "cpu"]
     live = peak = 0
     at = None
-    for node in sorted(allocations(profiler.profiler.kineto_results.experimental_event_tree()),
-                       key=lambda n: n.start_time_ns):
+    for node in sorted(allocations, key=lambda n: n.start_time_ns):
         live += node.extra_fields.alloc_size  # negative when freed
-        if live > peak:
+        if live > peak and node.start_time_ns >= start:
             peak, at = live, node
     frames = []
     while at is not None:
