@@ -3,10 +3,10 @@
 `separate`: student and fake score are full copies of the teacher (three backbones, two full AdamW states);
 `lora`: one frozen base with two LoRA adapters (tdm.roles). Each (config, strategy, generator forward) runs in a
 fresh subprocess: randomly initialised UNet from config, the roles, AdamW per role (its multi-tensor step, torch's
-default on a GPU), then `--iterations` TDM
-iterations (`passes.tdm_iteration`: rollout, fake-score update, generator update with clipping, teacher CFG
-in one 2B call, as tdm's trainer does), with the generator's student forward taken from the rollout (`rollout`,
-its activations held through the fake update) or recomputed after it (`recompute`): train.generator_forward.
+default on a GPU), then `--iterations` TDM iterations (`passes.tdm_iteration`: rollout, fake-score update,
+generator update with clipping, teacher CFG in one 2B call, as tdm's trainer does), with the generator's student
+forward taken from the rollout (`rollout`, its activations held through the fake update) or recomputed after it
+(`recompute`): train.generator_forward.
 Before the measured run, a warm-up (warmed_baseline) builds a throwaway copy of the same config and strategy, runs
 one TDM iteration with it and frees it all: torch's one-time costs of a first use (OpenMP and oneDNN thread pools
 and primitive caches, the autograd engine's threads, lazily imported modules, the heap's growth) then stay in the
@@ -16,10 +16,12 @@ Memory on the CPU is the process's peak resident set (VmHWM) during the measured
 the warm-up (`peak_mib`); the warm-up's lasting cost, the resident set after it minus before it, is recorded as
 `runtime_overhead_mib`. (Results before this warm-up measured from the resident set just before the first model
 was built, so their peaks included that overhead: about 30-45 MiB, most of a tiny UNet's peak.) On CUDA the peak is
-torch.cuda.max_memory_allocated after the warm-up.
+torch.cuda.max_memory_allocated after the warm-up. `--tensors` measures instead, in a profiled run, the peak of live
+tensor bytes (tensor_peak: torch's CPU allocations, the CPU's analogue of max_memory_allocated), which leaves out
+what the resident set also holds: the heap's freed chunks and headers, Python's objects.
 
     [MALLOC_MMAP_THRESHOLD_=65536] python benchmarks/roles_memory.py [--configs tiny mid] [--iterations 3]
-        [--batch 2] [--out runs/bench]
+        [--batch 2] [--tensors] [--out runs/bench]
 """
 
 from __future__ import annotations
