@@ -1,20 +1,30 @@
 """`tdm plan`'s predicted peak memory against measured peaks: the tiny and mid UNets of benchmarks/roles_memory.py,
 one process (no DDP wrapper, no sharding), roles lora and separate, generator forward rollout and recompute, with
-and without gradient checkpointing, as measured there (peak resident set on the CPU, float32 weights and
-activations, LoRA rank 16 on the attention, 8 text tokens). The main measurements ran with glibc's mmap threshold
-fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_=65536), so a freed tensor's memory leaves the resident set as it would
-leave torch.cuda.memory_allocated; the earlier ones, with glibc's default (freed memory kept in the heap, so the
-resident set overstates live tensors), are compared too.
+and without gradient checkpointing, as measured there: on the CPU, float32 weights and activations, LoRA rank 16 on
+the attention, 8 text tokens, AdamW's multi-tensor step (torch's default on a GPU). A measured peak is the peak
+resident set (VmHWM) of the measured run minus the resident set after a warm-up: a throwaway copy of the same
+network and roles built and trained for one iteration, freed, the heap trimmed. The warm-up's lasting cost (torch's
+thread pools and caches, the CPU's analogue of the CUDA context, which the plan leaves out) is recorded per row as
+`runtime_overhead_mib`; before the warm-up existed it was inside the measured peaks (most of the tiny UNet's). The
+main measurements ran with glibc's mmap threshold fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_=65536), so a freed tensor
+of 64 KiB or more leaves the resident set as it would leave torch.cuda.memory_allocated; others with glibc's default
+(freed memory kept in the heap, so the resident set overstates live tensors) are compared too, and so is the peak
+of live tensor bytes (roles_memory.py --tensors: the profiler's allocation events, the CPU's analogue of
+torch.cuda.max_memory_allocated), which leaves out the heap's fragmentation and Python's objects.
 
 The prediction is tdm.plan's, unchanged: parameters and saved activations counted on the meta device for the same
 network and batch (tdm.plan.planner.count_strategy), then tdm.plan.memory.layout_memory. No constant of the model
 was fitted to these measurements. FSDP rows: the per-rank training peaks of benchmarks/fsdp_memory.py (two CPU
-processes, tdm.sharding's FSDP2, the same UNets, batch 2 per rank, generator forward rollout) against the plan's
-`fsdp` layout at 2 GPUs.
+processes, tdm.sharding's FSDP2, the same UNets, batch 2 per rank, generator forward rollout, the same warm-up)
+against the plan's `fsdp` layout at 2 GPUs. The commands that measured are in each row (`measured_command`):
 
-    cd benchmarks && MALLOC_MMAP_THRESHOLD_=65536 python roles_memory.py --iterations 2 \
-        --out results/plan_validation/batch2   # and --configs mid --batch 8 (--strategies lora
-        --gradient-checkpointing) --out results/plan_validation/batch8(_checkpointing)
+    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/roles_memory.py --configs tiny mid --iterations 2 --batch 2 \
+        --out benchmarks/results/plan_validation/batch2   # and --configs mid --batch 8 (--strategies lora
+        --gradient-checkpointing) --out benchmarks/results/plan_validation/batch8(_checkpointing); --tensors
+        --out benchmarks/results/plan_validation/tensors_batch2
+    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/fsdp_memory.py --configs tiny --tensors \
+        --out benchmarks/results/plan_validation/tensors_fsdp
+    python benchmarks/roles_memory.py --out benchmarks/results   # and the batch8 runs (glibc's default)
     MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/fsdp_memory.py --configs tiny mid --out benchmarks/results
     python benchmarks/plan_validation.py [--out benchmarks/results]
 """
@@ -36,16 +46,21 @@ from tdm.plan.planner import count_strategy
 
 MIB = 2**20
 TOKENS = 8  # roles_memory's text embeddings per sample
-FIXED, DEFAULT = "mmap64k", "default"
-ALLOCATORS = {FIXED: "glibc with MALLOC_MMAP_THRESHOLD_=65536 (freed tensors leave the resident set)",
-              DEFAULT: "glibc's default (freed memory may stay resident in the heap)"}
+FIXED, DEFAULT, TENSORS = "mmap64k", "default", "tensors"
+ALLOCATORS = {FIXED: "resident set, glibc with MALLOC_MMAP_THRESHOLD_=65536 (freed tensors of 64 KiB or more leave "
+                     "the resident set)",
+              DEFAULT: "resident set, glibc's default (freed memory may stay resident in the heap)",
+              TENSORS: "live tensor bytes through torch's CPU allocator (roles_memory.py --tensors), not the "
+                       "resident set"}
 MEASURED = {"benchmarks/results/plan_validation/batch2/roles_memory.json": FIXED,
             "benchmarks/results/plan_validation/batch8/roles_memory.json": FIXED,
             "benchmarks/results/plan_validation/batch8_checkpointing/roles_memory.json": FIXED,
+            "benchmarks/results/plan_validation/tensors_batch2/roles_memory.json": TENSORS,
             "benchmarks/results/roles_memory.json": DEFAULT,
             "benchmarks/results/batch8/roles_memory.json": DEFAULT,
             "benchmarks/results/batch8_checkpointing/roles_memory.json": DEFAULT}
-FSDP_MEASURED = "benchmarks/results/fsdp_memory.json"
+FSDP_MEASURED = {"benchmarks/results/fsdp_memory.json": FIXED,
+                 "benchmarks/results/plan_validation/tensors_fsdp/fsdp_memory.json": TENSORS}
 
 
 def architecture(name: str) -> Architecture:
@@ -80,33 +95,43 @@ def main():
                          "device": measured["device"], "config": row["config"], "strategy": row["strategy"],
                          "generator_forward": row["generator_forward"], "batch": row["batch"],
                          "gradient_checkpointing": checkpointing, "measured_peak_mib": row["peak_mib"],
+                         **{k: row[k] for k in ("runtime_overhead_mib", "peak_at") if k in row},
                          "predicted_peak_mib": pred["memory_mib"]["peak"], "ratio": ratio, **pred})
             print(f"{allocator:8} {row['config']:6} {row['strategy']:9} {row['generator_forward']:9} "
                   f"{row['batch']:5d} {'on' if checkpointing else 'off':>4} {pred['memory_mib']['peak']:10.1f} "
                   f"{row['peak_mib']:10.1f} {ratio:6.3f}", flush=True)
-    fsdp = json.loads(Path(FSDP_MEASURED).read_text())
-    for row in fsdp["rows"]:
-        pred = predicted_peak(row, False, "fsdp", row["processes"])
-        ratio = pred["memory_mib"]["peak"] / row["peak_mib"]
-        rows.append({"measured_in": FSDP_MEASURED, "allocator": FIXED, "measured_command": fsdp["command"],
-                     "device": fsdp["device"], "sharding": "fsdp", "processes": row["processes"],
-                     "rank": row["rank"], "config": row["config"], "strategy": row["strategy"],
-                     "generator_forward": row["generator_forward"],
-                     "batch": row["batch"], "gradient_checkpointing": False, "measured_peak_mib": row["peak_mib"],
-                     "predicted_peak_mib": pred["memory_mib"]["peak"], "ratio": ratio, **pred})
-        print(f"{'fsdp x' + str(row['processes']):8} {row['config']:6} {row['strategy']:9} "
-              f"{row['generator_forward']:9} {row['batch']:5d} {'off':>4} {pred['memory_mib']['peak']:10.1f} "
-              f"{row['peak_mib']:10.1f} {ratio:6.3f}"
-              f"  (rank {row['rank']})", flush=True)
+    for path, allocator in FSDP_MEASURED.items():
+        fsdp = json.loads(Path(path).read_text())
+        for row in fsdp["rows"]:
+            pred = predicted_peak(row, False, "fsdp", row["processes"])
+            ratio = pred["memory_mib"]["peak"] / row["peak_mib"]
+            rows.append({"measured_in": path, "allocator": allocator, "measured_command": fsdp["command"],
+                         "device": fsdp["device"], "sharding": "fsdp", "processes": row["processes"],
+                         "rank": row["rank"], "loading": row["loading"], "config": row["config"],
+                         "strategy": row["strategy"], "generator_forward": row["generator_forward"],
+                         "batch": row["batch"], "gradient_checkpointing": False, "measured_peak_mib": row["peak_mib"],
+                         **{k: row[k] for k in ("runtime_overhead_mib", "peak_at") if k in row},
+                         "predicted_peak_mib": pred["memory_mib"]["peak"], "ratio": ratio, **pred})
+            print(f"{allocator:8} {row['config']:6} {row['strategy']:9} {row['generator_forward']:9} "
+                  f"{row['batch']:5d} {'off':>4} {pred['memory_mib']['peak']:10.1f} {row['peak_mib']:10.1f} "
+                  f"{ratio:6.3f}  (fsdp x {row['processes']}, rank {row['rank']}, {row['loading']})", flush=True)
     groups = {FIXED: lambda r: r["allocator"] == FIXED and "sharding" not in r,
-              DEFAULT: lambda r: r["allocator"] == DEFAULT, "fsdp": lambda r: r.get("sharding") == "fsdp"}
+              DEFAULT: lambda r: r["allocator"] == DEFAULT,
+              "fsdp": lambda r: r["allocator"] == FIXED and r.get("sharding") == "fsdp",
+              TENSORS: lambda r: r["allocator"] == TENSORS and "sharding" not in r,
+              f"fsdp {TENSORS}": lambda r: r["allocator"] == TENSORS and r.get("sharding") == "fsdp"}
     within = {name: f"{sum(abs(r['ratio'] - 1) <= 0.15 for r in rows if member(r))} of "
                     f"{sum(map(member, rows))}" for name, member in groups.items()}
     print(f"within 15%: {within}")
     result = {"command": " ".join(["python benchmarks/plan_validation.py", *sys.argv[1:]]),
               "predicted": "tdm.plan (counted on the meta device; tdm.plan.memory's model, no fitted constants)",
-              "measured": "benchmarks/roles_memory.py: peak resident set minus the resident set before the model "
-                          "is built, one process on the CPU",
+              "measured": "benchmarks/roles_memory.py (one process) and fsdp_memory.py (two), on the CPU: the peak "
+                          "resident set (VmHWM) of the measured run minus the resident set after a warm-up (a "
+                          "throwaway copy of the same network and roles built and trained for one iteration, freed, "
+                          "the heap trimmed, the high-water mark reset); runtime_overhead_mib: the resident set after "
+                          "the warm-up minus before it, left out of the measured peak as the CUDA context is on a "
+                          "GPU; allocator `tensors`: the peak of live tensor bytes instead (roles_memory.py and "
+                          "fsdp_memory.py --tensors)",
               "not_validated": "DDP with more than one process (buckets); FSDP with gradient checkpointing or "
                                "the recompute forward",
               "allocators": ALLOCATORS, "within_15_percent": within, "rows": rows}

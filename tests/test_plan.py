@@ -67,6 +67,7 @@ def test_tiny_unet_counts_match_closed_forms_and_a_real_build(tmp_path):
     assert ddp["weights"] == 3 * 4 * real and fsdp["weights"] == 3 * 4 * real // 4
     assert ddp["optimiser"] == 16 * real and fsdp["optimiser"] == 16 * real // 4
     assert ddp["ddp_buckets"] == 8 * real and fsdp["ddp_buckets"] == 0
+    assert ddp["gradients_held"] == 4 * real and fsdp["gradients_held"] == 4 * real // 4  # the other role's
     assert 0 < lora.activations_checkpointed < lora.activations
     assert result["strategies"]["lora"]["tflop_per_iteration_per_gpu"] > 0
     assert {m["fits"] for m in result["layouts"].values()} == {"yes"}  # a few MiB in 1 GiB

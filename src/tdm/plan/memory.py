@@ -4,13 +4,14 @@ The model, per GPU, with P the trainable parameters of one role (student and fak
 base, b the base's bytes per parameter, A the bytes one forward with grad saves at the batch:
 - weights: lora: B x b + 2 adapters x P x 4 (float32); separate: the teacher B x b + 2 float32 copies P x 4.
 - optimiser states: AdamW's two float32 moments for each of the 2 roles: 16 P.
-- gradients: one role's at a time (each update sets its gradients to None before the next backward): 4 P, and
-  during its AdamW step a float32 temporary as large (torch's foreach AdamW computes the denominator
-  sqrt(v) + eps out of place): 4 P more.
+- gradients: the updating role's, 4 P, and during its AdamW step a float32 temporary as large (torch's foreach
+  AdamW computes the denominator sqrt(v) + eps out of place): 4 P more; and the other role's, 4 P, held from its
+  last update through this one (each update sets only its own gradients to None, before its backward, as tdm's
+  trainer does), so after the first iteration both roles' gradients are resident throughout.
 - activations: the generator's student forward under train.generator_forward=rollout is taken from the rollout and
   held through the fake score's update (A + max(A, step)); recompute holds one set at a time (max(A, step)).
 - DDP (more than one process): float32 gradient buckets for each of the 2 wrapped roles, 8 P.
-- FSDP over N GPUs: weights, gradients, optimiser states and the step temporary divided by N, plus the weights
+- FSDP over N GPUs: weights, both gradients, optimiser states and the step temporary divided by N, plus the weights
   gathered at once in the compute dtype: the root network's own and twice the largest unit's own (the one
   computing and the one prefetched), units as tdm.sharding shards them (the blocks a model declares, e.g. a
   UNet's transformer and resnet blocks inside its up blocks); communication buffers are not counted.
@@ -49,10 +50,11 @@ def layout_memory(counts: Counts, sharding: str, gpus: int, base_bytes: int, com
         "optimiser": ROLES * ADAM_MOMENTS * p * FLOAT32 // shard,
         "gathered": counts.gathered_params * compute_bytes if sharding == "fsdp" else 0,
         "ddp_buckets": ROLES * p * FLOAT32 if sharding == "ddp" and gpus > 1 else 0,
+        "gradients_held": (ROLES - 1) * p * FLOAT32 // shard,  # the other role's, from its last update
         "gradients_and_step": 2 * p * FLOAT32 // shard,
         "activations": counts.activations_checkpointed if checkpointing else counts.activations,
     }
     step = max(parts["activations"], parts["gradients_and_step"])
     held = parts["activations"] if generator_forward == "rollout" else 0
-    static = parts["weights"] + parts["optimiser"] + parts["gathered"] + parts["ddp_buckets"]
+    static = parts["weights"] + parts["optimiser"] + parts["gathered"] + parts["ddp_buckets"] + parts["gradients_held"]
     return {**parts, "peak": static + held + step}

@@ -43,14 +43,14 @@ def format_plan(result: dict, preset: str) -> str:
               f"tdm.plan.memory's model;", f"FSDP shards weights, gradients and optimiser states over the "
               f"{result['gpus']} GPUs):",
               f"  {'layout':14} {'weights':>10} {'optimiser':>10} {'gathered':>10} {'buckets':>10} "
-              f"{'grads+step':>10} {'activations':>11} {'peak':>10}  fits"]
+              f"{'held grads':>10} {'grads+step':>10} {'activations':>11} {'peak':>10}  fits"]
     for sharding in SHARDINGS:
         for strategy in STRATEGIES:
             m = result["layouts"][f"{sharding}/{strategy}"]
             lines.append(f"  {sharding + ' ' + strategy:14} {_bytes(m['weights']):>10} {_bytes(m['optimiser']):>10} "
                          f"{_bytes(m['gathered']):>10} {_bytes(m['ddp_buckets']):>10} "
-                         f"{_bytes(m['gradients_and_step']):>10} {_bytes(m['activations']):>11} "
-                         f"{_bytes(m['peak']):>10}  {m['fits']}")
+                         f"{_bytes(m['gradients_held']):>10} {_bytes(m['gradients_and_step']):>10} "
+                         f"{_bytes(m['activations']):>11} {_bytes(m['peak']):>10}  {m['fits']}")
     lines += ["", "FLOPs per iteration (counted: tdm's schedule; matmuls, convolutions and attention) and time",
               f"at {result['mfu']:.0%} MFU of {result['peak_tflops']:g} TFLOP/s per GPU (estimate; communication "
               f"not counted):",
