@@ -74,7 +74,7 @@ def gathered_bytes(modules) -> int:
 
 
 def worker(config: str, strategy: str, loading: str, iterations: int, batch: int, out: Path,
-           tensors: bool) -> None:
+           tensors: bool, stack: bool = True) -> None:
     import torch.distributed as dist
     from diffusers import UNet2DConditionModel
 
@@ -113,7 +113,7 @@ def worker(config: str, strategy: str, loading: str, iterations: int, batch: int
     memory = warmed_baseline(warm_up)
     start_rss = memory["baseline_rss_mib"]
     profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
-                                       with_stack=True) if tensors else contextlib.nullcontext())
+                                       with_stack=stack) if tensors else contextlib.nullcontext())
     with profiler:
         teacher, roles = build()
         gc.collect()
@@ -154,17 +154,22 @@ def main():
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tensors", action="store_true",
                         help="the training peak of live tensor bytes (roles_memory.tensor_peak), not the resident set")
+    parser.add_argument("--no-stack", action="store_true",
+                        help="with --tensors: profile without Python stacks (the mid UNet's exhaust the host memory; "
+                             "peak_at then names no frame)")
     parser.add_argument("--worker", nargs=4, metavar=("CONFIG", "STRATEGY", "LOADING", "FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(*args.worker[:3], args.iterations, args.batch, Path(args.worker[3]), args.tensors)
+        return worker(*args.worker[:3], args.iterations, args.batch, Path(args.worker[3]), args.tensors,
+                      not args.no_stack)
     torchrun = Path(sys.executable).parent / "torchrun"
     out = Path(args.out)
     rows = []
     for config, strategy, loading in itertools.product(args.configs, args.strategies, args.loadings):
         part = out / f".fsdp_memory_{config}_{strategy}_{loading}.json"
         subprocess.run([str(torchrun), "--nproc_per_node", "2", __file__, "--iterations", str(args.iterations),
-                        "--batch", str(args.batch), *["--tensors"] * args.tensors, "--worker", config, strategy,
+                        "--batch", str(args.batch), *["--tensors"] * args.tensors, *["--no-stack"] * args.no_stack,
+                        "--worker", config, strategy,
                         loading, str(part)],
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
         for row in json.loads(part.read_text()):
