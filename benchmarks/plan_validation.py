@@ -24,6 +24,8 @@ against the plan's `fsdp` layout at 2 GPUs. The commands that measured are in ea
         --out benchmarks/results/plan_validation/tensors_batch2
     MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/fsdp_memory.py --configs tiny --tensors \
         --out benchmarks/results/plan_validation/tensors_fsdp
+    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/fsdp_memory.py --configs mid --loadings every-rank --tensors \
+        --no-stack --out benchmarks/results/plan_validation/tensors_fsdp_mid
     python benchmarks/roles_memory.py --out benchmarks/results   # and the batch8 runs (glibc's default)
     MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/fsdp_memory.py --configs tiny mid --out benchmarks/results
     python benchmarks/plan_validation.py [--out benchmarks/results]
@@ -60,7 +62,8 @@ MEASURED = {"benchmarks/results/plan_validation/batch2/roles_memory.json": FIXED
             "benchmarks/results/batch8/roles_memory.json": DEFAULT,
             "benchmarks/results/batch8_checkpointing/roles_memory.json": DEFAULT}
 FSDP_MEASURED = {"benchmarks/results/fsdp_memory.json": FIXED,
-                 "benchmarks/results/plan_validation/tensors_fsdp/fsdp_memory.json": TENSORS}
+                 "benchmarks/results/plan_validation/tensors_fsdp/fsdp_memory.json": TENSORS,
+                 "benchmarks/results/plan_validation/tensors_fsdp_mid/fsdp_memory.json": TENSORS}
 
 
 def architecture(name: str) -> Architecture:
