@@ -35,12 +35,13 @@ import torch
 
 from roles_memory import (
     CONFIGS,
-    LORA,
     TextUNet,
     _status_mib,
     optimizers,
+    roles_of,
     shell_command,
     tensor_peak,
+    tensor_profiler,
     warmed_baseline,
 )
 from tdm.files import write_text_atomic
@@ -82,7 +83,6 @@ def worker(config: str, strategy: str, loading: str, iterations: int, batch: int
     from tdm.core.algorithm import TDM, TDMConfig
     from tdm.core.prediction import PredictionType
     from tdm.core.schedules import DiscreteVP
-    from tdm.roles import Roles
     from tdm.sharding import FSDPSettings, shard_roles
 
     torch.set_num_threads(1)
@@ -101,8 +101,7 @@ def worker(config: str, strategy: str, loading: str, iterations: int, batch: int
         on_meta = loading == "rank0" and rank > 0
         with torch.device("meta") if on_meta else contextlib.nullcontext():
             teacher = TextUNet(UNet2DConditionModel(**kwargs))
-        roles = (Roles.separate_copies(teacher, teacher) if strategy == "separate" else
-                 Roles.lora(teacher, teacher, LORA["rank"], LORA["alpha"], LORA["targets"]))
+        roles = roles_of(teacher, strategy)
         shard_roles(roles, None, FSDPSettings(from_rank0=loading == "rank0"), None)
         return teacher, roles
 
@@ -112,8 +111,7 @@ def worker(config: str, strategy: str, loading: str, iterations: int, batch: int
 
     memory = warmed_baseline(warm_up)
     start_rss = memory["baseline_rss_mib"]
-    profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
-                                       with_stack=stack) if tensors else contextlib.nullcontext())
+    profiler = tensor_profiler(tensors, stack)
     with profiler:
         teacher, roles = build()
         gc.collect()
@@ -169,8 +167,7 @@ def main():
         part = out / f".fsdp_memory_{config}_{strategy}_{loading}.json"
         subprocess.run([str(torchrun), "--nproc_per_node", "2", __file__, "--iterations", str(args.iterations),
                         "--batch", str(args.batch), *["--tensors"] * args.tensors, *["--no-stack"] * args.no_stack,
-                        "--worker", config, strategy,
-                        loading, str(part)],
+                        "--worker", config, strategy, loading, str(part)],
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
         for row in json.loads(part.read_text()):
             rows.append(row)

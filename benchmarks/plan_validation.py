@@ -81,6 +81,24 @@ def predicted_peak(row: dict, checkpointing: bool, sharding: str = "ddp", gpus: 
     return {"counts": counts.__dict__, "memory_mib": {k: v / MIB for k, v in memory.items()}}
 
 
+def compared(row: dict, measured: dict, path: str, allocator: str, checkpointing: bool, fsdp: bool = False) -> dict:
+    """A measured row of `path` beside the plan's prediction for it (one process, or the `fsdp` layout at the row's
+    process count), printed as a table line."""
+    pred = predicted_peak(row, checkpointing, "fsdp" if fsdp else "ddp", row["processes"] if fsdp else 1)
+    ratio = pred["memory_mib"]["peak"] / row["peak_mib"]
+    ranks = {k: row[k] for k in ("processes", "rank", "loading")} if fsdp else {}
+    where = f"  (fsdp x {row['processes']}, rank {row['rank']}, {row['loading']})" if fsdp else ""
+    print(f"{allocator:8} {row['config']:6} {row['strategy']:9} {row['generator_forward']:9} {row['batch']:5d} "
+          f"{'on' if checkpointing else 'off':>4} {pred['memory_mib']['peak']:10.1f} {row['peak_mib']:10.1f} "
+          f"{ratio:6.3f}{where}", flush=True)
+    return {"measured_in": path, "allocator": allocator, "measured_command": measured["command"],
+            "device": measured["device"], **({"sharding": "fsdp"} if fsdp else {}), **ranks,
+            "config": row["config"], "strategy": row["strategy"], "generator_forward": row["generator_forward"],
+            "batch": row["batch"], "gradient_checkpointing": checkpointing, "measured_peak_mib": row["peak_mib"],
+            **{k: row[k] for k in ("runtime_overhead_mib", "peak_at") if k in row},
+            "predicted_peak_mib": pred["memory_mib"]["peak"], "ratio": ratio, **pred}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results")
@@ -90,34 +108,12 @@ def main():
           f"{'measured':>10} {'ratio':>6}")
     for path, allocator in MEASURED.items():
         measured = json.loads(Path(path).read_text())
-        checkpointing = bool(measured.get("gradient_checkpointing"))
         for row in measured["rows"]:
-            pred = predicted_peak(row, checkpointing)
-            ratio = pred["memory_mib"]["peak"] / row["peak_mib"]
-            rows.append({"measured_in": path, "allocator": allocator, "measured_command": measured["command"],
-                         "device": measured["device"], "config": row["config"], "strategy": row["strategy"],
-                         "generator_forward": row["generator_forward"], "batch": row["batch"],
-                         "gradient_checkpointing": checkpointing, "measured_peak_mib": row["peak_mib"],
-                         **{k: row[k] for k in ("runtime_overhead_mib", "peak_at") if k in row},
-                         "predicted_peak_mib": pred["memory_mib"]["peak"], "ratio": ratio, **pred})
-            print(f"{allocator:8} {row['config']:6} {row['strategy']:9} {row['generator_forward']:9} "
-                  f"{row['batch']:5d} {'on' if checkpointing else 'off':>4} {pred['memory_mib']['peak']:10.1f} "
-                  f"{row['peak_mib']:10.1f} {ratio:6.3f}", flush=True)
+            rows.append(compared(row, measured, path, allocator, bool(measured.get("gradient_checkpointing"))))
     for path, allocator in FSDP_MEASURED.items():
-        fsdp = json.loads(Path(path).read_text())
-        for row in fsdp["rows"]:
-            pred = predicted_peak(row, False, "fsdp", row["processes"])
-            ratio = pred["memory_mib"]["peak"] / row["peak_mib"]
-            rows.append({"measured_in": path, "allocator": allocator, "measured_command": fsdp["command"],
-                         "device": fsdp["device"], "sharding": "fsdp", "processes": row["processes"],
-                         "rank": row["rank"], "loading": row["loading"], "config": row["config"],
-                         "strategy": row["strategy"], "generator_forward": row["generator_forward"],
-                         "batch": row["batch"], "gradient_checkpointing": False, "measured_peak_mib": row["peak_mib"],
-                         **{k: row[k] for k in ("runtime_overhead_mib", "peak_at") if k in row},
-                         "predicted_peak_mib": pred["memory_mib"]["peak"], "ratio": ratio, **pred})
-            print(f"{allocator:8} {row['config']:6} {row['strategy']:9} {row['generator_forward']:9} "
-                  f"{row['batch']:5d} {'off':>4} {pred['memory_mib']['peak']:10.1f} {row['peak_mib']:10.1f} "
-                  f"{ratio:6.3f}  (fsdp x {row['processes']}, rank {row['rank']}, {row['loading']})", flush=True)
+        measured = json.loads(Path(path).read_text())
+        for row in measured["rows"]:
+            rows.append(compared(row, measured, path, allocator, False, fsdp=True))
     groups = {FIXED: lambda r: r["allocator"] == FIXED and "sharding" not in r,
               DEFAULT: lambda r: r["allocator"] == DEFAULT,
               "fsdp": lambda r: r["allocator"] == FIXED and r.get("sharding") == "fsdp",

@@ -117,16 +117,21 @@ def build_roles(config: str, strategy: str, checkpointing: bool, device: str):
     """(teacher, roles, (generator's AdamW, fake score's AdamW)) on a randomly initialised UNet of `config`."""
     from diffusers import UNet2DConditionModel
 
-    from tdm.roles import Roles
-
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**CONFIGS[config])
     if checkpointing:
         unet.enable_gradient_checkpointing()
     teacher = TextUNet(unet)
-    roles = (Roles.separate_copies(teacher, teacher) if strategy == "separate" else
-             Roles.lora(teacher, teacher, LORA["rank"], LORA["alpha"], LORA["targets"])).to(device)
+    roles = roles_of(teacher, strategy).to(device)
     return teacher, roles, optimizers(roles)
+
+
+def roles_of(teacher: torch.nn.Module, strategy: str):
+    """`strategy`'s roles on `teacher`: three full copies, or one base with LoRA["rank"] adapters."""
+    from tdm.roles import Roles
+
+    return (Roles.separate_copies(teacher, teacher) if strategy == "separate" else
+            Roles.lora(teacher, teacher, LORA["rank"], LORA["alpha"], LORA["targets"]))
 
 
 def optimizers(roles) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
@@ -134,6 +139,15 @@ def optimizers(roles) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     GPU (on the CPU it defaults to a loop over the parameters, whose temporaries are one parameter's size)."""
     return (torch.optim.AdamW(roles.student.parameters(), lr=1e-6, betas=(0.0, 0.95), foreach=True),
             torch.optim.AdamW(roles.fake_score.parameters(), lr=5e-6, betas=(0.0, 0.95), foreach=True))
+
+
+def tensor_profiler(enabled: bool, stack: bool = True):
+    """A profiler recording torch's allocations for `tensor_peak` (with Python stacks unless `stack` is False), or
+    nothing when not `enabled`."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
+                                  with_stack=stack)
 
 
 def tensor_peak(profiler, since: str | None = None) -> tuple[float, str]:
@@ -189,8 +203,7 @@ def measure(config: str, strategy: str, generator_forward: str, iterations: int,
         tdm_iteration(tdm, roles, opts, (cond, uncond, noise), torch.Generator().manual_seed(1), rollout)
 
     memory = warmed_baseline(warm_up, device)
-    profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
-                                       with_stack=True) if tensors else contextlib.nullcontext())
+    profiler = tensor_profiler(tensors)
     with profiler:
         teacher, roles, opts = build_roles(config, strategy, checkpointing, device)
         tic = time.perf_counter()

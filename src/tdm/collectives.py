@@ -11,7 +11,7 @@ from torch.distributed.fsdp import FSDPModule
 def is_sharded(module: nn.Module) -> bool:
     """Whether `module` or a submodule is sharded across processes by FSDP2's `fully_shard` (its weights are
     DTensors outside its forward, plain gathered tensors inside)."""
-    return any(isinstance(m, FSDPModule) for m in module.modules())
+    return torch.distributed.is_initialized() and any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 def all_ranks_true(flag: torch.Tensor) -> bool:

@@ -44,12 +44,11 @@ class WanDenoiser(DiffusersDenoiser):
         sharded = is_sharded(self)
         parts, idle = [], []
         for model, rows in ((self.model, high), (self.model_2, ~high)):
+            if not (any_rank(rows) if sharded else rows.any()):  # every process asks before any expert runs
+                continue
             if rows.any():
-                if sharded:
-                    any_rank(rows)  # in step with the processes that ask below
                 parts.append((rows, self.expert(model, x[rows], timestep[rows], embeds[rows])))
-            elif sharded and any_rank(rows):
-                # Another process runs this expert: its calls are collectives, so this one runs it on one sample too.
+            else:  # another process runs this expert: its calls are collectives, so this one runs it on one sample
                 idle.append(self.expert(model, x[:1], timestep[:1], embeds[:1]))
         if len(parts) == 1:
             out = parts[0][1]
