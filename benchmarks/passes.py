@@ -19,17 +19,19 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from tdm.config import BackboneConfig
+from tdm.config import BackboneConfig, OptimConfig
 from tdm.core.algorithm import TDM, TDMConfig
 from tdm.core.prediction import PredictionType, to_x0_eps
 from tdm.core.sampling import Trajectory
 from tdm.core.schedules import DiscreteVP
 from tdm.files import write_text_atomic
+from tdm.optimizers import build_optimizer
 from tdm.registry import build_backbone
 from tdm.roles import Roles
 
@@ -149,9 +151,16 @@ def main():
     base = Roles.separate_copies(teacher, teacher)
     roles = Roles(*(Counted(m, args.batch) for m in (base.teacher, base.student, base.fake_score)))
     tdm = TDM(schedule, prediction, TDMConfig(total_steps=1000, guidance_scale=2.0))
-    opts = (torch.optim.AdamW(roles.student.parameters(), 1e-6, betas=(0.0, 0.95)),
-            torch.optim.AdamW(roles.fake_score.parameters(), 5e-6, betas=(0.0, 0.95)))
-    schedules = {"tdm": tdm_iteration, "tdm-recompute": tdm_recompute_iteration, "official": official_iteration}
+    # tdm's optimisers as the trainer builds them (fused AdamW where torch has the kernel); the official script's
+    # plain torch.optim.AdamW (its per-parameter loop on the CPU, the multi-tensor step on a GPU)
+    optim = OptimConfig(generator_lr=1e-6, fake_lr=5e-6)
+    tdm_opts = (build_optimizer(roles.student.parameters(), optim.generator_lr, optim),
+                build_optimizer(roles.fake_score.parameters(), optim.fake_lr, optim))
+    official_opts = (torch.optim.AdamW(roles.student.parameters(), optim.generator_lr, betas=optim.betas),
+                     torch.optim.AdamW(roles.fake_score.parameters(), optim.fake_lr, betas=optim.betas))
+    schedules = {"tdm": partial(tdm_iteration, opts=tdm_opts),
+                 "tdm-recompute": partial(tdm_recompute_iteration, opts=tdm_opts),
+                 "official": partial(official_iteration, opts=official_opts)}
 
     # Passes: exact counts over many iterations (draws vary per iteration: report the mean and the maximum).
     counts = {}
@@ -160,7 +169,7 @@ def main():
         for _ in range(args.counted):
             for r in (roles.teacher, roles.student, roles.fake_score):
                 r.reset()
-            fn(tdm, roles, opts, inputs, g)
+            fn(tdm, roles, batch_inputs=inputs, g=g)
             per_iter.append({role: (m.forward_equivalents, m.backwards) for role, m in
                              (("student", roles.student), ("teacher", roles.teacher), ("fake", roles.fake_score))})
         total_f = [sum(f for f, _ in it.values()) for it in per_iter]
@@ -176,12 +185,12 @@ def main():
     times = {name: [] for name in schedules}
     cpu_times = {name: [] for name in schedules}
     for fn in schedules.values():
-        fn(tdm, roles, opts, inputs, g)
+        fn(tdm, roles, batch_inputs=inputs, g=g)
     for _ in range(args.repeats):
         for name, fn in schedules.items():
             tic, cpu_tic = time.perf_counter(), time.process_time()
             for _ in range(args.block):
-                fn(tdm, roles, opts, inputs, g)
+                fn(tdm, roles, batch_inputs=inputs, g=g)
             times[name].append((time.perf_counter() - tic) / args.block)
             cpu_times[name].append((time.process_time() - cpu_tic) / args.block)
     med = {name: statistics.median(v) for name, v in times.items()}

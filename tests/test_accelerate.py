@@ -155,6 +155,39 @@ def test_adamw8bit_without_bitsandbytes_is_one_line_with_the_install_hint(tmp_pa
     trainer.close()
 
 
+def test_adamw_takes_the_fused_step_and_updates_as_the_per_parameter_loop(tmp_path):
+    """Both roles' AdamW take torch's fused kernel on the CPU, and one update moves every weight as the default
+    per-parameter loop does, to float rounding (same lr, betas, weight decay, gradients)."""
+    trainer = _trainer(tmp_path)
+    for opt in (trainer.opt_g.optimizer, trainer.opt_f.optimizer):
+        assert opt.defaults["fused"] is True
+        params = [p for group in opt.param_groups for p in group["params"]]
+        before = [p.detach().clone() for p in params]
+        copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        loop = torch.optim.AdamW(copies, **{k: opt.defaults[k] for k in ("lr", "betas", "weight_decay")})
+        assert loop.defaults["fused"] is None
+        generator = torch.Generator().manual_seed(0)
+        for p, c in zip(params, copies):
+            p.grad = torch.randn(p.shape, generator=generator)
+            c.grad = p.grad.clone()
+        opt.step()
+        loop.step()
+        assert max((p - c).abs().max().item() for p, c in zip(params, copies)) < 1e-7
+        assert all(not torch.equal(p, b) for p, b in zip(params, before))  # every weight moved
+    trainer.close()
+
+
+def test_adamw_keeps_the_loop_for_an_fp16_grad_scaler_and_where_torch_has_no_fused_kernel():
+    from tdm.config import OptimConfig
+    from tdm.optimizers import build_optimizer
+
+    cpu = [torch.nn.Parameter(torch.zeros(3))]
+    assert build_optimizer(cpu, 1e-3, OptimConfig()).defaults["fused"] is True
+    assert build_optimizer(cpu, 1e-3, OptimConfig(), grad_scaler=True).defaults["fused"] is None
+    assert build_optimizer([torch.nn.Parameter(torch.zeros(3, device="meta"))], 1e-3,
+                           OptimConfig()).defaults["fused"] is None
+
+
 # ---- mixed precision: the run's config, else accelerate's ----
 
 def test_mixed_precision_comes_from_accelerate_unless_the_config_sets_it(tmp_path, monkeypatch, capsys,

@@ -29,13 +29,28 @@ def check_optimizer_packages(optim: OptimConfig) -> None:
                 f"{optim.warmup_steps}", install="diffusers")
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, optim: OptimConfig) -> torch.optim.Optimizer:
-    """optim.optimizer over `params`: torch's AdamW, or bitsandbytes' 8-bit AdamW (same betas and weight decay)."""
+def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, optim: OptimConfig,
+                    grad_scaler: bool = False) -> torch.optim.Optimizer:
+    """optim.optimizer over `params`: torch's AdamW, or bitsandbytes' 8-bit AdamW (same betas and weight decay).
+
+    torch's AdamW takes its fused kernel where torch has one for every parameter's device: one kernel per step
+    instead of a loop over the parameters (digits: 0.8 vs 2.2 ms per step on one CPU thread; README
+    "Performance"); the same update to float rounding. Not under fp16's `grad_scaler`: accelerate tells a skipped
+    step by the optimiser's step not being called, and the scaler calls a fused step always (it skips inside)."""
     kwargs = {"lr": lr, "betas": optim.betas, "weight_decay": optim.weight_decay}
     if optim.optimizer == "adamw8bit":
         bnb = require("bitsandbytes", "optim.optimizer=adamw8bit")
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    params = list(params)
+    return torch.optim.AdamW(params, **kwargs, fused=(not grad_scaler and has_fused_kernel(params)) or None)
+
+
+def has_fused_kernel(params: list[torch.nn.Parameter]) -> bool:
+    """Whether torch has a fused AdamW kernel for every parameter: floating point, on a device it supports (CUDA
+    since torch 2.0, the CPU and others since 2.4)."""
+    since_2_4 = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
+    devices = {"cuda", "cpu", "xpu", "mps", "hpu"} if since_2_4 else {"cuda"}
+    return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, role: str,

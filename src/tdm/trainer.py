@@ -163,7 +163,8 @@ class Trainer:
             sharding.shard_roles(roles, self.ema, fsdp, self.accelerator.mixed_precision)
         self.role_specs = self._role_specs()
         self.modules = {name: self._role_module(name) for name in self.role_specs}
-        optimizers = {name: build_optimizer(module.parameters(), self.role_specs[name].lr, config.optim)
+        optimizers = {name: build_optimizer(module.parameters(), self.role_specs[name].lr, config.optim,
+                                            grad_scaler=self.accelerator.scaler is not None)
                       for name, module in self.modules.items()}
         if roles.shared is None and not self.sharded:
             prepared = self.accelerator.prepare(*self.modules.values(), *optimizers.values())
