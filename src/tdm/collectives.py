@@ -16,13 +16,16 @@ def is_sharded(module: nn.Module) -> bool:
 
 def all_ranks_true(flag: torch.Tensor) -> bool:
     """Whether `flag` (a boolean scalar) is true on every rank."""
-    flag = flag.float().reshape(1)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item() > 0)
+    return _reduced(flag, torch.distributed.ReduceOp.MIN)
 
 
 def any_rank(mask: torch.Tensor) -> bool:
     """Whether `mask` has a true entry on any rank (a loop over data-dependent calls goes on while one has)."""
-    flag = mask.any().float().reshape(1)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return _reduced(mask.any(), torch.distributed.ReduceOp.MAX)
+
+
+def _reduced(flag: torch.Tensor, op: torch.distributed.ReduceOp) -> bool:
+    """A boolean scalar reduced over all ranks with `op` (MIN: all of them, MAX: any)."""
+    flag = flag.float().reshape(1)
+    torch.distributed.all_reduce(flag, op=op)
     return bool(flag.item() > 0)

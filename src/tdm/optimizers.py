@@ -50,7 +50,7 @@ def has_fused_kernel(params: list[torch.nn.Parameter]) -> bool:
     since torch 2.0, the CPU and others since 2.4)."""
     since_2_4 = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
     devices = {"cuda", "cpu", "xpu", "mps", "hpu"} if since_2_4 else {"cuda"}
-    return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
+    return all(p.is_floating_point() and p.device.type in devices for p in params)
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, role: str,

@@ -5,7 +5,8 @@ base, b the base's bytes per parameter, A the bytes one forward with grad saves 
 - weights: lora: B x b + 2 adapters x P x 4 (float32); separate: the teacher B x b + 2 float32 copies P x 4.
 - optimiser states: AdamW's two float32 moments for each of the 2 roles: 16 P.
 - gradients: the updating role's, 4 P, and during its AdamW step a float32 temporary as large (torch's foreach
-  AdamW computes the denominator sqrt(v) + eps out of place): 4 P more; and the other role's, 4 P, held from its
+  AdamW computes the denominator sqrt(v) + eps out of place; the fused step tdm takes where torch has the kernel
+  needs none, so there this term is an upper bound, by 4 P at most): 4 P more; and the other role's, 4 P, held from its
   last update through this one (each update sets only its own gradients to None, before its backward, as tdm's
   trainer does), so after the first iteration both roles' gradients are resident throughout.
 - activations: the generator's student forward under train.generator_forward=rollout is taken from the rollout and
